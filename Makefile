@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` (the main job) and `make test`.
+# Both build the virtual environment first when it is missing or pyproject.toml changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	@if $(PY) -m pip list 2>/dev/null | grep -Ei '^(timm|torchvision) '; then echo "timm/torchvision must not be installed"; exit 1; fi
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/omnimoe demo $(ARGS)
+
+# pytest exits 5 when it collects no test: that fails here like any other non-zero code.
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/moe_layer.py $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,86 @@
+"""Atomic file writes and the ``save_pretrained`` / ``from_pretrained`` folder format.
+
+A pretrained folder holds ``config.json`` (the dataclass config plus a ``"model_type"`` tag) and
+``model.safetensors`` (the state dict). Writes go to a temporary file in the same folder and are renamed
+into place, so a crash never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomically write a safetensors file (tensors are made contiguous; shared storage is cloned)."""
+    clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    return load_file(str(path))
+
+
+def save_pretrained(folder: str | Path, model_type: str, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / WEIGHTS_NAME, state_dict, metadata={"format": "pt", "model_type": model_type})
+    write_json(folder / CONFIG_NAME, {"model_type": model_type, **config})
+    return folder
+
+
+def load_pretrained(folder: str | Path, model_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a pretrained folder; refuse one written for another model type."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder written by save_pretrained")
+    config = read_json(folder / CONFIG_NAME)
+    found = config.pop("model_type", None)
+    if found != model_type:
+        raise ValueError(f"{folder} holds a {found!r} model, not a {model_type!r}")
+    return config, load_tensors(folder / WEIGHTS_NAME)
