@@ -139,7 +139,7 @@ class Experts(nn.Module):
         if x.shape[0] == 0:
             # Stay connected to the input and weights: under expert parallelism every rank must run the
             # same backward collectives, also one that received no token.
-            anchor = (x.sum() + self.w_in.sum() + self.down_proj.sum()).to(dtype)
+            anchor = (x.sum() + sum(p.sum() for p in self.parameters(recurse=False))).to(dtype)
             return x.new_zeros(0, self.hidden_size) + 0 * anchor
         backend = self.resolve_backend(dtype, x.device)
         if backend == "grouped_mm" and not grouped_mm_supported(dtype, x.device, self.hidden_size, self.intermediate_size):
