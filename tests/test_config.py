@@ -1,0 +1,64 @@
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from omnimoe.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from omnimoe.moe import MoEConfig
+
+
+@dataclass
+class Inner:
+    width: int = 8
+    act: Literal["gelu", "silu"] = "gelu"
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    lr: float = 1e-3
+    inner: Inner = field(default_factory=Inner)
+    tags: list[str] = field(default_factory=list)
+    cap: Optional[float] = None
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: run\ninner:\n  width: 16\n")
+    cfg = load_config(Outer, path, ["inner.act=silu", "lr=3", "tags=[a, b]", "cap=null"])
+    assert cfg == Outer(name="run", lr=3.0, inner=Inner(width=16, act="silu"), tags=["a", "b"], cap=None)
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["inner.widht=3"], "inner.widht"),
+        (["inner.width=abc"], "inner.width: expected an integer"),
+        (["inner.act=tanh"], "inner.act: 'tanh' is not one of"),
+        (["lr"], "not of the form"),
+        (["inner.width=true"], "inner.width"),
+    ],
+)
+def test_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(Outer, listy)
+
+
+def test_moe_config_from_overrides():
+    cfg = load_config(MoEConfig, None, ["hidden_size=16", "intermediate_size=32", "num_experts=4", "capacity_factor=1.5"])
+    assert cfg.capacity_factor == 1.5 and cfg.num_experts == 4
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
