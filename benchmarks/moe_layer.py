@@ -21,10 +21,13 @@ Methods:
 Shapes: (a) the Alt-MoE connector, (b) an LLM MoE (Mixtral-like), (c) a fine-grained MoE (many small
 experts). The run ends with three target ratios, each printed as PASS or MISS.
 
-Run (the full run takes several minutes on 2 cores; ``--quick`` takes seconds)::
+Run (the full run takes tens of minutes on 2 cores; ``--quick`` takes seconds)::
 
     .venv/bin/python benchmarks/moe_layer.py --out bench-moe.json
     make bench ARGS="--out bench-moe.json"
+
+Run it on an otherwise idle machine: with every core used by torch threads, any other busy process stalls
+the threads at each op's barrier and the many small per-expert matmuls come out several times slower.
 """
 
 from __future__ import annotations
@@ -165,7 +168,9 @@ class HFEagerMoE(nn.Module):
 class DenseMLP(nn.Module):
     """A plain FFN of the same expert type: the dense model with the MoE layer's active FLOPs per token."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, expert_type: str, act: Callable) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, expert_type: str, act: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
         super().__init__()
         self.glu = expert_type == "glu"
         self.act = act
@@ -218,7 +223,9 @@ def median_ms(step: Callable[[], None], repeat: int) -> float:
     return statistics.median(times)
 
 
-def time_method(module: nn.Module, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype, repeat: int) -> tuple[float, float]:
+def time_method(
+    module: nn.Module, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype, repeat: int
+) -> tuple[float, float]:
     """(train_ms, forward_ms) of ``module`` on input ``x`` with output gradient weights ``g``."""
 
     def train_step() -> None:
@@ -285,7 +292,10 @@ def print_table(shape: Shape, dtype_name: str, rows: Sequence[dict]) -> None:
     best = best_ours_ms(rows)
     best_fwd = min((r["forward_ms"] for r in rows if r["method"] in OURS), default=None)
     print(f"\n{shape.describe()}  [{dtype_name}]")
-    header = f"{'method':<18} {'train ms':>10} {'fwd ms':>10} {'train tok/s':>12} {'fwd tok/s':>12} {'train/ours':>11} {'fwd/ours':>9}"
+    header = (
+        f"{'method':<18} {'train ms':>10} {'fwd ms':>10} {'train tok/s':>12} {'fwd tok/s':>12} "
+        f"{'train/ours':>11} {'fwd/ours':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -378,24 +388,24 @@ def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
         unknown = [item for item in items if item not in allowed]
         if unknown or not items:
             raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(allowed)}, got {text!r}")
-        return items
+        return list(dict.fromkeys(items))  # drop repeats, keep the order
 
     return parse
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=_choices(tuple(SHAPES)), default=list(SHAPES), help="default: a,b,c")
-    parser.add_argument(
-        "--dtypes", type=_choices(tuple(DTYPES)), default=list(DTYPES), help="default: float32,bfloat16"
-    )
-    parser.add_argument("--methods", type=_choices(METHODS), default=list(METHODS), help=f"default: {','.join(METHODS)}")
+    parser.add_argument("--dtypes", type=_choices(tuple(DTYPES)), default=list(DTYPES), help="default: both")
+    parser.add_argument("--methods", type=_choices(METHODS), default=list(METHODS), help="default: all five")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement, median reported")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny shapes and repeat 1 (a smoke test, seconds)")
     parser.add_argument(
-        "--check", action="store_true", help=f"first assert fp32 outputs match hf-eager (max rel error < {CHECK_TOLERANCE})"
+        "--check",
+        action="store_true",
+        help=f"first check that fp32 outputs match hf-eager (max rel error < {CHECK_TOLERANCE:g})",
     )
     parser.add_argument("--out", help="write the rows as a JSON list to this file (atomically)")
     args = parser.parse_args(argv)

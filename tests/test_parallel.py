@@ -187,3 +187,25 @@ def test_data_parallel_with_expert_parallel_matches_one_process():
 def test_parallelize_needs_distributed():
     with pytest.raises(RuntimeError, match="torch.distributed"):
         parallelize_experts(make_layer())
+
+
+def test_torchrun_expert_parallel_training(tmp_path):
+    """The user path: torchrun, 2 ranks, EP + DDP training; the checkpoint reloads in one process."""
+    import os
+    import subprocess
+    import sys
+
+    from distributed import free_port
+
+    from omnimoe.io import read_json
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    cmd = torchrun + ["-m", "omnimoe.demos.expert_parallel", "--out", str(tmp_path), "--steps", "60"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = read_json(tmp_path / "summary.json")
+    assert summary["world_size"] == 2 and summary["experts_per_rank"] == 4
+    assert summary["last_mse"] < 0.5 * summary["first_mse"]
+    layer = MoELayer.from_pretrained(tmp_path / "moe_layer")
+    assert layer.experts.gate_up_proj.shape[0] == 8
+    assert torch.isfinite(layer(torch.randn(4, 64)).hidden_states).all()
