@@ -336,3 +336,10 @@ def test_bad_config_and_inputs_are_named():
         layer(torch.randn(2, 3, H), attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="counts"):
         Experts(2, 8, 8)(torch.randn(3, 8), [3])
+
+
+def test_auto_backend_policy():
+    cpu = torch.device("cpu")
+    assert make_layer(num_experts=8).experts.resolve_backend(torch.bfloat16, cpu) == "loop"
+    assert make_layer(num_experts=32).experts.resolve_backend(torch.bfloat16, cpu) == "grouped_mm"
+    assert make_layer(num_experts=32).experts.resolve_backend(torch.float64, cpu) == "loop"  # unsupported dtype

@@ -18,7 +18,7 @@ from omnimoe.config import from_dict
 from omnimoe.io import load_pretrained, save_pretrained
 from omnimoe.moe.config import MoEConfig
 from omnimoe.moe.dispatch import expert_capacity, plan_dispatch
-from omnimoe.moe.experts import Experts
+from omnimoe.moe.experts import Experts, compute_dtype
 from omnimoe.moe.losses import load_balancing_loss, z_loss
 from omnimoe.moe.router import Router
 
@@ -83,7 +83,8 @@ class MoELayer(nn.Module):
             combine = plan.combine_matrix(num_tokens, cfg.num_experts).to(every.dtype)
             y = torch.einsum("eth,te->th", every, combine)
         else:
-            rows = self.experts(x[plan.token_idx], plan.counts)
+            # Cast before gathering: the gather (and its backward scatter) then moves half the bytes under bf16.
+            rows = self.experts(x.to(compute_dtype(x))[plan.token_idx], plan.counts)
             y = rows.new_zeros(num_tokens, cfg.hidden_size)
             y.index_add_(0, plan.token_idx, rows * plan.weight[:, None].to(rows.dtype))
         if self.shared_experts is not None:
