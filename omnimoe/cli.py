@@ -13,7 +13,11 @@ from omnimoe.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="omnimoe: multimodal models from frozen unimodal ones with Mixture-of-Experts.")
 moe_app = typer.Typer(no_args_is_help=True, help="The sparse-MoE engine.")
+data_app = typer.Typer(no_args_is_help=True, help="Write and check manifests (JSONL, one sample a line).")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect latent stores.")
 app.add_typer(moe_app, name="moe")
+app.add_typer(data_app, name="data")
+app.add_typer(store_app, name="store")
 
 
 def _fail(message: str) -> None:
@@ -48,6 +52,126 @@ def demo(
 ) -> None:
     """The main end-to-end demo. (Until the Alt-MoE demo lands, the MoE engine example.)"""
     moe_example(out=out, config=None, set_=[], quick=quick)
+
+
+@data_app.command("tuxpaint")
+def data_tuxpaint(
+    out: Path = typer.Option(..., help="Folder for manifest.jsonl (media stay in the cache)."),
+    cache: Optional[Path] = typer.Option(None, help="Where the .deb is downloaded and unpacked (default ~/.cache/omnimoe)."),
+    include_symbols: bool = typer.Option(False, help="Keep the 'symbols' category (letters, digits, math signs)."),
+    synthesize_speech: bool = typer.Option(True, help="Speak captions with espeak-ng where no English recording exists."),
+) -> None:
+    """Fetch the Tux Paint stamps (Debian package) and write the demo manifest."""
+    from omnimoe.data.tuxpaint import build_tuxpaint_manifest
+
+    try:
+        path, stats = build_tuxpaint_manifest(out, cache, include_symbols=include_symbols, synthesize_speech=synthesize_speech)
+    except (OSError, RuntimeError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(stats, indent=1))
+    typer.echo(f"manifest: {path}")
+
+
+@data_app.command("folder")
+def data_folder(
+    media: Path = typer.Option(..., help="Folder holding the media files."),
+    captions: Path = typer.Option(..., help="CSV (header: file, caption[, id, split]) or JSONL with those fields."),
+    out: Path = typer.Option(..., help="Manifest file to write."),
+    test_fraction: float = typer.Option(0.2, help="Share of caption groups in the test split (when no split column)."),
+) -> None:
+    """A folder of images/audio plus a caption table -> manifest."""
+    from omnimoe.data.adapters import manifest_from_folder
+    from omnimoe.data.manifest import ManifestError
+
+    try:
+        typer.echo(f"manifest: {manifest_from_folder(media, captions, out, test_fraction)}")
+    except ManifestError as exc:
+        _fail(str(exc))
+
+
+@data_app.command("llava")
+def data_llava(
+    json_file: Path = typer.Argument(..., help="LLaVA-style JSON list."),
+    out: Path = typer.Option(..., help="Manifest file to write."),
+    media_root: Optional[Path] = typer.Option(None, help="Folder the media paths are relative to (default: the JSON's)."),
+    split: str = typer.Option("train"),
+) -> None:
+    """LLaVA-style instruction JSON -> manifest."""
+    from omnimoe.data.adapters import manifest_from_llava
+    from omnimoe.data.manifest import ManifestError
+
+    try:
+        typer.echo(f"manifest: {manifest_from_llava(json_file, out, media_root, split)}")
+    except ManifestError as exc:
+        _fail(str(exc))
+
+
+@data_app.command("validate")
+def data_validate(
+    manifest: Path = typer.Argument(...),
+    no_files: bool = typer.Option(False, "--no-files", help="Skip checking that media files exist."),
+) -> None:
+    """Check a manifest: ids, splits, captions, media files. Exit 1 when there are problems."""
+    from omnimoe.data.manifest import ManifestError, validate_manifest
+
+    try:
+        report = validate_manifest(manifest, check_files=not no_files)
+    except ManifestError as exc:
+        _fail(str(exc))
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def extract(
+    manifest: Path = typer.Option(..., help="Manifest (JSONL)."),
+    encoder: str = typer.Option(..., help="Encoder name (minilm, efficientnet-lite0, whisper-tiny, gemma3-270m, hf:<id or folder>)."),
+    out: Path = typer.Option(..., help="Store folder (created; rerun the same command to resume)."),
+    field: Optional[str] = typer.Option(None, help="Manifest field to encode (default: the encoder's modality)."),
+    tokens: bool = typer.Option(False, "--tokens", help="Also store per-token states (with lengths)."),
+    layers: str = typer.Option("last", help="Hidden layers: last, last2 (mean of the last two), or indices '-1,-2'."),
+    pooling: str = typer.Option("mean", help="mean, cls or last."),
+    batch_size: int = typer.Option(32),
+    dtype: str = typer.Option("auto", help="auto (bf16 where fast), float32 or bfloat16."),
+    shard_size: int = typer.Option(1024, help="Rows per shard file (the unit of resumption)."),
+    on_error: str = typer.Option("skip", help="Bad items: skip (reported and recorded) or fatal."),
+) -> None:
+    """Encode a manifest field once into a latent store. Resumable; under torchrun the ranks split the shards."""
+    from omnimoe.config import from_dict
+    from omnimoe.data.manifest import ManifestError
+    from omnimoe.encoders import EncoderOptions
+    from omnimoe.latents.extract import ExtractionError, extract as run_extract
+    from omnimoe.latents.store import StoreError
+
+    try:
+        options = from_dict(EncoderOptions, {"layers": layers, "pooling": pooling, "batch_size": batch_size, "dtype": dtype})
+        index = run_extract(manifest, encoder, out, field, tokens, shard_size, on_error, options)  # type: ignore[arg-type]
+    except (ConfigError, ManifestError, StoreError, ExtractionError, ValueError, ImportError) as exc:
+        _fail(str(exc))
+    if index is not None:
+        rows = sum(s["rows"] for s in index["shards"])
+        skipped = sum(len(s["skipped"]) for s in index["shards"])
+        typer.echo(f"{out}: {rows} rows in {len(index['shards'])} shards, {skipped} skipped, dim {index['dim']}")
+
+
+@store_app.command("info")
+def store_info(
+    store: Path = typer.Argument(...),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Rows, unique ids, encoder, weights hash, dim and shards of a store."""
+    from omnimoe.latents.store import LatentStore, StoreError
+
+    try:
+        data = LatentStore.open(store).info()
+    except StoreError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(data))
+    else:
+        for k, v in data.items():
+            typer.echo(f"{k:>13}: {v}")
 
 
 @app.command()

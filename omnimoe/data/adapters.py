@@ -1,0 +1,147 @@
+"""Adapters that write manifests from common dataset layouts: a folder of media with a CSV or JSONL of
+captions, and LLaVA-style instruction JSON. (Tux Paint has its own module, :mod:`omnimoe.data.tuxpaint`.)"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from omnimoe.data.manifest import ManifestError, write_manifest
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".svg", ".tif", ".tiff"}
+AUDIO_EXTS = {".wav", ".mp3", ".ogg", ".flac", ".m4a", ".opus", ".aac"}
+
+
+def normalise_caption(text: str) -> str:
+    return " ".join(text.lower().strip().rstrip(".!?").split())
+
+
+def grouped_split(key: str, test_fraction: float = 0.2, val_fraction: float = 0.0, seed: int = 0) -> str:
+    """Deterministic split from a group key (e.g. the caption): equal keys always land in the same split."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def _relative(path: Path, manifest: Path) -> str:
+    return os.path.relpath(path.resolve(), manifest.resolve().parent)
+
+
+def _read_caption_table(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise ManifestError(f"captions file {path} does not exist")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ManifestError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
+        return rows
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def manifest_from_folder(
+    media_dir: str | Path, captions: str | Path, out: str | Path, test_fraction: float = 0.2, seed: int = 0
+) -> Path:
+    """A folder of images and/or audio plus a caption table (CSV with a header, or JSONL).
+
+    Columns: ``file`` (path relative to ``media_dir``; also accepted: ``image``, ``audio``, ``path``),
+    ``caption`` (or ``text``); optional ``id`` (default: the file path) and ``split`` (default: a split
+    grouped by caption). Other columns are kept. Several rows may share a file (several captions).
+    """
+    media_dir, out = Path(media_dir), Path(out)
+    if not media_dir.is_dir():
+        raise ManifestError(f"media folder {media_dir} does not exist")
+    records = []
+    for n, row in enumerate(_read_caption_table(Path(captions)), 1):
+        file = next((row[k] for k in ("file", "image", "audio", "path") if row.get(k)), None)
+        text = row.get("caption", row.get("text"))
+        if not file:
+            raise ManifestError(f"{captions} row {n}: no file/image/audio/path column")
+        path = media_dir / file
+        ext = path.suffix.lower()
+        kind = "image" if ext in IMAGE_EXTS else "audio" if ext in AUDIO_EXTS else None
+        if kind is None:
+            raise ManifestError(f"{captions} row {n}: {file} is neither an image nor an audio file by its extension")
+        rec = {k: v for k, v in row.items() if k not in ("file", "image", "audio", "path", "caption", "text")}
+        rec.update(id=str(row.get("id") or file), text=text, **{kind: _relative(path, out)})
+        rec["split"] = row.get("split") or grouped_split(normalise_caption(text or file), test_fraction, seed=seed)
+        records.append(rec)
+    _dedupe_ids(records)
+    return write_manifest(out, records)
+
+
+def _dedupe_ids(records: list[dict[str, Any]]) -> None:
+    """Several captions of one file share its path as id: suffix them #1, #2, ..."""
+    counts: dict[str, int] = {}
+    for rec in records:
+        counts[rec["id"]] = counts.get(rec["id"], 0) + 1
+    seen: dict[str, int] = {}
+    for rec in records:
+        if counts[rec["id"]] > 1:
+            seen[rec["id"]] = seen.get(rec["id"], 0) + 1
+            rec["id"] = f"{rec['id']}#{seen[rec['id']]}"
+
+
+PLACEHOLDERS = ("<image>", "<audio>", "<video>", "<speech>")
+
+
+def _strip_placeholders(text: str) -> str:
+    for p in PLACEHOLDERS:
+        text = text.replace(p, "")
+    return " ".join(text.split())
+
+
+def manifest_from_llava(
+    json_path: str | Path, out: str | Path, media_root: str | Path | None = None, split: str = "train"
+) -> Path:
+    """LLaVA-style JSON (a list of records with ``image``, ``voice``/``audio``, ``video``, ``conversations``).
+
+    Media paths are taken relative to ``media_root`` (default: the JSON's folder). ``text`` becomes the first
+    answer (``from: gpt``), which in caption-style data (LLaVA-Pretrain) is the caption; the whole
+    conversation is kept in ``conversations``.
+    """
+    json_path, out = Path(json_path), Path(out)
+    if not json_path.is_file():
+        raise ManifestError(f"{json_path} does not exist")
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{json_path} is not valid JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise ManifestError(f"{json_path}: expected a JSON list of records")
+    root = Path(media_root) if media_root else json_path.parent
+    records = []
+    for n, rec in enumerate(data):
+        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+            raise ManifestError(f"{json_path} record {n}: expected an object with a 'conversations' list")
+        turns = rec["conversations"]
+        answer = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
+        out_rec: dict[str, Any] = {"id": str(rec.get("id", n)), "split": split, "text": _strip_placeholders(answer) if answer else None}
+        for src, dst in (("image", "image"), ("voice", "audio"), ("audio", "audio")):
+            value = rec.get(src)
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if value:
+                out_rec[dst] = _relative(root / value, out)
+        if rec.get("video"):
+            out_rec["video"] = [_relative(root / v, out) for v in _as_list(rec["video"])]
+        out_rec["conversations"] = turns
+        records.append(out_rec)
+    _dedupe_ids(records)
+    return write_manifest(out, records)
+
+
+def _as_list(value: Any) -> Iterable[str]:
+    return value if isinstance(value, list) else [value]

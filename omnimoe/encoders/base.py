@@ -1,0 +1,162 @@
+"""The frozen-encoder interface: one small contract for text, vision and audio towers.
+
+An encoder turns raw items (a caption string, an image path, an audio path) into
+
+* ``tokens`` (B, L, D) with a boolean ``mask`` (B, L): per-token states, e.g. the mean of the last two hidden
+  layers as Alt-MoE uses;
+* ``pooled`` (B, D): one vector per item (masked mean, CLS or last token).
+
+Encoders are always in eval mode and run under ``torch.no_grad()``. Reading an item is separate from
+encoding a batch (:meth:`FrozenEncoder.load_item` then :meth:`FrozenEncoder.encode`), so a data loader can
+read and decode in worker processes, and so a bad item is reported on its own (:class:`BadInput`)
+without losing the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+
+Modality = Literal["text", "image", "audio"]
+MODALITIES: tuple[str, ...] = ("text", "image", "audio")
+
+
+class BadInput(ValueError):
+    """One input item cannot be encoded; the message says why (the caller adds the sample id)."""
+
+
+@dataclass
+class EncoderOptions:
+    """Options every encoder understands (some encoders ignore some of them, as documented there)."""
+
+    # Which hidden layers make the token states: "last", "last2" (mean of the last two, as Alt-MoE), or a
+    # comma list of indices into the hidden-state tuple (e.g. "-1,-4").
+    layers: str = "last"
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    batch_size: int = 32
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # "auto": bf16 where this CPU runs it fast
+    max_length: int = 128  # text tokens
+    max_audio_seconds: float = 10.0  # audio window (Whisper via faster-whisper; HF Whisper always uses 30 s)
+    device: str = "cpu"
+
+
+@dataclass
+class EncoderOutput:
+    pooled: torch.Tensor  # (B, D) float32
+    tokens: torch.Tensor | None = None  # (B, L, D) float32
+    mask: torch.Tensor | None = None  # (B, L) bool, True = real token
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None and self.mask is None:
+            self.mask = torch.ones(self.tokens.shape[:2], dtype=torch.bool, device=self.tokens.device)
+
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        return None if self.mask is None else self.mask.sum(1)
+
+
+def select_layers(hidden_states: Sequence[torch.Tensor], spec: str) -> torch.Tensor:
+    """Combine a model's hidden-state tuple as ``spec`` says (see :class:`EncoderOptions`)."""
+    if spec == "last":
+        return hidden_states[-1]
+    if spec == "last2":
+        return (hidden_states[-1] + hidden_states[-2]) / 2
+    try:
+        idx = [int(s) for s in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"layers={spec!r}: expected 'last', 'last2' or comma-separated integers") from None
+    n = len(hidden_states)
+    if any(not -n <= i < n for i in idx):
+        raise ValueError(f"layers={spec!r}: the model has {n} hidden-state entries")
+    return torch.stack([hidden_states[i] for i in idx]).mean(0)
+
+
+def pool(tokens: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, L, D) + (B, L) -> (B, D): masked mean, first token, or last real token."""
+    if how == "mean":
+        m = mask.to(tokens.dtype).unsqueeze(-1)
+        return (tokens * m).sum(1) / m.sum(1).clamp(min=1)
+    if how == "cls":
+        return tokens[:, 0]
+    if how == "last":
+        last = mask.long().sum(1).clamp(min=1) - 1
+        return tokens[torch.arange(tokens.shape[0]), last]
+    raise ValueError(f"pooling must be mean, cls or last, got {how!r}")
+
+
+def fast_bf16_available() -> bool:
+    """bf16 matmul is fast on CPUs with AMX or AVX512-BF16; elsewhere it can be slower than fp32."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX512", "AMX") and "AMX" not in cap:
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(option: str) -> torch.dtype:
+    if option == "float32":
+        return torch.float32
+    if option == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if fast_bf16_available() else torch.float32
+
+
+def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
+    """A short, stable fingerprint of a model's weights (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class FrozenEncoder(ABC):
+    """Base class. Subclasses set ``name``, ``modality`` and ``dim`` and implement the three methods."""
+
+    name: str
+    modality: Modality
+    dim: int
+
+    def __init__(self, options: EncoderOptions | None = None) -> None:
+        self.options = options or EncoderOptions()
+        self.dtype = resolve_dtype(self.options.dtype)
+        self.device = torch.device(self.options.device)
+
+    @abstractmethod
+    def load_item(self, item: Any) -> Any:
+        """Read one raw item (text, or a path); raise :class:`BadInput` with the reason when it is unusable."""
+
+    @abstractmethod
+    def encode(self, loaded: list[Any]) -> EncoderOutput:
+        """Encode a batch of loaded items (float32 outputs on the CPU)."""
+
+    @property
+    @abstractmethod
+    def weights_hash(self) -> str:
+        """Fingerprint of the weights: stored latents are tied to it."""
+
+    def describe(self) -> dict[str, Any]:
+        """What a latent store records about the encoder: enough to refuse mismatched reads."""
+        return {
+            "encoder": self.name,
+            "modality": self.modality,
+            "dim": self.dim,
+            "weights_hash": self.weights_hash,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "preprocessing": self.preprocessing(),
+        }
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {"layers": self.options.layers, "pooling": self.options.pooling}
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)

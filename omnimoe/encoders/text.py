@@ -1,0 +1,61 @@
+"""Text towers: any Hugging Face text model (encoder such as MiniLM/BERT, or a causal LM such as Llama,
+Qwen or Gemma, whose hidden states serve as features; the LM head is never run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnimoe.encoders.base import BadInput, EncoderOptions, EncoderOutput, FrozenEncoder, hash_state_dict, pool, select_layers
+
+
+class HFTextEncoder(FrozenEncoder):
+    modality = "text"
+
+    def __init__(self, name: str, path: str | Path, options: EncoderOptions | None = None, gguf_file: str | None = None) -> None:
+        super().__init__(options)
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        self.name, self.path = name, str(path)
+        kw: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+        config = AutoConfig.from_pretrained(self.path, **kw)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, **kw)
+        if self.tokenizer.pad_token is None:  # causal LMs often have none
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        model = AutoModel.from_pretrained(self.path, dtype=torch.float32, **kw)
+        if getattr(config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+        self.model = model.eval().to(self.device)
+        self.model.requires_grad_(False)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.dim = int(text_config.hidden_size)
+        self._hash: str | None = None
+
+    @property
+    def weights_hash(self) -> str:
+        if self._hash is None:
+            self._hash = hash_state_dict(self.model.state_dict())
+        return self._hash
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {**super().preprocessing(), "max_length": self.options.max_length}
+
+    def load_item(self, item: Any) -> str:
+        if not isinstance(item, str):
+            raise BadInput(f"text must be a string, got {type(item).__name__}")
+        text = " ".join(item.split())
+        if not text:
+            raise BadInput("empty caption")
+        return text
+
+    @torch.no_grad()
+    def encode(self, loaded: list[str]) -> EncoderOutput:
+        batch = self.tokenizer(loaded, padding=True, truncation=True, max_length=self.options.max_length, return_tensors="pt").to(self.device)
+        with self.autocast():
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        tokens = select_layers(out.hidden_states, self.options.layers).float()
+        mask = batch["attention_mask"].bool()
+        return EncoderOutput(pool(tokens, mask, self.options.pooling).cpu(), tokens.cpu(), mask.cpu())

@@ -1,0 +1,191 @@
+"""The latent store: encoder outputs for a manifest, in sharded safetensors files, read memory-mapped.
+
+Layout of a store folder::
+
+    store.json                  index: encoder record + one entry per shard (rebuilt from the shards)
+    shard-00000.safetensors     "pooled" (n, D); with tokens also "tokens" (sum of lengths, D), "lengths" (n,)
+    ...
+
+Each shard is self-describing: its safetensors metadata holds the encoder record, the ids of its rows in
+order, and the samples it skipped with the reason. A shard file appears only once complete (written to a
+temporary name, then renamed), so after a crash every shard on disk is whole, ``store.json`` can be
+rebuilt from them, and a resumed extraction redoes only the shards that are missing.
+
+Reading checks the encoder: a store extracted with another encoder, or with weights whose hash changed,
+is refused (stale latents silently poison training).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from omnimoe.io import read_json, write_json
+
+INDEX = "store.json"
+FORMAT_VERSION = 1
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32}
+
+
+class StoreError(ValueError):
+    """A store is missing, damaged, or does not match what the reader expects."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the byte offset where its data starts."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise StoreError(f"{path} is truncated (no safetensors header)")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise StoreError(f"{path} has a corrupt safetensors header") from None
+    return header, 8 + n
+
+
+def shard_metadata(path: Path) -> dict[str, Any]:
+    header, _ = read_header(path)
+    meta = header.get("__metadata__", {})
+    try:
+        return {"encoder": json.loads(meta["encoder"]), "ids": json.loads(meta["ids"]), "skipped": json.loads(meta.get("skipped", "[]")),
+                "index": int(meta["index"])}  # fmt: skip
+    except (KeyError, json.JSONDecodeError):
+        raise StoreError(f"{path} is not an omnimoe latent shard (metadata missing)") from None
+
+
+def memmap_tensor(path: Path, name: str) -> np.ndarray:
+    """A read-only memory map of one tensor of a safetensors file (no copy)."""
+    header, start = read_header(path)
+    if name not in header:
+        raise StoreError(f"{path} has no tensor {name!r}")
+    info = header[name]
+    dtype = _DTYPES[info["dtype"]]
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end == begin:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
+
+
+def encoder_matches(found: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """None when ``found`` (a store's encoder record) matches ``expected``, else why not."""
+    for key in ("encoder", "weights_hash", "dim", "preprocessing", "field", "tokens"):
+        if key in expected and found.get(key) != expected[key]:
+            return f"{key} is {found.get(key)!r} in the store, {expected[key]!r} now"
+    return None
+
+
+def rebuild_index(folder: Path, encoder: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Scan the shard files and write ``store.json`` (atomically)."""
+    shards = []
+    for path in sorted(folder.glob("shard-*.safetensors")):
+        meta = shard_metadata(path)
+        if encoder is not None and (why := encoder_matches(meta["encoder"], encoder)):
+            raise StoreError(f"{path} was written by a different encoder: {why}. Use a new --out folder or delete the store.")
+        encoder = encoder or meta["encoder"]
+        shards.append({"file": path.name, "index": meta["index"], "rows": len(meta["ids"]), "skipped": meta["skipped"]})
+    index = {"format": FORMAT_VERSION, **(encoder or {}), **(extra or {}), "shards": shards}
+    write_json(folder / INDEX, index)
+    return index
+
+
+@dataclass
+class LatentStore:
+    """An opened store. ``pooled`` and ``ids`` follow shard order; ``rows_of(ids)`` maps ids to rows."""
+
+    folder: Path
+    index: dict[str, Any]
+    ids: list[str]
+    _pooled: list[np.ndarray]
+    _shard_files: list[Path]
+
+    @classmethod
+    def open(cls, folder: str | Path, expect: dict[str, Any] | None = None) -> "LatentStore":
+        """Open a store; with ``expect`` (e.g. ``{"encoder": "minilm", "weights_hash": h}``) refuse a mismatch."""
+        folder = Path(folder)
+        if not (folder / INDEX).is_file():
+            raise StoreError(f"{folder} is not a latent store (no {INDEX}); create one with `omnimoe extract`")
+        index = read_json(folder / INDEX)
+        if index.get("format") != FORMAT_VERSION:
+            raise StoreError(f"{folder}: store format {index.get('format')!r} is not supported (expected {FORMAT_VERSION})")
+        if expect and (why := encoder_matches(index, expect)):
+            raise StoreError(f"{folder} does not match the encoder: {why}. Re-extract the store.")
+        ids, pooled, files = [], [], []
+        for shard in sorted(index["shards"], key=lambda s: s["index"]):
+            path = folder / shard["file"]
+            if not path.is_file():
+                raise StoreError(f"{folder}: shard {shard['file']} listed in {INDEX} is missing")
+            meta = shard_metadata(path)
+            ids.extend(meta["ids"])
+            pooled.append(memmap_tensor(path, "pooled"))
+            files.append(path)
+        return cls(folder, index, ids, pooled, files)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index["dim"])
+
+    @property
+    def has_tokens(self) -> bool:
+        return bool(self.index.get("tokens"))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def pooled(self) -> torch.Tensor:
+        """All pooled vectors (rows, D) as one float32 tensor."""
+        if not self._pooled:
+            return torch.zeros(0, self.dim)
+        return torch.from_numpy(np.concatenate(self._pooled).astype(np.float32, copy=False))
+
+    def rows_of(self, ids: list[str]) -> list[int]:
+        where = {sid: i for i, sid in enumerate(self.ids)}
+        missing = [sid for sid in ids if sid not in where]
+        if missing:
+            raise StoreError(f"{self.folder}: {len(missing)} ids not in the store, e.g. {missing[:3]}")
+        return [where[sid] for sid in ids]
+
+    def tokens(self, row: int) -> torch.Tensor:
+        """Token states of one row (length, D); the store must have been extracted with tokens."""
+        if not self.has_tokens:
+            raise StoreError(f"{self.folder} holds pooled vectors only; extract with --tokens")
+        if not 0 <= row < len(self.ids):
+            raise IndexError(f"row {row} out of range for a store of {len(self.ids)} rows")
+        for path, block in zip(self._shard_files, self._pooled):
+            n = block.shape[0]
+            if row < n:
+                lengths = memmap_tensor(path, "lengths")
+                start = int(lengths[:row].sum())
+                return torch.from_numpy(np.array(memmap_tensor(path, "tokens")[start : start + int(lengths[row])], dtype=np.float32))
+            row -= n
+        raise AssertionError("unreachable")
+
+    def skipped(self) -> list[dict[str, str]]:
+        return [s for shard in self.index["shards"] for s in shard["skipped"]]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "rows": len(self.ids),
+            "unique_ids": len(set(self.ids)),
+            "encoder": self.index.get("encoder"),
+            "weights_hash": self.index.get("weights_hash"),
+            "dim": self.index.get("dim"),
+            "shards": len(self.index["shards"]),
+            "modality": self.index.get("modality"),
+            "field": self.index.get("field"),
+            "tokens": self.has_tokens,
+            "skipped": len(self.skipped()),
+            "complete": self.index.get("complete", False),
+        }

@@ -1,0 +1,38 @@
+"""The benchmarks run (quick forms) and write the JSON their docs promise. No timing is asserted here."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_moe_layer_benchmark_quick(tmp_path):
+    bench = load("moe_layer")
+    out = tmp_path / "moe.json"
+    rows = bench.run(bench.parse_args(["--quick", "--check", "--out", str(out)]))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+    methods = {r["method"] for r in rows}
+    assert methods == {"grouped_mm", "loop", "hf-eager", "dense-all-experts", "dense-equal-flops"}
+    assert {r["shape"] for r in rows} == {"a", "b", "c"} and {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    assert all(r["train_ms"] > 0 and r["forward_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_extract_benchmark_quick(tmp_path):
+    bench = load("extract")
+    out = tmp_path / "extract.json"
+    rows = bench.main(["--quick", "--out", str(out)])
+    assert [set(r) >= {"encoder", "items", "bare_items_per_s", "pipeline_items_per_s"} for r in rows] == [True]
+    assert json.loads(out.read_text())[0]["encoder"] == "minilm"

@@ -1,0 +1,114 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omnimoe.data.adapters import grouped_split, manifest_from_folder, manifest_from_llava, normalise_caption
+from omnimoe.data.manifest import ManifestError, media_path, read_manifest, validate_manifest, write_manifest
+
+
+def _png(path, color=(200, 10, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), color, np.uint8)).save(path)
+    return path
+
+
+def test_manifest_round_trip_and_relative_media(tmp_path):
+    _png(tmp_path / "media" / "a.png")
+    m = write_manifest(tmp_path / "m.jsonl", [{"id": "a", "split": "train", "text": "A cat.", "image": "media/a.png", "_line": 3}])
+    recs = read_manifest(m)
+    assert recs[0]["image"] == "media/a.png" and recs[0]["_line"] == 1
+    assert media_path(m, recs[0]["image"]) == (tmp_path / "media" / "a.png").resolve()
+    assert validate_manifest(m).ok
+
+
+def test_validator_names_every_problem(tmp_path):
+    lines = [
+        {"id": "a", "split": "train", "text": "ok", "image": "missing.png"},
+        {"id": "a", "split": "train", "text": "dup"},
+        {"id": "b", "text": "   "},
+        {"id": "c", "split": "test"},
+        {"id": "d", "split": "test", "text": 5},
+    ]
+    m = tmp_path / "m.jsonl"
+    m.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    report = validate_manifest(m)
+    text = report.summary()
+    assert not report.ok
+    for expected in ["line 1 (id 'a'): image: missing file missing.png", "line 2 (id 'a'): id: duplicate id (first on line 1)",
+                     "line 3 (id 'b'): split: missing", "line 3 (id 'b'): text: empty caption", "line 4 (id 'c'): no content field",
+                     "line 5 (id 'd'): text: not a string"]:  # fmt: skip
+        assert expected in text, expected
+    assert validate_manifest(m, check_files=False).problems != report.problems
+
+
+@pytest.mark.parametrize("content,message", [("{not json\n", "line 1: not valid JSON"), ('{"text": "x"}\n', "line 1: missing or non-string 'id'"),
+                                             ("[1, 2]\n", "expected a JSON object")])  # fmt: skip
+def test_malformed_manifest_is_fatal_and_named(tmp_path, content, message):
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"id": "ok", "split": "train", "text": "x"}\n' + content.replace("line 1", "line 2"))
+    with pytest.raises(ManifestError, match=message.replace("line 1", "line 2")):
+        read_manifest(m)
+
+
+def test_grouped_split_keeps_duplicate_captions_together():
+    captions = [f"A thing number {i}." for i in range(400)]
+    splits = {c: grouped_split(normalise_caption(c)) for c in captions}
+    assert splits["A thing number 7."] == grouped_split(normalise_caption("a thing number 7"))  # same group
+    share = sum(s == "test" for s in splits.values()) / len(splits)
+    assert 0.13 < share < 0.27
+    assert grouped_split("x", seed=1) in ("train", "test")
+
+
+def test_folder_adapter(tmp_path):
+    _png(tmp_path / "media" / "red.png")
+    _png(tmp_path / "media" / "blue.png", (0, 0, 255))
+    (tmp_path / "media" / "dog.ogg").write_bytes(b"x")
+    table = tmp_path / "captions.csv"
+    table.write_text("file,caption,source\nred.png,A red square.,s1\nred.png,Something red.,s2\nblue.png,A blue square.,s3\ndog.ogg,A dog barks.,s4\n")
+    m = manifest_from_folder(tmp_path / "media", table, tmp_path / "out" / "manifest.jsonl")
+    recs = read_manifest(m)
+    assert [r["id"] for r in recs] == ["red.png#1", "red.png#2", "blue.png", "dog.ogg"]
+    assert recs[0]["image"] == "../media/red.png" and recs[3]["audio"] == "../media/dog.ogg"
+    assert recs[0]["source"] == "s1" and all(r["split"] in ("train", "test") for r in recs)
+    assert validate_manifest(m).ok
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,caption\nnotes.txt,hello\n")
+    with pytest.raises(ManifestError, match="neither an image nor an audio"):
+        manifest_from_folder(tmp_path / "media", bad, tmp_path / "x.jsonl")
+
+
+def test_llava_adapter(tmp_path):
+    _png(tmp_path / "imgs" / "0001.png")
+    data = [
+        {"id": "s1", "image": "imgs/0001.png", "conversations": [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "A red square."}]},
+        {"id": "s2", "voice": ["a.mp3"], "conversations": [{"from": "human", "value": "<audio>\nWhat is said?"}, {"from": "gpt", "value": "Hello."}]},
+    ]
+    (tmp_path / "llava.json").write_text(json.dumps(data))
+    m = manifest_from_llava(tmp_path / "llava.json", tmp_path / "manifest.jsonl")
+    recs = read_manifest(m)
+    assert recs[0]["text"] == "A red square." and recs[0]["image"] == "imgs/0001.png"
+    assert recs[1]["audio"] == "a.mp3" and recs[1]["conversations"][0]["from"] == "human"
+    (tmp_path / "broken.json").write_text('[{"id": 1}]')
+    with pytest.raises(ManifestError, match="record 0"):
+        manifest_from_llava(tmp_path / "broken.json", tmp_path / "m2.jsonl")
+
+
+@pytest.mark.slow
+def test_tuxpaint_manifest_from_the_real_package(tmp_path):
+    """Downloads the Debian package once into the omnimoe cache (161 MB), then builds the demo manifest."""
+    from omnimoe.data.tuxpaint import build_tuxpaint_manifest
+
+    manifest, stats = build_tuxpaint_manifest(tmp_path / "tux", synthesize_speech=False)
+    report = validate_manifest(manifest)
+    assert report.ok, report.summary()
+    recs = read_manifest(manifest)
+    assert stats["samples"] == len(recs) > 600 and stats["unique_captions"] > 550
+    by_split = {s: {normalise_caption(r["text"]) for r in recs if r["split"] == s} for s in ("train", "test")}
+    assert not by_split["train"] & by_split["test"]  # duplicate captions never straddle the split
+    assert 0.12 < len(by_split["test"]) / stats["unique_captions"] < 0.28
+    assert {r["category"] for r in recs} >= {"animals", "food", "vehicles"} and "symbols" not in {r["category"] for r in recs}
+    assert any(r["image"].endswith(".svg") for r in recs) and sum("audio" in r for r in recs) >= 60 and stats["sound"] >= 100
+    koala = next(r for r in recs if r["text"] == "A koala.")
+    assert media_path(manifest, koala["image"]).is_file()

@@ -1,0 +1,113 @@
+"""The encoder interface: HF loading paths on tiny random models built from configs (no download), and the
+packaged default text encoder."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from omnimoe.encoders import BadInput, EncoderOptions, load_encoder
+from omnimoe.encoders.base import pool, select_layers
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz", "a", "red", "blue", "cat", "dog", "."]
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory):
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper(tmp_path_factory):
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    folder = tmp_path_factory.mktemp("tiny-whisper")
+    torch.manual_seed(0)
+    cfg = WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, num_mel_bins=80, pad_token_id=1,
+                        bos_token_id=2, eos_token_id=2, decoder_start_token_id=3, begin_suppress_tokens=None, suppress_tokens=None)  # fmt: skip
+    WhisperModel(cfg).save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(folder)
+    return folder
+
+
+def test_hf_text_encoder(tiny_bert):
+    enc = load_encoder(f"hf:{tiny_bert}", EncoderOptions(layers="last2", dtype="float32"))
+    assert enc.modality == "text" and enc.dim == 32
+    out = enc.encode([enc.load_item("a red cat."), enc.load_item("  a   dog ")])
+    assert out.tokens.shape[0] == 2 and out.mask.sum(1).tolist()[0] > out.mask.sum(1).tolist()[1]
+    # pooled = masked mean of the mean of the last two layers
+    batch = enc.tokenizer(["a red cat."], return_tensors="pt")
+    hs = enc.model(**batch, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(out.pooled[0], ((hs[-1] + hs[-2]) / 2)[0].mean(0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(BadInput, match="empty caption"):
+        enc.load_item("   ")
+    with pytest.raises(BadInput, match="must be a string"):
+        enc.load_item(None)
+    d = enc.describe()
+    assert d["weights_hash"] == load_encoder(f"hf-text:{tiny_bert}").weights_hash and d["dim"] == 32
+
+
+def test_hf_vision_encoder(tiny_vit, tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    enc = load_encoder(f"hf:{tiny_vit}", EncoderOptions(pooling="cls"))
+    assert enc.modality == "image" and enc.dim == 32
+    out = enc.encode([enc.load_item(tmp_path / "x.png")] * 2)
+    assert out.tokens.shape == (2, 17, 32)  # CLS + 16 patches
+    torch.testing.assert_close(out.pooled, out.tokens[:, 0])
+    with pytest.raises(BadInput, match="missing file"):
+        enc.load_item(tmp_path / "nope.png")
+
+
+def test_hf_whisper_encoder(tiny_whisper):
+    enc = load_encoder(f"hf:{tiny_whisper}")
+    assert enc.modality == "audio" and enc.dim == 32
+    rate = 16000
+    clips = [np.sin(np.arange(rate * n) / 10).astype(np.float32) for n in (1, 3)]
+    out = enc.encode(clips)
+    assert out.tokens.shape == (2, 1500, 32)
+    assert out.mask.sum(1).tolist() == [50, 150]
+
+
+def test_pool_and_layers():
+    t = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
+    m = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    torch.testing.assert_close(pool(t, m, "mean")[0], t[0, :2].mean(0))
+    torch.testing.assert_close(pool(t, m, "last")[0], t[0, 1])
+    torch.testing.assert_close(pool(t, m, "cls"), t[:, 0])
+    hs = [torch.full((1, 1), float(i)) for i in range(4)]
+    assert select_layers(hs, "last").item() == 3 and select_layers(hs, "last2").item() == 2.5
+    assert select_layers(hs, "0,-1").item() == 1.5
+    with pytest.raises(ValueError, match="has 4 hidden-state"):
+        select_layers(hs, "7")
+
+
+def test_unknown_encoder_name():
+    with pytest.raises(ValueError, match="unknown encoder 'clip'.*minilm"):
+        load_encoder("clip")
+
+
+def test_minilm_packaged_weights():
+    enc = load_encoder("minilm")
+    out = enc.encode([enc.load_item(t) for t in ["A koala.", "A koala bear.", "A fire truck."]])
+    v = torch.nn.functional.normalize(out.pooled, dim=-1)
+    assert out.pooled.shape == (3, 384)
+    assert v[0] @ v[1] > v[0] @ v[2]  # real semantics, not random weights
