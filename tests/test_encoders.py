@@ -122,3 +122,43 @@ def test_gemma3_270m_packaged_weights():
     v = torch.nn.functional.normalize(out.pooled, dim=-1)
     assert out.tokens.shape[-1] == 640 and torch.isfinite(out.tokens).all()
     assert v[0] @ v[1] > v[0] @ v[2]
+
+
+def test_hf_clip_keeps_only_the_vision_tower(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config={"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"image_size": 32, "patch_size": 16, "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2},
+    )
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "clip")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "x.png")
+    enc = load_encoder(f"hf:{tmp_path / 'clip'}")
+    assert enc.modality == "image" and enc.dim == 24
+    assert not any("text_model" in n for n, _ in enc.model.named_parameters())
+    assert enc.encode([enc.load_item(tmp_path / "x.png")]).tokens.shape == (1, 5, 24)
+
+
+def test_hf_causal_lm_as_text_tower(tiny_bert, tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-llama"
+    LlamaModel(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, pad_token_id=0)).save_pretrained(folder)  # fmt: skip
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
+    enc = load_encoder(f"hf-text:{folder}", EncoderOptions(pooling="last", dtype="float32"))
+    assert enc.dim == 32
+    out = enc.encode([enc.load_item("a red cat ."), enc.load_item("a dog")])
+    last = out.mask.sum(1) - 1
+    torch.testing.assert_close(out.pooled, out.tokens[torch.arange(2), last])
+
+
+@pytest.mark.parametrize("variant,tokens", [("efficientnet-lite1", 64), ("efficientnet-lite2", 81)])
+def test_larger_efficientnet_lite_packaged_weights(variant, tokens, tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    enc = load_encoder(variant)
+    out = enc.encode([enc.load_item(tmp_path / "x.png")])
+    assert out.tokens.shape == (1, tokens, 1280) and enc.weights_hash != load_encoder("efficientnet-lite0").weights_hash

@@ -118,9 +118,10 @@ class Experts(nn.Module):
         )
 
     def resolve_backend(self, dtype: torch.dtype, device: torch.device) -> str:
-        """``auto``: grouped_mm on CUDA (one fused kernel); on CPU, where torch runs grouped_mm as a loop of
-        matmuls too, loop for few large experts and grouped_mm for many small ones (benchmarks/moe_layer.py:
-        loop 13% faster at E=12 F=2048, grouped_mm 3-6% faster at E=64 F=256)."""
+        """``auto``: grouped_mm on CUDA (one fused kernel). On CPU torch runs grouped_mm as a loop of matmuls
+        too and the two backends are within noise of each other (docs/benchmarks.md). From
+        GROUPED_MM_MIN_EXPERTS_CPU experts on, grouped_mm's single op spares the per-expert Python dispatch of
+        the loop; below that, loop (which runs any shape and dtype)."""
         if self.backend != "auto":
             return self.backend
         if not grouped_mm_supported(dtype, device, self.hidden_size, self.intermediate_size):

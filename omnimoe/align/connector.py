@@ -1,0 +1,168 @@
+"""The Alt-MoE connector: one sparse MoE shared by every direction between N frozen encoders.
+
+For a direction ``src->tgt`` (e.g. ``text->image``), a source latent (pooled ``(B, D_src)`` or token states
+``(B, L, D_src)`` with a mask) goes through:
+
+1. the source modality's input projection to the hidden width ``h``, plus a learnable *direction
+   embedding*, then GELU;
+2. two task paths through the **same** MoE, each marked by a learnable task embedding (regression,
+   contrastive): ``out = GELU(LayerNorm(MoE(x + task))) + (x + task)``, per token, then a masked mean over
+   tokens;
+3. per-direction heads: regression ``h -> D_tgt`` (predicts the target encoder's own latent) and
+   contrastive ``h -> d``; the target side of the contrastive loss is a per-direction projection
+   ``D_tgt -> d`` of the pooled target latent.
+
+Both paths run in one MoE call (the two copies are concatenated along the batch), so the experts see
+every direction and both tasks: that is what makes the MoE a *multi-directional* connector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnimoe.config import from_dict
+from omnimoe.io import load_pretrained, save_pretrained
+from omnimoe.moe import MoEConfig, MoELayer
+
+TASKS = ("regression", "contrastive")
+
+
+def direction_name(src: str, tgt: str) -> str:
+    return f"{src}->{tgt}"
+
+
+def parse_direction(direction: str) -> tuple[str, str]:
+    src, sep, tgt = direction.partition("->")
+    if not sep or not src or not tgt or src == tgt:
+        raise ValueError(f"direction {direction!r} is not of the form 'source->target' with two different modalities")
+    return src, tgt
+
+
+@dataclass
+class ConnectorConfig:
+    """Modalities and widths, the MoE, and the heads. Directions default to every ordered pair."""
+
+    modalities: dict[str, int]  # modality -> encoder width, e.g. {"text": 384, "image": 1280}
+    directions: list[str] = field(default_factory=list)  # "text->image", ...; empty = every ordered pair
+    hidden_size: int = 512
+    contrastive_dim: int = 256
+    num_experts: int = 12
+    num_experts_per_tok: int = 4
+    expert_type: str = "mlp"
+    hidden_act: str = "gelu"
+    intermediate_size: int = 0  # 0 = hidden_size (the Alt-MoE expert is Linear(h, h)-GELU-Linear(h, h))
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
+    top_p: float = 0.0
+    dropout: float = 0.1
+    use_moe: bool = True  # False: one dense MLP of the same width in place of the MoE (the MLP ablation)
+
+    def __post_init__(self) -> None:
+        if len(self.modalities) < 2:
+            raise ValueError(f"a connector needs at least two modalities, got {sorted(self.modalities)}")
+        if not self.directions:
+            self.directions = [direction_name(a, b) for a in self.modalities for b in self.modalities if a != b]
+        for d in self.directions:
+            src, tgt = parse_direction(d)
+            for m in (src, tgt):
+                if m not in self.modalities:
+                    raise ValueError(f"direction {d!r} names modality {m!r}, not one of {sorted(self.modalities)}")
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size or self.hidden_size,
+            num_experts=self.num_experts if self.use_moe else 1,
+            num_experts_per_tok=self.num_experts_per_tok if self.use_moe else 1,
+            expert_type=self.expert_type,  # type: ignore[arg-type]
+            hidden_act=self.hidden_act,
+            expert_dropout=self.dropout,
+            norm_topk_prob=self.norm_topk_prob if self.use_moe else True,
+            router_aux_loss_coef=self.router_aux_loss_coef,
+            router_z_loss_coef=self.router_z_loss_coef,
+            top_p=self.top_p,
+        )
+
+
+@dataclass
+class ConnectorOutput:
+    regression: torch.Tensor  # (B, D_tgt): predicted target latent
+    contrastive: torch.Tensor  # (B, d): query side of the contrastive space (not normalised)
+    router_loss: torch.Tensor  # weighted MoE aux + z losses
+    tokens_per_expert: torch.Tensor  # (E,) load of this call
+
+
+def _key(direction: str) -> str:
+    """ModuleDict keys cannot contain '.', and '->' reads badly in state-dict names."""
+    return direction.replace("->", "_to_")
+
+
+class AltMoEConnector(nn.Module):
+    model_type = "omnimoe-altmoe-connector"
+
+    def __init__(self, config: ConnectorConfig) -> None:
+        super().__init__()
+        self.config = config
+        h, d = config.hidden_size, config.contrastive_dim
+        self.in_proj = nn.ModuleDict({m: nn.Linear(width, h) for m, width in config.modalities.items()})
+        self.direction_embed = nn.ParameterDict({_key(x): nn.Parameter(torch.zeros(h)) for x in config.directions})
+        self.task_embed = nn.ParameterDict({t: nn.Parameter(torch.randn(h) * 0.02) for t in TASKS})
+        self.moe = MoELayer(config.moe_config())
+        self.norm = nn.ModuleDict({t: nn.LayerNorm(h) for t in TASKS})
+        self.regression_head = nn.ModuleDict({_key(x): nn.Linear(h, config.modalities[parse_direction(x)[1]]) for x in config.directions})
+        self.contrastive_head = nn.ModuleDict({_key(x): nn.Linear(h, d) for x in config.directions})
+        self.target_proj = nn.ModuleDict({_key(x): nn.Linear(config.modalities[parse_direction(x)[1]], d) for x in config.directions})
+
+    def _check(self, direction: str) -> tuple[str, str]:
+        if direction not in self.config.directions:
+            raise ValueError(f"direction {direction!r} is not one of this connector's {self.config.directions}")
+        return parse_direction(direction)
+
+    def forward(self, direction: str, source: torch.Tensor, mask: torch.Tensor | None = None) -> ConnectorOutput:
+        """``source``: (B, D_src) pooled latents or (B, L, D_src) token states with ``mask`` (B, L)."""
+        src, _ = self._check(direction)
+        width = self.config.modalities[src]
+        if source.shape[-1] != width:
+            raise ValueError(f"{direction}: source width {source.shape[-1]} != the {src} encoder's {width}")
+        tokens = source if source.dim() == 3 else source.unsqueeze(1)
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        key = _key(direction)
+        x = F.gelu(self.in_proj[src](tokens) + self.direction_embed[key])  # (B, L, h)
+        paths = torch.cat([x + self.task_embed[t] for t in TASKS])  # both tasks through one MoE call
+        moe = self.moe(paths, attention_mask=mask.repeat(len(TASKS), 1))
+        outs = []
+        for i, t in enumerate(TASKS):
+            part = moe.hidden_states[i * len(x) : (i + 1) * len(x)]
+            residual = paths[i * len(x) : (i + 1) * len(x)]
+            y = F.gelu(self.norm[t](part)) + residual
+            m = mask.unsqueeze(-1).to(y.dtype)
+            outs.append((y * m).sum(1) / m.sum(1).clamp(min=1))  # masked mean over tokens
+        return ConnectorOutput(
+            regression=self.regression_head[key](outs[0]),
+            contrastive=self.contrastive_head[key](outs[1]),
+            router_loss=moe.router_loss,
+            tokens_per_expert=moe.tokens_per_expert,
+        )
+
+    def embed_target(self, direction: str, target: torch.Tensor) -> torch.Tensor:
+        """Pooled target latents (B, D_tgt) -> the contrastive space of ``direction`` (not normalised)."""
+        self._check(direction)
+        return self.target_proj[_key(direction)](target)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        return save_pretrained(folder, self.model_type, dataclasses.asdict(self.config), self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "AltMoEConnector":
+        config, state = load_pretrained(folder, cls.model_type)
+        model = cls(from_dict(ConnectorConfig, config))
+        model.load_state_dict(state)
+        return model

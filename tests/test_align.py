@@ -1,0 +1,110 @@
+import math
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omnimoe.align import AltMoEConnector, ConnectorConfig, DirectionSchedule, LogitScale, info_nce, regression_loss
+
+WIDTHS = {"text": 24, "image": 40, "audio": 16}
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    return AltMoEConnector(ConnectorConfig(modalities=dict(WIDTHS), hidden_size=32, contrastive_dim=16, num_experts=6,
+                                           num_experts_per_tok=2, dropout=0.0, **kw)).eval()  # fmt: skip
+
+
+def test_every_direction_among_three_modalities():
+    c = make()
+    assert len(c.config.directions) == 6 and "audio->image" in c.config.directions
+    for d in c.config.directions:
+        src, tgt = d.split("->")
+        out = c(d, torch.randn(5, WIDTHS[src]))
+        assert out.regression.shape == (5, WIDTHS[tgt]) and out.contrastive.shape == (5, 16)
+        assert c.embed_target(d, torch.randn(5, WIDTHS[tgt])).shape == (5, 16)
+        assert int(out.tokens_per_expert.sum()) == 2 * 5 * 2  # both task paths through the one MoE, k=2
+
+
+def test_token_inputs_ignore_padding():
+    c = make()
+    x = torch.randn(2, 7, WIDTHS["text"])
+    mask = torch.tensor([[1] * 4 + [0] * 3, [1] * 7], dtype=torch.bool)
+    a = c("text->image", x, mask)
+    x2 = x.clone()
+    x2[0, 4:] = 1e3  # garbage in padded positions changes nothing
+    b = c("text->image", x2, mask)
+    torch.testing.assert_close(a.regression, b.regression)
+    torch.testing.assert_close(a.contrastive, b.contrastive)
+    single = c("text->image", x[:1, :4])
+    torch.testing.assert_close(single.contrastive, a.contrastive[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_directions_share_the_moe_but_not_the_heads():
+    c = make(directions=["text->image", "image->text"])
+    out = c("text->image", torch.randn(3, WIDTHS["text"]))
+    (out.regression.sum() + out.contrastive.sum()).backward()
+    assert c.moe.experts.w_in.grad is not None
+    assert c.regression_head["image_to_text"].weight.grad is None
+    with pytest.raises(ValueError, match="not one of this connector's"):
+        c("audio->text", torch.randn(1, 16))
+    with pytest.raises(ValueError, match="source width 23"):
+        c("text->image", torch.randn(1, 23))
+    with pytest.raises(ValueError, match="names modality 'video'"):
+        ConnectorConfig(modalities=dict(WIDTHS), directions=["video->text"])
+
+
+def test_mlp_ablation_and_save_load(tmp_path):
+    c = make(use_moe=False)
+    assert c.moe.config.num_experts == 1
+    c = make()
+    c.save_pretrained(tmp_path / "conn")
+    again = AltMoEConnector.from_pretrained(tmp_path / "conn").eval()
+    x = torch.randn(4, WIDTHS["audio"])
+    torch.testing.assert_close(again("audio->text", x).contrastive, c("audio->text", x).contrastive)
+
+
+def test_info_nce_by_hand():
+    q, k = torch.randn(4, 8), torch.randn(4, 8)
+    qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    sims = (qn @ kn.t() * 10).tolist()
+    def ce(rows):
+        return sum(-row[i] + math.log(sum(math.exp(v) for v in row)) for i, row in enumerate(rows)) / len(rows)
+    expected = (ce(sims) + ce([list(c) for c in zip(*sims)])) / 2
+    assert info_nce(q, k, 10.0).item() == pytest.approx(expected, rel=1e-5)
+    # gathered negatives: with only this rank's keys it is the same loss
+    assert info_nce(q, k, 10.0, key_all=k, offset=0).item() == pytest.approx(expected, rel=1e-5)
+    # more negatives make it harder
+    assert info_nce(q, k, 10.0, key_all=torch.cat([k, torch.randn(12, 8)]), offset=0) > info_nce(q, k, 10.0) - 1e-6
+    # perfectly aligned pairs at high scale: near zero
+    assert info_nce(q, q, 100.0).item() < 1e-3
+
+
+def test_regression_losses_and_logit_scale():
+    a, b = torch.randn(3, 5), torch.randn(3, 5)
+    assert regression_loss(a, a).item() == 0 and regression_loss(a, b, "mse").item() == pytest.approx(F.mse_loss(a, b).item())
+    assert regression_loss(a, 2 * a, "cosine").item() == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="smooth_l1, mse or cosine"):
+        regression_loss(a, b, "l3")
+    assert LogitScale(0.03)().item() == pytest.approx(1 / 0.03, rel=1e-5)
+    assert not list(LogitScale(0.03).parameters()) and len(list(LogitScale(0.07, learnable=True).parameters())) == 1
+    assert LogitScale(0.001)().item() == pytest.approx(100, rel=1e-5)  # clamped
+
+
+def test_schedules():
+    dirs = ["text->image", "image->text", "text->audio"]
+    alt = DirectionSchedule(dirs)
+    assert [alt.directions_for(s)[0] for s in range(4)] == dirs + dirs[:1]
+    assert [DirectionSchedule(dirs, steps_per_direction=2).directions_for(s)[0] for s in range(4)] == [dirs[0], dirs[0], dirs[1], dirs[1]]
+    assert DirectionSchedule(dirs, kind="joint").directions_for(7) == dirs
+    ada = DirectionSchedule(dirs, kind="adaptive", seed=1)
+    ada.update({"text->image": 0.9, "image->text": 0.2, "text->audio": 0.5})
+    counts = Counter(ada.directions_for(s)[0] for s in range(2000))
+    assert counts["image->text"] > counts["text->audio"] > counts["text->image"]
+    state = ada.state_dict()
+    first = [ada.directions_for(s)[0] for s in range(20)]
+    ada.load_state_dict(state)
+    assert [ada.directions_for(s)[0] for s in range(20)] == first  # resumable
+    with pytest.raises(ValueError, match="alternate, adaptive or joint"):
+        DirectionSchedule(dirs, kind="random")
