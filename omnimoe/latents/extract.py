@@ -27,8 +27,7 @@ from tqdm import tqdm
 
 from omnimoe.data.manifest import MEDIA_FIELDS, media_path, read_manifest
 from omnimoe.encoders import BadInput, EncoderOptions, FrozenEncoder, load_encoder
-from omnimoe.io import atomic_path
-from omnimoe.latents.store import INDEX, StoreError, encoder_matches, rebuild_index, shard_metadata, shard_name
+from omnimoe.latents.store import INDEX, StoreError, encoder_matches, rebuild_index, shard_metadata, shard_name, write_shard
 
 OnError = Literal["skip", "fatal"]
 
@@ -76,16 +75,6 @@ def _load(encoder: FrozenEncoder, batch: list[Item]) -> list[tuple[Item, Any] | 
         except BadInput as exc:
             out.append((item, exc))
     return out
-
-
-def _write_shard(path: Path, index: int, record: dict, ids: list[str], skipped: list[dict], tensors: dict[str, torch.Tensor]) -> None:
-    import json
-
-    from safetensors.torch import save_file
-
-    metadata = {"encoder": json.dumps(record, sort_keys=True), "ids": json.dumps(ids), "skipped": json.dumps(skipped), "index": str(index)}
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def extract(
@@ -161,7 +150,7 @@ def extract(
             if tokens:
                 tensors["tokens"] = torch.cat(tok) if tok else torch.zeros(0, enc.dim)
                 tensors["lengths"] = torch.tensor(lengths, dtype=torch.int64)
-            _write_shard(out / shard_name(i), i, record, ids, skipped, tensors)
+            write_shard(out / shard_name(i), i, record, ids, skipped, tensors)
     bar.close()
 
     if world > 1:

@@ -87,6 +87,35 @@ def encoder_matches(found: dict[str, Any], expected: dict[str, Any]) -> str | No
     return None
 
 
+def write_shard(path: Path, index: int, record: dict[str, Any], ids: list[str], skipped: list[dict[str, str]],
+                tensors: dict[str, torch.Tensor]) -> None:  # fmt: skip
+    """Atomically write one self-describing shard (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    from omnimoe.io import atomic_path
+
+    metadata = {"encoder": json.dumps(record, sort_keys=True), "ids": json.dumps(ids), "skipped": json.dumps(skipped), "index": str(index)}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def write_store(folder: str | Path, ids: list[str], pooled: torch.Tensor, record: dict[str, Any], shard_size: int = 4096) -> "LatentStore":
+    """Write vectors computed elsewhere (``pooled`` (N, D) for ``ids``) as a store. ``record`` describes their
+    origin and needs at least ``encoder`` and ``modality``; ``dim`` is filled in."""
+    folder = Path(folder)
+    if len(ids) != len(pooled) or len(set(ids)) != len(ids):
+        raise StoreError(f"write_store: {len(ids)} ids (unique: {len(set(ids))}) for {len(pooled)} vectors")
+    if not torch.isfinite(pooled).all():
+        raise StoreError("write_store: the vectors contain NaN or inf")
+    record = {"weights_hash": None, "preprocessing": {}, "field": record.get("modality"), "tokens": False, **record, "dim": int(pooled.shape[1])}
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(0, max(1, len(ids)), shard_size):
+        write_shard(folder / shard_name(i // shard_size), i // shard_size, record, ids[i : i + shard_size], [],
+                    {"pooled": pooled[i : i + shard_size].float()})  # fmt: skip
+    rebuild_index(folder, record, extra={"complete": True, "shard_size": shard_size})
+    return LatentStore.open(folder)
+
+
 def rebuild_index(folder: Path, encoder: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Scan the shard files and write ``store.json`` (atomically)."""
     shards = []

@@ -1,0 +1,70 @@
+"""Stored latents of several modalities, aligned by sample id, with the splits training needs.
+
+The manifest gives each sample its split and its *group* (the normalised caption): two samples with the
+same caption are interchangeable targets in retrieval. A validation split for early stopping is carved
+out of ``train`` by group (so a caption never straddles train and val), unless the manifest has ``val``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from omnimoe.align.connector import parse_direction
+from omnimoe.data.adapters import grouped_split, normalise_caption
+from omnimoe.data.manifest import read_manifest
+from omnimoe.latents.store import LatentStore
+
+
+@dataclass
+class Pairs:
+    """Rows of the source and target tables for the samples of one split that have both modalities."""
+
+    ids: list[str]
+    src_rows: torch.Tensor  # (n,) int64 into the source modality's latents
+    tgt_rows: torch.Tensor  # (n,) int64 into the target modality's latents
+    groups: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class AlignmentData:
+    def __init__(self, manifest: str | Path, stores: dict[str, str | Path | LatentStore], group_field: str = "text",
+                 val_fraction: float = 0.1, seed: int = 0) -> None:  # fmt: skip
+        records = read_manifest(manifest)
+        has_val = any(r.get("split") == "val" for r in records)
+        self.split: dict[str, str] = {}
+        self.group: dict[str, str] = {}
+        for r in records:
+            key = r.get(group_field)
+            group = normalise_caption(key) if isinstance(key, str) and key.strip() else r["id"]
+            split = r.get("split", "train")
+            if split == "train" and not has_val and val_fraction > 0:
+                split = "val" if grouped_split(group, val_fraction, seed=seed + 1) == "test" else "train"
+            self.split[r["id"]], self.group[r["id"]] = split, group
+        self.latents: dict[str, torch.Tensor] = {}
+        self.row: dict[str, dict[str, int]] = {}
+        for modality, store in stores.items():
+            store = store if isinstance(store, LatentStore) else LatentStore.open(store)
+            self.latents[modality] = store.pooled()
+            self.row[modality] = {sid: i for i, sid in enumerate(store.ids)}
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return {m: t.shape[1] for m, t in self.latents.items()}
+
+    def pairs(self, direction: str, split: str) -> Pairs:
+        src, tgt = parse_direction(direction)
+        for m in (src, tgt):
+            if m not in self.latents:
+                raise ValueError(f"direction {direction!r}: no latent store for modality {m!r} (have {sorted(self.latents)})")
+        ids = [sid for sid, s in self.split.items() if s == split and sid in self.row[src] and sid in self.row[tgt]]
+        return Pairs(
+            ids,
+            torch.tensor([self.row[src][i] for i in ids], dtype=torch.long),
+            torch.tensor([self.row[tgt][i] for i in ids], dtype=torch.long),
+            [self.group[i] for i in ids],
+        )

@@ -1,0 +1,232 @@
+"""Training a connector on stored latents (encoders never run here), and evaluating it.
+
+Methods, all in this one loop on the same data and split:
+
+* ``moe-alternating``: the Alt-MoE connector, one direction per optimizer step (AGD);
+* ``moe-joint``: the same connector, every direction summed in each step (the no-alternation ablation);
+* ``mlp-alternating``: the connector with one dense MLP in place of the MoE (the paper's MLP ablation);
+* ``linear``: a CLIP-style two-tower reference, one linear projection per modality + InfoNCE.
+
+Loop: AdamW; linear warm-up then cosine decay of the learning rate; weight decay ramped linearly from
+``weight_decay`` to ``weight_decay_end``; gradient clipping; bf16 autocast where this CPU runs it fast.
+Every ``eval_every`` steps: recall on the validation split, early stopping on the mean R@1 over directions
+(contrastive head) with the best weights kept, and a checkpoint of the whole training state, written
+atomically, so a killed run resumes where it was and ends with the same result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from omnimoe.align.connector import AltMoEConnector, ConnectorConfig, ConnectorOutput, parse_direction
+from omnimoe.align.data import AlignmentData
+from omnimoe.align.losses import LogitScale, info_nce, regression_loss
+from omnimoe.align.schedules import DirectionSchedule
+from omnimoe.encoders.base import resolve_dtype
+from omnimoe.eval.metrics import recall_at_k
+from omnimoe.io import atomic_path, write_json
+
+Method = Literal["moe-alternating", "moe-joint", "mlp-alternating", "linear"]
+METHODS: tuple[str, ...] = ("linear", "mlp-alternating", "moe-joint", "moe-alternating")
+
+
+@dataclass
+class TrainConfig:
+    method: Method = "moe-alternating"
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.005
+    weight_decay_end: float = 0.2
+    grad_clip: float = 1.0
+    temperature: float = 0.05
+    learnable_temperature: bool = False
+    regression_loss: str = "smooth_l1"
+    regression_weight: float = 0.5
+    contrastive_weight: float = 0.5
+    steps_per_direction: int = 1
+    eval_every: int = 100
+    patience: int = 10  # evaluations without improvement before stopping
+    dtype: str = "auto"
+    seed: int = 0
+    # connector
+    hidden_size: int = 512
+    contrastive_dim: int = 256
+    num_experts: int = 12
+    num_experts_per_tok: int = 4
+    dropout: float = 0.1
+    router_aux_loss_coef: float = 0.0
+
+
+class LinearTwoTower(nn.Module):
+    """One linear projection per modality into a shared space (the CLIP-style reference point)."""
+
+    def __init__(self, widths: dict[str, int], dim: int) -> None:
+        super().__init__()
+        self.proj = nn.ModuleDict({m: nn.Linear(w, dim) for m, w in widths.items()})
+
+    def forward(self, direction: str, source: torch.Tensor, mask: torch.Tensor | None = None) -> ConnectorOutput:
+        src, _ = parse_direction(direction)
+        zero = source.new_zeros(())
+        return ConnectorOutput(None, self.proj[src](source), zero, torch.zeros(0, dtype=torch.long))  # type: ignore[arg-type]
+
+    def embed_target(self, direction: str, target: torch.Tensor) -> torch.Tensor:
+        return self.proj[parse_direction(direction)[1]](target)
+
+
+def build_model(cfg: TrainConfig, widths: dict[str, int], directions: list[str]) -> nn.Module:
+    if cfg.method == "linear":
+        return LinearTwoTower(widths, cfg.contrastive_dim)
+    return AltMoEConnector(ConnectorConfig(
+        modalities=dict(widths), directions=list(directions), hidden_size=cfg.hidden_size, contrastive_dim=cfg.contrastive_dim,
+        num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok, dropout=cfg.dropout,
+        router_aux_loss_coef=cfg.router_aux_loss_coef, use_moe=cfg.method != "mlp-alternating",
+    ))  # fmt: skip
+
+
+def schedule_for(cfg: TrainConfig, directions: list[str]) -> DirectionSchedule:
+    kind = "joint" if cfg.method in ("moe-joint", "linear") else "alternate"
+    return DirectionSchedule(directions, kind, cfg.steps_per_direction, seed=cfg.seed)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def weight_decay_at(cfg: TrainConfig, step: int) -> float:
+    return cfg.weight_decay + (cfg.weight_decay_end - cfg.weight_decay) * min(1.0, step / max(1, cfg.steps))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: AlignmentData, directions: list[str], split: str, batch: int = 512) -> list[dict[str, Any]]:
+    """Recall@1/5/10 per direction on ``split``, for the contrastive head and (if any) the regression head."""
+    model.eval()
+    rows = []
+    for d in directions:
+        src, tgt = parse_direction(d)
+        pairs = data.pairs(d, split)
+        if len(pairs) == 0:
+            continue
+        source = data.latents[src][pairs.src_rows]
+        target = data.latents[tgt][pairs.tgt_rows]
+        outs = [model(d, source[i : i + batch]) for i in range(0, len(source), batch)]
+        con = torch.cat([o.contrastive for o in outs]).float()
+        keys = model.embed_target(d, target).float()
+        rows.append({"query": src, "target": tgt, "head": "contrastive", **recall_at_k(con, keys, pairs.groups, pairs.groups)})
+        if outs[0].regression is not None:
+            reg = torch.cat([o.regression for o in outs]).float()
+            rows.append({"query": src, "target": tgt, "head": "regression", **recall_at_k(reg, target, pairs.groups, pairs.groups)})
+    model.train()
+    return rows
+
+
+def mean_r1(rows: list[dict[str, Any]], head: str = "contrastive") -> float:
+    vals = [r["R@1"] for r in rows if r["head"] == head]
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str | Path, progress: bool = True,
+          stop_at_step: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train ``cfg.method`` on the train split; resume from ``out/state.pt`` when present.
+
+    Returns ``{"best_step", "best_val", "history", "stopped_early"}``; the best weights are in ``out/best.pt``.
+    ``stop_at_step`` ends the run early without finishing (used to test resumption).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.widths, directions)
+    scale = LogitScale(cfg.temperature, cfg.learnable_temperature)
+    params = list(model.parameters()) + list(scale.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = schedule_for(cfg, directions)
+    train_pairs = {d: data.pairs(d, "train") for d in directions}
+    for d, p in train_pairs.items():
+        if len(p) < 2:
+            raise ValueError(f"direction {d}: {len(p)} training pairs; need at least 2")
+    dtype = resolve_dtype(cfg.dtype)
+    state_path = out / "state.pt"
+    step, best, best_step, history, bad_evals = 0, -1.0, -1, [], 0
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        if state["config"] != dataclasses.asdict(cfg):
+            raise ValueError(f"{state_path} was written with another config; use a new output folder")
+        model.load_state_dict(state["model"])
+        scale.load_state_dict(state["scale"])
+        opt.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        step, best, best_step, history, bad_evals = state["step"], state["best"], state["best_step"], state["history"], state["bad_evals"]
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", disable=not progress, dynamic_ncols=True)
+    stopped_early = False
+    while step < cfg.steps and not stopped_early:
+        if stop_at_step is not None and step >= stop_at_step:
+            bar.close()
+            return {"interrupted_at": step}
+        for group in opt.param_groups:
+            group["lr"], group["weight_decay"] = lr_at(cfg, step), weight_decay_at(cfg, step)
+        batch_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # batches depend on the step only
+        loss = torch.zeros(())
+        logs: dict[str, float] = {}
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            for d in schedule.directions_for(step):
+                src, tgt = parse_direction(d)
+                pairs = train_pairs[d]
+                pick = torch.randint(len(pairs), (min(cfg.batch_size, len(pairs)),), generator=batch_gen)
+                source = data.latents[src][pairs.src_rows[pick]]
+                target = data.latents[tgt][pairs.tgt_rows[pick]]
+                o = model(d, source)
+                con = info_nce(o.contrastive, model.embed_target(d, target), scale())
+                part = cfg.contrastive_weight * con + o.router_loss
+                if o.regression is not None:
+                    part = part + cfg.regression_weight * regression_loss(o.regression, target, cfg.regression_loss)
+                loss = loss + part
+                logs[d] = part.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{max(best, 0):.3f}")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            rows = evaluate(model, data, directions, "val")
+            val = mean_r1(rows)
+            history.append({"step": step, "loss": loss.item(), "val_mean_r1": val, "lr": lr_at(cfg, step - 1), "losses": logs})
+            schedule.update({f"{r['query']}->{r['target']}": r["R@1"] for r in rows if r["head"] == "contrastive"})
+            if val > best:
+                best, best_step, bad_evals = val, step, 0
+                with atomic_path(out / "best.pt") as tmp:
+                    torch.save({"model": model.state_dict(), "scale": scale.state_dict(), "step": step}, tmp)
+            else:
+                bad_evals += 1
+                stopped_early = bad_evals >= cfg.patience
+            with atomic_path(state_path) as tmp:
+                torch.save({"config": dataclasses.asdict(cfg), "model": model.state_dict(), "scale": scale.state_dict(),
+                            "optimizer": opt.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
+                            "step": step, "best": best, "best_step": best_step, "history": history, "bad_evals": bad_evals}, tmp)  # fmt: skip
+    bar.close()
+    result = {"best_step": best_step, "best_val": best, "history": history, "stopped_early": stopped_early}
+    write_json(out / "train.json", result)
+    return result
+
+
+def load_best(cfg: TrainConfig, data: AlignmentData, directions: list[str], out: str | Path) -> nn.Module:
+    model = build_model(cfg, data.widths, directions)
+    model.load_state_dict(torch.load(Path(out) / "best.pt", weights_only=False)["model"])
+    return model.eval()

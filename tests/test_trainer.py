@@ -1,0 +1,84 @@
+"""The alignment trainer on stored latents of a synthetic paired task (real store format, no encoders)."""
+
+import json
+
+import pytest
+import torch
+
+from omnimoe.align.data import AlignmentData
+from omnimoe.align.trainer import METHODS, TrainConfig, evaluate, load_best, lr_at, mean_r1, train
+from omnimoe.data.manifest import write_manifest
+from omnimoe.latents.store import StoreError, write_store
+
+DIRS = ["a->b", "b->a"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """b is a fixed nonlinear function of a plus noise; 300 samples, captions unique, a test split."""
+    folder = tmp_path_factory.mktemp("pairs")
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    a = torch.randn(n, 16, generator=g)
+    w = torch.randn(16, 24, generator=g)
+    b = torch.tanh(a @ w) + 0.1 * torch.randn(n, 24, generator=g)
+    ids = [f"s{i}" for i in range(n)]
+    recs = [{"id": sid, "split": "test" if i % 5 == 0 else "train", "text": f"caption {i}"} for i, sid in enumerate(ids)]
+    manifest = write_manifest(folder / "m.jsonl", recs)
+    write_store(folder / "a", ids, a, {"encoder": "synthetic-a", "modality": "a"}, shard_size=128)
+    write_store(folder / "b", ids[::-1], b.flip(0), {"encoder": "synthetic-b", "modality": "b"})  # other row order
+    return AlignmentData(manifest, {"a": folder / "a", "b": folder / "b"})
+
+
+def small(**kw):
+    base = dict(steps=150, batch_size=64, eval_every=50, warmup_steps=10, hidden_size=32, contrastive_dim=16, num_experts=4,
+                num_experts_per_tok=2, dropout=0.0, dtype="float32", lr=3e-3)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_pairs_and_validation_split(data):
+    train, val, test = (data.pairs("a->b", s) for s in ("train", "val", "test"))
+    assert len(test) == 60 and len(train) + len(val) == 240 and 10 < len(val) < 45
+    assert not set(train.ids) & set(val.ids)
+    i = train.ids.index("s7")
+    # rows follow each store's own order: b was written reversed
+    assert data.row["a"]["s7"] == int(train.src_rows[i]) == 7 and int(train.tgt_rows[i]) == 299 - 7
+    with pytest.raises(ValueError, match="no latent store for modality 'c'"):
+        data.pairs("a->c", "train")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_learns_the_pairing(data, method, tmp_path):
+    result = train(data, DIRS, small(method=method), tmp_path, progress=False)
+    model = load_best(small(method=method), data, DIRS, tmp_path)
+    rows = evaluate(model, data, DIRS, "test")
+    chance = 1 / 60
+    assert mean_r1(rows) > 10 * chance, rows
+    heads = {r["head"] for r in rows}
+    assert heads == ({"contrastive"} if method == "linear" else {"contrastive", "regression"})
+    assert result["best_val"] > 0 and json.loads((tmp_path / "train.json").read_text())["best_step"] == result["best_step"]
+
+
+def test_resume_after_interruption_gives_the_same_result(data, tmp_path):
+    cfg = small(method="moe-alternating", dropout=0.1)
+    full = train(data, DIRS, cfg, tmp_path / "full", progress=False)
+    assert train(data, DIRS, cfg, tmp_path / "cut", progress=False, stop_at_step=120) == {"interrupted_at": 120}
+    assert torch.load(tmp_path / "cut" / "state.pt", weights_only=False)["step"] == 100  # steps 101-120 are lost, redone
+    resumed = train(data, DIRS, cfg, tmp_path / "cut", progress=False)
+    assert resumed == full
+    a = torch.load(tmp_path / "full" / "state.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "state.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="another config"):
+        train(data, DIRS, small(method="moe-alternating", lr=1e-2), tmp_path / "full", progress=False)
+
+
+def test_lr_schedule_and_store_writer_checks(tmp_path):
+    cfg = small(steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-5)
+    assert lr_at(cfg, 0) == pytest.approx(1e-4) and lr_at(cfg, 9) == pytest.approx(1e-3)
+    assert lr_at(cfg, 100) == pytest.approx(1e-5) and lr_at(cfg, 55) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-3)
+    with pytest.raises(StoreError, match="NaN"):
+        write_store(tmp_path / "s", ["x"], torch.tensor([[float("nan")]]), {"encoder": "e", "modality": "m"})
+    with pytest.raises(StoreError, match="unique"):
+        write_store(tmp_path / "s", ["x", "x"], torch.zeros(2, 3), {"encoder": "e", "modality": "m"})
