@@ -155,6 +155,37 @@ def extract(
         typer.echo(f"{out}: {rows} rows in {len(index['shards'])} shards, {skipped} skipped, dim {index['dim']}")
 
 
+@app.command()
+def align(
+    manifest: Path = typer.Option(..., help="Manifest (JSONL) with train/test splits."),
+    encoders: str = typer.Option("text=minilm,image=efficientnet-lite0", help="modality=encoder[@field],... (at least two)."),
+    out: Path = typer.Option(Path("runs/align"), help="Output folder: stores, runs, results.json, results.md, plots, connectors."),
+    methods: str = typer.Option("all", help="Comma list of linear, mlp-alternating, moe-joint, moe-alternating, or 'all'."),
+    seeds: str = typer.Option("0,1,2", help="Comma list of seeds (every method runs each)."),
+    config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig fields (see configs/align.yaml)."),
+    set_: List[str] = typer.Option([], "--set", help="TrainConfig override, e.g. --set steps=500 (repeatable)."),
+) -> None:
+    """Extract (reusing stores), train every method with every seed, evaluate on the test split, plot."""
+    from omnimoe.align.pipeline import AlignConfig, markdown_table, parse_encoders, run_align
+    from omnimoe.align.trainer import METHODS, TrainConfig
+    from omnimoe.data.manifest import ManifestError
+    from omnimoe.latents.extract import ExtractionError
+    from omnimoe.latents.store import StoreError
+
+    try:
+        train_cfg = load_config(TrainConfig, config, list(set_))
+        cfg = AlignConfig(
+            manifest=str(manifest), encoders=parse_encoders(encoders), out=str(out),
+            methods=list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()],
+            seeds=[int(x) for x in seeds.split(",") if x.strip()], train=train_cfg,
+        )  # fmt: skip
+        result = run_align(cfg)
+    except (ConfigError, ManifestError, StoreError, ExtractionError, ValueError, ImportError) as exc:
+        _fail(str(exc))
+    typer.echo(markdown_table(result["summary"]))
+    typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}; plots: " + ", ".join(p.name for p in result["plots"]))
+
+
 @store_app.command("info")
 def store_info(
     store: Path = typer.Argument(...),

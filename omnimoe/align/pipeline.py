@@ -1,0 +1,153 @@
+"""``omnimoe align``: from a manifest to a comparison of connectors, in one call.
+
+1. extract one latent store per modality (reused when present: extraction resumes and refuses a mismatch);
+2. train every method with every seed on the train split (validation carved from train, grouped by caption);
+3. evaluate the best checkpoint of each run on the test split;
+4. write ``results.json`` (one row per method, seed, direction and head), ``results.md`` (mean and spread over
+   seeds), plots, and the seed-0 connector of each method (``connectors/<method>``).
+
+Modalities are given as ``name=encoder`` or ``name=encoder@field`` (the manifest field to encode; default: the
+name when the manifest has such a field, else the encoder's modality), e.g.
+``text=minilm,image=efficientnet-lite0,speech=whisper-tiny@audio,sound=whisper-tiny@sound``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnimoe.align.connector import direction_name
+from omnimoe.align.data import AlignmentData
+from omnimoe.align.trainer import METHODS, TrainConfig, evaluate, load_best, train
+from omnimoe.data.manifest import read_manifest
+from omnimoe.encoders import EncoderOptions
+from omnimoe.io import write_json
+from omnimoe.latents import extract
+
+
+@dataclass
+class AlignConfig:
+    manifest: str
+    encoders: dict[str, str]  # modality -> "encoder" or "encoder@field"
+    out: str
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    directions: list[str] = field(default_factory=list)  # default: every ordered pair of modalities
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stores: str = ""  # default: <out>/stores
+
+
+def parse_encoders(spec: str) -> dict[str, str]:
+    """``"text=minilm,image=efficientnet-lite0"`` -> ``{"text": "minilm", "image": "efficientnet-lite0"}``."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, enc = part.partition("=")
+        if not sep or not name or not enc:
+            raise ValueError(f"--encoders item {part!r} is not of the form modality=encoder[@field]")
+        out[name] = enc
+    if len(out) < 2:
+        raise ValueError(f"--encoders needs at least two modalities, got {spec!r}")
+    return out
+
+
+def _field_of(modality: str, encoder_spec: str, manifest_fields: set[str]) -> tuple[str, str | None]:
+    encoder, _, field_name = encoder_spec.partition("@")
+    if field_name:
+        return encoder, field_name
+    return encoder, modality if modality in manifest_fields else None
+
+
+def extract_all(cfg: AlignConfig, progress: bool = True) -> dict[str, Path]:
+    records = read_manifest(cfg.manifest)
+    fields = {k for r in records for k in r}
+    root = Path(cfg.stores or Path(cfg.out) / "stores")
+    stores = {}
+    for modality, spec in cfg.encoders.items():
+        encoder, field_name = _field_of(modality, spec, fields)
+        path = root / f"{modality}-{encoder.replace(':', '_').replace('/', '_')}"
+        extract(cfg.manifest, encoder, path, field=field_name, options=EncoderOptions(), progress=progress)
+        stores[modality] = path
+    return stores
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread (population std) over seeds for each method, direction and head."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["query"], r["target"], r["head"]), []).append(r)
+    out = []
+    for (method, q, t, head), rs in groups.items():
+        item = {"method": method, "query": q, "target": t, "head": head, "seeds": len(rs), "n": rs[0]["n"]}
+        for k in ("R@1", "R@5", "R@10"):
+            vals = [r[k] for r in rs]
+            item[k] = statistics.fmean(vals)
+            item[k + "_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+        out.append(item)
+    return out
+
+
+def markdown_table(summary: list[dict[str, Any]]) -> str:
+    lines = ["| method | direction | head | R@1 | R@5 | R@10 | n | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for s in sorted(summary, key=lambda s: (s["query"], s["target"], s["head"], METHODS.index(s["method"]) if s["method"] in METHODS else 99)):
+        cell = lambda k: f"{s[k]:.3f} ± {s[k + '_std']:.3f}"  # noqa: E731
+        lines.append(f"| {s['method']} | {s['query']}->{s['target']} | {s['head']} | {cell('R@1')} | {cell('R@5')} | {cell('R@10')} | {s['n']} | {s['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def expert_load(model: Any, data: AlignmentData, directions: list[str]) -> dict[str, list[float]] | None:
+    """Share of routed assignments per expert, per direction, on the test split (MoE methods only)."""
+    moe = getattr(model, "moe", None)
+    if moe is None or moe.config.num_experts < 2:
+        return None
+    load = {}
+    for d in directions:
+        pairs = data.pairs(d, "test")
+        if len(pairs):
+            src = d.split("->")[0]
+            counts = model(d, data.latents[src][pairs.src_rows]).tokens_per_expert.float()
+            load[d] = (counts / counts.sum()).tolist()
+    return load
+
+
+def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)} or 'all'")
+    stores = extract_all(cfg, progress)
+    data = AlignmentData(cfg.manifest, stores)
+    modalities = list(cfg.encoders)
+    directions = cfg.directions or [direction_name(a, b) for a in modalities for b in modalities if a != b]
+    rows, curves, loads = [], {}, {}
+    for method in cfg.methods:
+        for seed in cfg.seeds:
+            tcfg = dataclasses.replace(cfg.train, method=method, seed=seed)  # type: ignore[arg-type]
+            run_dir = out / "runs" / method / f"seed{seed}"
+            result = train(data, directions, tcfg, run_dir, progress=progress)
+            model = load_best(tcfg, data, directions, run_dir)
+            for r in evaluate(model, data, directions, "test"):
+                rows.append({"method": method, "seed": seed, **r})
+            if seed == cfg.seeds[0]:
+                curves[method] = result["history"]
+                if hasattr(model, "save_pretrained"):
+                    model.save_pretrained(out / "connectors" / method)
+                if (load := expert_load(model, data, directions)) is not None:
+                    loads[method] = load
+    summary = summarise(rows)
+    write_json(out / "results.json", rows)
+    (out / "results.md").write_text(markdown_table(summary))
+    from omnimoe.eval.plots import plot_expert_load, plot_recall, plot_training_curves
+
+    plots = [plot_recall(summary, out / "recall.png"), plot_training_curves(curves, out / "training_curves.png")]
+    for method, load in loads.items():
+        plots.append(plot_expert_load(load, out / f"expert_load_{method}.png", title=f"{method}: expert load per direction (test)"))
+    write_json(out / "summary.json", {"summary": summary, "stores": {m: str(p) for m, p in stores.items()}, "directions": directions,
+                                      "train_config": dataclasses.asdict(cfg.train), "plots": [p.name for p in plots]})  # fmt: skip
+    return {"rows": rows, "summary": summary, "plots": plots, "directions": directions}
