@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# espeak-ng speaks the demo's captions (best effort: the demo also runs without it).
+	-command -v espeak-ng >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -q espeak-ng >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q espeak-ng >/dev/null 2>&1)))
 	@if $(PY) -m pip list 2>/dev/null | grep -Ei '^(timm|torchvision) '; then echo "timm/torchvision must not be installed"; exit 1; fi
 	touch $(STAMP)
 

@@ -25,8 +25,8 @@ def test_info_json():
 
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path):
-    out = omnimoe("demo", "--quick", "--out", str(tmp_path / "run"))
+def test_moe_example_quick_end_to_end(tmp_path):
+    out = omnimoe("moe", "example", "--quick", "--out", str(tmp_path / "run"))
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [r["model"].split()[0] for r in result["rows"]] == ["dense", "MoE", "MoE"]
@@ -42,3 +42,17 @@ def test_example_rejects_bad_override(tmp_path):
     assert out.returncode == 2
     assert "num_expert" in out.stderr and "known:" in out.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_altmoe_demo_quick(tmp_path):
+    """The README's main job in its quick form: Tux Paint, three encoders, two methods, held-out recall."""
+    out = omnimoe("demo", "--quick", "--out", str(tmp_path / "demo"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "demo" / "results.json").read_text())
+    modalities = {r["query"] for r in rows} | {r["target"] for r in rows}
+    assert modalities >= {"text", "image", "sound"}  # speech too when espeak-ng or recordings are there
+    assert {r["method"] for r in rows} == {"linear", "moe-alternating"}
+    assert "text <-> image" in out.stdout and "mean R@1" in out.stdout
+    for name in ("recall.png", "training_curves.png", "expert_load_moe-alternating.png"):
+        assert (tmp_path / "demo" / name).is_file()

@@ -82,3 +82,16 @@ def test_lr_schedule_and_store_writer_checks(tmp_path):
         write_store(tmp_path / "s", ["x"], torch.tensor([[float("nan")]]), {"encoder": "e", "modality": "m"})
     with pytest.raises(StoreError, match="unique"):
         write_store(tmp_path / "s", ["x", "x"], torch.zeros(2, 3), {"encoder": "e", "modality": "m"})
+
+
+def test_augmentation_keeps_pairs_aligned():
+    from omnimoe.align.trainer import augment
+
+    src = torch.arange(8, dtype=torch.float32).repeat(2, 1).t()  # row i = [i, i]
+    tgt = 10 * src
+    torch.manual_seed(0)
+    s, t = augment(small(mixup_alpha=0.5), src, tgt, torch.ones(2), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(t, 10 * s)  # source and target mixed with the same weights
+    assert not torch.equal(s, src)
+    s2, t2 = augment(small(input_noise=0.5), src, tgt, torch.ones(2), torch.Generator().manual_seed(1))
+    assert torch.equal(t2, tgt) and 0.2 < (s2 - src).std() < 0.8  # noise only on the source side
