@@ -62,3 +62,11 @@ def test_moe_config_from_overrides():
     cfg = load_config(MoEConfig, None, ["hidden_size=16", "intermediate_size=32", "num_experts=4", "capacity_factor=1.5"])
     assert cfg.capacity_factor == 1.5 and cfg.num_experts == 4
     assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
+
+
+def test_exponent_floats_from_yaml_and_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 1e-3\n")
+    assert load_config(Outer, tmp_path / "c.yaml").lr == 1e-3
+    assert load_config(Outer, None, ["lr=3e-4"]).lr == 3e-4
+    with pytest.raises(ConfigError, match="lr: expected a number"):
+        load_config(Outer, None, ["lr=fast"])

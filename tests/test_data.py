@@ -112,3 +112,11 @@ def test_tuxpaint_manifest_from_the_real_package(tmp_path):
     assert any(r["image"].endswith(".svg") for r in recs) and sum("audio" in r for r in recs) >= 60 and stats["sound"] >= 100
     koala = next(r for r in recs if r["text"] == "A koala.")
     assert media_path(manifest, koala["image"]).is_file()
+
+
+def test_unquoted_comma_in_csv_caption_is_named(tmp_path):
+    _png(tmp_path / "media" / "a.png")
+    table = tmp_path / "c.csv"
+    table.write_text("file,caption\na.png,a cat, sitting\n")
+    with pytest.raises(ManifestError, match="row 1: more fields than the header; quote captions"):
+        manifest_from_folder(tmp_path / "media", table, tmp_path / "m.jsonl")

@@ -162,3 +162,13 @@ def test_larger_efficientnet_lite_packaged_weights(variant, tokens, tmp_path):
     enc = load_encoder(variant)
     out = enc.encode([enc.load_item(tmp_path / "x.png")])
     assert out.tokens.shape == (1, tokens, 1280) and enc.weights_hash != load_encoder("efficientnet-lite0").weights_hash
+
+
+def test_sixteen_bit_greyscale_and_zero_dim_hashing(tmp_path):
+    from omnimoe.encoders.base import hash_state_dict
+    from omnimoe.encoders.media import read_image
+
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "grey16.png")
+    assert abs(np.asarray(read_image(tmp_path / "grey16.png")).mean() - 127.5) < 2  # mid grey, not clipped white
+    a = hash_state_dict({"num_batches_tracked": torch.tensor(3), "w": torch.ones(2)})
+    assert a != hash_state_dict({"num_batches_tracked": torch.tensor(4), "w": torch.ones(2)})

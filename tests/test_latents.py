@@ -50,7 +50,7 @@ def test_text_store_matches_direct_encoding_and_skips_bad_items(tmp_path, minilm
     assert torch.allclose(store.pooled()[:8], direct, atol=2e-2)
     assert store.pooled().shape == (40, 384) and index["complete"]
     # memory-mapped, not copied
-    assert isinstance(store._pooled[0], np.memmap)
+    assert isinstance(store.shard_pooled(0), np.memmap)
 
 
 def test_tokens_are_stored_with_lengths(tmp_path, minilm):
@@ -192,16 +192,52 @@ def test_store_info_cli(tmp_path, minilm):
 
 @pytest.mark.slow
 def test_torchrun_extraction_equals_single_process(tmp_path):
-    from distributed import free_port
 
     m = text_manifest(tmp_path, 90)
     base = [sys.executable, "-m", "omnimoe.cli", "extract", "--manifest", str(m), "--encoder", "minilm", "--shard-size", "20", "--dtype", "float32"]
     one = subprocess.run(base + ["--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "omnimoe.cli"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "omnimoe.cli"]
     two = subprocess.run(torchrun + base[3:] + ["--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = LatentStore.open(tmp_path / "one"), LatentStore.open(tmp_path / "two")
     assert a.ids == b.ids and len(a) == 90
     torch.testing.assert_close(a.pooled(), b.pooled(), atol=1e-5, rtol=1e-5)
+
+
+def test_resume_after_manifest_or_shard_size_change_gives_exactly_the_rows(tmp_path, minilm):
+    """A shard on disk is trusted only if it still holds its chunk: growth, edits and a new shard size redo."""
+    def ids_of(store):
+        return LatentStore.open(store).ids
+
+    m = text_manifest(tmp_path, 5)
+    extract(m, minilm, tmp_path / "s", shard_size=4, progress=False)
+    m = text_manifest(tmp_path, 7)  # the manifest grew
+    extract(m, minilm, tmp_path / "s", shard_size=4, progress=False)
+    assert ids_of(tmp_path / "s") == [f"s{i}" for i in range(7)]
+    (tmp_path / "s" / shard_name(1)).unlink()
+    extract(m, minilm, tmp_path / "s", shard_size=3, progress=False)  # and the shard size changed
+    store = LatentStore.open(tmp_path / "s")
+    assert store.ids == [f"s{i}" for i in range(7)] and store.info()["complete"]
+    # a truncated shard (power loss before fsync existed) is refused on read and redone on resume
+    path = tmp_path / "s" / shard_name(0)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(StoreError, match="truncated"):
+        LatentStore.open(tmp_path / "s").pooled()
+    extract(m, minilm, tmp_path / "s", shard_size=3, progress=False)
+    assert ids_of(tmp_path / "s") == [f"s{i}" for i in range(7)]
+
+
+def test_store_holds_no_file_per_shard_and_reads_bf16_input_right(tmp_path):
+    from omnimoe.latents.store import write_store
+
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    vecs = torch.randn(600, 8)
+    write_store(tmp_path / "many", [f"x{i}" for i in range(600)], vecs, {"encoder": "e", "modality": "m"}, shard_size=10)
+    before = fds()
+    store = LatentStore.open(tmp_path / "many")
+    torch.testing.assert_close(store.pooled(), vecs)
+    assert fds() <= before + 1 and store.info()["shards"] == 60
+    bf = torch.tensor([[1.5, -2.0]], dtype=torch.bfloat16)
+    assert write_store(tmp_path / "bf", ["a"], bf, {"encoder": "e", "modality": "m"}).pooled().tolist() == [[1.5, -2.0]]

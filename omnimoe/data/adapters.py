@@ -65,6 +65,8 @@ def manifest_from_folder(
         raise ManifestError(f"media folder {media_dir} does not exist")
     records = []
     for n, row in enumerate(_read_caption_table(Path(captions)), 1):
+        if None in row:  # csv.DictReader puts surplus fields under None
+            raise ManifestError(f"{captions} row {n}: more fields than the header; quote captions that contain commas")
         file = next((row[k] for k in ("file", "image", "audio", "path") if row.get(k)), None)
         text = row.get("caption", row.get("text"))
         if not file:

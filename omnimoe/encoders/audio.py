@@ -11,9 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnimoe.encoders.base import EncoderOptions, EncoderOutput, FrozenEncoder, hash_state_dict, pool, select_layers
+from omnimoe.encoders.base import EncoderOptions, EncoderOutput, FrozenEncoder, hash_file, pool, select_layers
 from omnimoe.encoders.media import AUDIO_RATE, read_audio
-from omnimoe.encoders.vision import _file_hash
 
 HOP = 160  # samples per mel frame; the encoder halves the frame rate
 
@@ -43,7 +42,7 @@ class FasterWhisperEncoder(FrozenEncoder):
         threads = torch.get_num_threads()
         self.model = WhisperModel(self.path, device="cpu", compute_type="int8", cpu_threads=threads)
         self.dim = self._probe_dim()
-        self._hash = _file_hash(Path(self.path) / "model.bin")
+        self._hash = hash_file(Path(self.path) / "model.bin")
 
     def _probe_dim(self) -> int:
         import ctranslate2
@@ -51,10 +50,6 @@ class FasterWhisperEncoder(FrozenEncoder):
         mel = np.zeros((1, self.model.model.n_mels, 200), np.float32)
         out = self.model.model.encode(ctranslate2.StorageView.from_array(mel), to_cpu=True)
         return int(np.array(out).shape[-1])
-
-    @property
-    def weights_hash(self) -> str:
-        return self._hash
 
     def preprocessing(self) -> dict[str, Any]:
         return {"rate": AUDIO_RATE, "window_s": self.options.max_audio_seconds, "pooling": self.options.pooling, "compute_type": "int8"}
@@ -94,13 +89,6 @@ class HFWhisperEncoder(FrozenEncoder):
         self.model = WhisperModel.from_pretrained(self.path, dtype=torch.float32).get_encoder().eval().to(self.device)
         self.model.requires_grad_(False)
         self.dim = int(self.model.config.d_model)
-        self._hash: str | None = None
-
-    @property
-    def weights_hash(self) -> str:
-        if self._hash is None:
-            self._hash = hash_state_dict(self.model.state_dict())
-        return self._hash
 
     def preprocessing(self) -> dict[str, Any]:
         return {**super().preprocessing(), "rate": AUDIO_RATE, "window_s": 30}

@@ -115,7 +115,16 @@ def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d tensors too
+    return h.hexdigest()[:16]
+
+
+def hash_file(path) -> str:
+    """A short fingerprint of a weights file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -140,9 +149,15 @@ class FrozenEncoder(ABC):
         """Encode a batch of loaded items (float32 outputs on the CPU)."""
 
     @property
-    @abstractmethod
     def weights_hash(self) -> str:
-        """Fingerprint of the weights: stored latents are tied to it."""
+        """Fingerprint of the weights: stored latents are tied to it. The default hashes ``self.model``'s
+        state dict once; encoders whose weights are a file (or not a torch module) override this."""
+        if getattr(self, "_hash", None) is None:
+            model = getattr(self, "model", None)
+            if not isinstance(model, torch.nn.Module):
+                raise NotImplementedError(f"{type(self).__name__} must define weights_hash")
+            self._hash = hash_state_dict(model.state_dict())
+        return self._hash
 
     def describe(self) -> dict[str, Any]:
         """What a latent store records about the encoder: enough to refuse mismatched reads."""

@@ -41,6 +41,10 @@ def read_image(path: str | Path):
         raise BadInput(f"{path} is not a readable image") from None
     except Exception as exc:  # PIL/cairosvg raise many types for corrupt data
         raise BadInput(f"{path} is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit greyscale: scale to 8 bits, not clip
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
     if img.width < 2 or img.height < 2:
         raise BadInput(f"{path} is too small ({img.width}x{img.height})")
     if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from omnimoe.encoders.base import BadInput, EncoderOptions, EncoderOutput, FrozenEncoder, hash_state_dict, pool, select_layers
+from omnimoe.encoders.base import BadInput, EncoderOptions, EncoderOutput, FrozenEncoder, pool, select_layers
 
 
 class HFTextEncoder(FrozenEncoder):
@@ -32,13 +32,6 @@ class HFTextEncoder(FrozenEncoder):
         self.model.requires_grad_(False)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.dim = int(text_config.hidden_size)
-        self._hash: str | None = None
-
-    @property
-    def weights_hash(self) -> str:
-        if self._hash is None:
-            self._hash = hash_state_dict(self.model.state_dict())
-        return self._hash
 
     def preprocessing(self) -> dict[str, Any]:
         return {**super().preprocessing(), "max_length": self.options.max_length}

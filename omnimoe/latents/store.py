@@ -30,7 +30,7 @@ from omnimoe.io import read_json, write_json
 
 INDEX = "store.json"
 FORMAT_VERSION = 1
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32}
+_DTYPES = {"F32": np.float32, "I64": np.int64}  # what write_shard writes; anything else is refused
 
 
 class StoreError(ValueError):
@@ -71,9 +71,13 @@ def memmap_tensor(path: Path, name: str) -> np.ndarray:
     if name not in header:
         raise StoreError(f"{path} has no tensor {name!r}")
     info = header[name]
+    if info["dtype"] not in _DTYPES:
+        raise StoreError(f"{path}: tensor {name!r} has dtype {info['dtype']}; stores hold float32 vectors")
     dtype = _DTYPES[info["dtype"]]
     begin, end = info["data_offsets"]
     shape = tuple(info["shape"])
+    if path.stat().st_size < start + end:
+        raise StoreError(f"{path} is truncated ({path.stat().st_size} bytes, the header needs {start + end})")
     if end == begin:
         return np.zeros(shape, dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
@@ -81,7 +85,7 @@ def memmap_tensor(path: Path, name: str) -> np.ndarray:
 
 def encoder_matches(found: dict[str, Any], expected: dict[str, Any]) -> str | None:
     """None when ``found`` (a store's encoder record) matches ``expected``, else why not."""
-    for key in ("encoder", "weights_hash", "dim", "preprocessing", "field", "tokens"):
+    for key in ("encoder", "weights_hash", "dim", "dtype", "preprocessing", "field", "tokens"):
         if key in expected and found.get(key) != expected[key]:
             return f"{key} is {found.get(key)!r} in the store, {expected[key]!r} now"
     return None
@@ -95,8 +99,9 @@ def write_shard(path: Path, index: int, record: dict[str, Any], ids: list[str], 
     from omnimoe.io import atomic_path
 
     metadata = {"encoder": json.dumps(record, sort_keys=True), "ids": json.dumps(ids), "skipped": json.dumps(skipped), "index": str(index)}
+    tensors = {k: (v.float() if v.is_floating_point() else v.long()).contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def write_store(folder: str | Path, ids: list[str], pooled: torch.Tensor, record: dict[str, Any], shard_size: int = 4096) -> "LatentStore":
@@ -137,7 +142,7 @@ class LatentStore:
     folder: Path
     index: dict[str, Any]
     ids: list[str]
-    _pooled: list[np.ndarray]
+    _shard_rows: list[int]
     _shard_files: list[Path]
 
     @classmethod
@@ -151,16 +156,16 @@ class LatentStore:
             raise StoreError(f"{folder}: store format {index.get('format')!r} is not supported (expected {FORMAT_VERSION})")
         if expect and (why := encoder_matches(index, expect)):
             raise StoreError(f"{folder} does not match the encoder: {why}. Re-extract the store.")
-        ids, pooled, files = [], [], []
+        ids, rows, files = [], [], []
         for shard in sorted(index["shards"], key=lambda s: s["index"]):
             path = folder / shard["file"]
             if not path.is_file():
                 raise StoreError(f"{folder}: shard {shard['file']} listed in {INDEX} is missing")
             meta = shard_metadata(path)
             ids.extend(meta["ids"])
-            pooled.append(memmap_tensor(path, "pooled"))
+            rows.append(len(meta["ids"]))
             files.append(path)
-        return cls(folder, index, ids, pooled, files)
+        return cls(folder, index, ids, rows, files)
 
     @property
     def dim(self) -> int:
@@ -173,11 +178,21 @@ class LatentStore:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def shard_pooled(self, i: int) -> np.ndarray:
+        """Shard ``i``'s pooled vectors as a read-only memory map (opened on demand: a store of many shards
+        holds no file open)."""
+        return memmap_tensor(self._shard_files[i], "pooled")
+
     def pooled(self) -> torch.Tensor:
-        """All pooled vectors (rows, D) as one float32 tensor."""
-        if not self._pooled:
+        """All pooled vectors (rows, D) as one float32 tensor in memory."""
+        if not self._shard_files:
             return torch.zeros(0, self.dim)
-        return torch.from_numpy(np.concatenate(self._pooled).astype(np.float32, copy=False))
+        out = np.empty((len(self.ids), self.dim), np.float32)
+        start = 0
+        for i, n in enumerate(self._shard_rows):
+            out[start : start + n] = self.shard_pooled(i)
+            start += n
+        return torch.from_numpy(out)
 
     def rows_of(self, ids: list[str]) -> list[int]:
         where = {sid: i for i, sid in enumerate(self.ids)}
@@ -192,8 +207,7 @@ class LatentStore:
             raise StoreError(f"{self.folder} holds pooled vectors only; extract with --tokens")
         if not 0 <= row < len(self.ids):
             raise IndexError(f"row {row} out of range for a store of {len(self.ids)} rows")
-        for path, block in zip(self._shard_files, self._pooled):
-            n = block.shape[0]
+        for path, n in zip(self._shard_files, self._shard_rows):
             if row < n:
                 lengths = memmap_tensor(path, "lengths")
                 start = int(lengths[:row].sum())

@@ -83,7 +83,8 @@ class ExpertParallelExperts(Experts):
             raise ValueError(f"expected {self.global_num_experts} per-expert counts, got {len(counts)}")
         local, world = self.num_experts, self.world
         x = x.to(compute_dtype(x))  # communicate in the dtype the experts compute in
-        send_counts = torch.tensor(counts, dtype=torch.int64)
+        # Counts live on the tokens' device: NCCL only moves CUDA tensors.
+        send_counts = torch.tensor(counts, dtype=torch.int64, device=x.device)
         recv_counts = torch.empty_like(send_counts)  # [src rank, local expert] -> rows
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_splits = send_counts.view(world, local).sum(1).tolist()
@@ -92,8 +93,8 @@ class ExpertParallelExperts(Experts):
 
         received = all_to_all(x, recv_splits, send_splits, self.group)
         # Regroup rows from (source rank, local expert) order to local-expert order.
-        row_expert = torch.arange(local).repeat(world).repeat_interleave(recv_counts, output_size=received.shape[0])
-        perm = torch.argsort(row_expert.to(x.device), stable=True)
+        row_expert = torch.arange(local, device=x.device).repeat(world).repeat_interleave(recv_counts, output_size=received.shape[0])
+        perm = torch.argsort(row_expert, stable=True)
         out_local = super().forward(received[perm], recv_matrix.sum(0).tolist())
         back = torch.empty_like(perm)
         back[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -159,5 +160,8 @@ def data_parallel(model: nn.Module, **ddp_kwargs) -> nn.parallel.DistributedData
     params = dict(model.named_parameters())
     for name in names:
         params[name].register_hook(lambda g: g / world)
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    # Each rank counts its own expert load for aux-loss-free balancing (summed at update time): DDP must not
+    # overwrite those counters with rank 0's when it broadcasts buffers.
+    counters = [n for n, _ in model.named_buffers() if n.endswith("_load_since_update")]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names + counters)
     return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
