@@ -34,6 +34,7 @@ class Pairs:
 class AlignmentData:
     def __init__(self, manifest: str | Path, stores: dict[str, str | Path | LatentStore], group_field: str = "text",
                  val_fraction: float = 0.1, seed: int = 0) -> None:  # fmt: skip
+        self.manifest_path = Path(manifest)
         records = read_manifest(manifest)
         has_val = any(r.get("split") == "val" for r in records)
         self.split: dict[str, str] = {}

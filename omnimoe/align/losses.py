@@ -22,24 +22,36 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smoot
 
 
 def info_nce(query: torch.Tensor, key: torch.Tensor, logit_scale: torch.Tensor | float, key_all: torch.Tensor | None = None,
-             offset: int = 0) -> torch.Tensor:  # fmt: skip
+             query_all: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:  # fmt: skip
     """Symmetric InfoNCE between L2-normalised ``query`` (B, d) and ``key`` (B, d); row i matches row i.
 
-    ``key_all`` / query negatives gathered from other ranks: when given, ``key_all`` holds every rank's keys
-    and this rank's rows start at ``offset`` in it (the query->key direction uses all keys as negatives).
+    Under data parallelism pass every rank's rows as ``key_all`` and ``query_all`` (see :func:`gather_rows`),
+    with this rank's rows starting at ``offset``: each local query is scored against all keys and each local
+    key against all queries. The mean of the ranks' losses is then exactly the loss of one process on the
+    concatenated batch.
     """
     q = F.normalize(query.float(), dim=-1)
     k = F.normalize(key.float(), dim=-1)
     scale = logit_scale if isinstance(logit_scale, torch.Tensor) else torch.tensor(logit_scale)
-    if key_all is None:
-        logits = scale * q @ k.t()
-        labels = torch.arange(len(q), device=q.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-    ka = F.normalize(key_all.float(), dim=-1)
-    labels = torch.arange(len(q), device=q.device) + offset
-    q_to_k = F.cross_entropy(scale * q @ ka.t(), labels)
-    k_to_q = F.cross_entropy(scale * k @ q.t(), torch.arange(len(q), device=q.device))
-    return (q_to_k + k_to_q) / 2
+    ka = k if key_all is None else F.normalize(key_all.float(), dim=-1)
+    qa = q if query_all is None else F.normalize(query_all.float(), dim=-1)
+    labels = torch.arange(len(q), device=q.device) + (offset if key_all is not None or query_all is not None else 0)
+    return (F.cross_entropy(scale * q @ ka.t(), labels) + F.cross_entropy(scale * k @ qa.t(), labels)) / 2
+
+
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows (autograd flows back to each rank's own rows) and this rank's offset among them.
+
+    Every rank must pass the same number of rows. Without torch.distributed, returns ``(x, 0)``.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    parts = all_gather(x.contiguous())
+    return torch.cat(parts), dist.get_rank() * len(x)
 
 
 class LogitScale(nn.Module):

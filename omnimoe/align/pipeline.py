@@ -115,6 +115,12 @@ def expert_load(model: Any, data: AlignmentData, directions: list[str]) -> dict[
     return load
 
 
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +137,8 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
             tcfg = dataclasses.replace(cfg.train, method=method, seed=seed)  # type: ignore[arg-type]
             run_dir = out / "runs" / method / f"seed{seed}"
             result = train(data, directions, tcfg, run_dir, progress=progress)
+            if not _is_rank0():
+                continue  # under torchrun every rank trains; rank 0 alone evaluates and writes
             model = load_best(tcfg, data, directions, run_dir)
             for r in evaluate(model, data, directions, "test"):
                 rows.append({"method": method, "seed": seed, **r})
@@ -140,6 +148,8 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
                     model.save_pretrained(out / "connectors" / method)
                 if (load := expert_load(model, data, directions)) is not None:
                     loads[method] = load
+    if not _is_rank0():
+        return {"rows": [], "summary": [], "plots": [], "directions": directions}
     summary = summarise(rows)
     write_json(out / "results.json", rows)
     (out / "results.md").write_text(markdown_table(summary))

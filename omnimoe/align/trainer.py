@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from omnimoe.align.connector import AltMoEConnector, ConnectorConfig, ConnectorOutput, parse_direction
 from omnimoe.align.data import AlignmentData
-from omnimoe.align.losses import LogitScale, info_nce, regression_loss
+from omnimoe.align.losses import LogitScale, gather_rows, info_nce, regression_loss
 from omnimoe.align.schedules import DirectionSchedule
 from omnimoe.encoders.base import resolve_dtype
 from omnimoe.eval.metrics import recall_at_k
@@ -89,6 +90,29 @@ class LinearTwoTower(nn.Module):
 
     def embed_target(self, direction: str, target: torch.Tensor) -> torch.Tensor:
         return self.proj[parse_direction(direction)[1]](target)
+
+
+class PairStep(nn.Module):
+    """One direction's forward: the query side and the projected target keys, in one ``forward`` so that
+    DistributedDataParallel sees (and synchronises) every parameter the step uses."""
+
+    def __init__(self, model: nn.Module, scale: LogitScale) -> None:
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, direction: str, source: torch.Tensor, target: torch.Tensor) -> tuple[ConnectorOutput, torch.Tensor, torch.Tensor]:
+        return self.model(direction, source), self.model.embed_target(direction, target), self.scale()
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world) — initialising the process group under torchrun (gloo on CPU, NCCL on GPUs)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def build_model(cfg: TrainConfig, widths: dict[str, int], directions: list[str]) -> nn.Module:
@@ -167,9 +191,14 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    rank, world = _distributed()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, data.widths, directions)
     scale = LogitScale(cfg.temperature, cfg.learnable_temperature)
+    step_module: nn.Module = PairStep(model, scale)
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
+        torch.manual_seed(cfg.seed + 7919 * rank)  # different dropout masks per rank
     params = list(model.parameters()) + list(scale.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = schedule_for(cfg, directions)
@@ -192,7 +221,7 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
         torch.set_rng_state(state["rng"])
         step, best, best_step, history, bad_evals = state["step"], state["best"], state["best_step"], state["history"], state["bad_evals"]
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", disable=not progress or rank != 0, dynamic_ncols=True)
     stopped_early = False
     # ``step`` counts direction-batches (one direction's batch through the model): an alternating optimizer
     # step advances it by 1, a joint one by the number of directions. Budgets (steps, warm-up, evaluation)
@@ -203,7 +232,7 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
             return {"interrupted_at": step}
         for group in opt.param_groups:
             group["lr"], group["weight_decay"] = lr_at(cfg, step), weight_decay_at(cfg, step)
-        batch_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # batches depend on the step only
+        batch_gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)  # step and rank only
         loss = torch.zeros(())
         logs: dict[str, float] = {}
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -214,8 +243,11 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
                 source = data.latents[src][pairs.src_rows[pick]]
                 target = data.latents[tgt][pairs.tgt_rows[pick]]
                 source, target = augment(cfg, source, target, feature_std[src], batch_gen)
-                o = model(d, source)
-                con = info_nce(o.contrastive, model.embed_target(d, target), scale())
+                o, keys, logit_scale = step_module(d, source, target)
+                # Negatives from every rank: the ranks' mean loss is the loss of one big batch.
+                keys_all, offset = gather_rows(keys)
+                queries_all, _ = gather_rows(o.contrastive)
+                con = info_nce(o.contrastive, keys, logit_scale, key_all=keys_all, query_all=queries_all, offset=offset)
                 part = cfg.contrastive_weight * con + o.router_loss
                 if o.regression is not None:
                     part = part + cfg.regression_weight * regression_loss(o.regression, target, cfg.regression_loss)
@@ -234,20 +266,28 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
             val = mean_r1(rows)
             history.append({"step": step, "loss": loss.item(), "val_mean_r1": val, "lr": lr_at(cfg, step - 1), "losses": logs})
             schedule.update({f"{r['query']}->{r['target']}": r["R@1"] for r in rows if r["head"] == "contrastive"})
+            # Every rank evaluates the same (synchronised) weights on the same data, so all reach the same
+            # early-stopping decision without talking; rank 0 alone writes.
             if val > best:
                 best, best_step, bad_evals = val, step, 0
-                with atomic_path(out / "best.pt") as tmp:
-                    torch.save({"model": model.state_dict(), "scale": scale.state_dict(), "step": step}, tmp)
+                if rank == 0:
+                    with atomic_path(out / "best.pt") as tmp:
+                        torch.save({"model": model.state_dict(), "scale": scale.state_dict(), "step": step}, tmp)
             else:
                 bad_evals += 1
                 stopped_early = bad_evals >= cfg.patience
-            with atomic_path(state_path) as tmp:
-                torch.save({"config": dataclasses.asdict(cfg), "model": model.state_dict(), "scale": scale.state_dict(),
-                            "optimizer": opt.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
-                            "step": step, "best": best, "best_step": best_step, "history": history, "bad_evals": bad_evals}, tmp)  # fmt: skip
+            if rank == 0:
+                state = {"config": dataclasses.asdict(cfg), "model": model.state_dict(), "scale": scale.state_dict(),
+                         "optimizer": opt.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
+                         "step": step, "best": best, "best_step": best_step, "history": history, "bad_evals": bad_evals}  # fmt: skip
+                with atomic_path(state_path) as tmp:
+                    torch.save(state, tmp)
+            if world > 1:
+                dist.barrier()
     bar.close()
     result = {"best_step": best_step, "best_val": best, "history": history, "stopped_early": stopped_early}
-    write_json(out / "train.json", result)
+    if rank == 0:
+        write_json(out / "train.json", result)
     return result
 
 

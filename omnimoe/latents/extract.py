@@ -169,11 +169,14 @@ def extract(
     bar.close()
 
     if world > 1:
-        dist.barrier()
-    if rank != 0:
-        return None
-    complete = all((out / shard_name(i)).is_file() for i in range(n_shards))
-    return rebuild_index(out, record, extra={"manifest": str(manifest.resolve()), "complete": complete, "shard_size": shard_size})
+        dist.barrier()  # every shard is on disk
+    index = None
+    if rank == 0:
+        complete = all((out / shard_name(i)).is_file() for i in range(n_shards))
+        index = rebuild_index(out, record, extra={"manifest": str(manifest.resolve()), "complete": complete, "shard_size": shard_size})
+    if world > 1:
+        dist.barrier()  # and the index too, before any rank opens the store
+    return index
 
 
 def _shard_is_current(path: Path, chunk: list[Item]) -> bool:
