@@ -155,3 +155,14 @@ def test_torchrun_ddp_training(data, tmp_path):
     assert result["best_val"] > 0.2  # far above chance (1/~25 val pairs)
     state = torch.load(tmp_path / "out" / "state.pt", weights_only=False)
     assert state["step"] == 150 and "log_scale" in {k.split(".")[-1] for k in state["scale"]}
+
+
+def test_tensorboard_scalars(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(data, DIRS, small(steps=60, eval_every=20), tmp_path, progress=False)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/mean_R@1", "train/loss/a->b", "val/contrastive/a->b/R@1"} <= tags
+    assert [e.step for e in acc.Scalars("val/mean_R@1")] == [20, 40, 60]

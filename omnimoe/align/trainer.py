@@ -7,6 +7,7 @@ Methods, all in this one loop on the same data and split:
 * ``mlp-alternating``: the connector with one dense MLP in place of the MoE (the paper's MLP ablation);
 * ``linear``: a CLIP-style two-tower reference, one linear projection per modality + InfoNCE.
 
+Scalars go to TensorBoard (``out/tb``): losses per direction, learning rate, validation recall per direction.
 ``steps`` counts direction-batches, so alternating and joint schedules get the same data and compute.
 Loop: AdamW; linear warm-up then cosine decay of the learning rate; weight decay ramped linearly from
 ``weight_decay`` to ``weight_decay_end``; gradient clipping; bf16 autocast where this CPU runs it fast.
@@ -115,6 +116,15 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _tensorboard(folder: Path):
+    """A TensorBoard writer (``tensorboard --logdir <out>``), or None where tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
 def build_model(cfg: TrainConfig, widths: dict[str, int], directions: list[str]) -> nn.Module:
     if cfg.method == "linear":
         return LinearTwoTower(widths, cfg.contrastive_dim)
@@ -221,6 +231,8 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
         torch.set_rng_state(state["rng"])
         step, best, best_step, history, bad_evals = state["step"], state["best"], state["best_step"], state["history"], state["bad_evals"]
     model.train()
+    writer = _tensorboard(out / "tb") if rank == 0 else None
+    pending: dict[str, list[float]] = {}
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", disable=not progress or rank != 0, dynamic_ncols=True)
     stopped_early = False
     # ``step`` counts direction-batches (one direction's batch through the model): an alternating optimizer
@@ -259,6 +271,14 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         previous, step = step, step + len(logs)
+        for d, v in logs.items():  # per-direction means since the last log point (alternation visits each in turn)
+            pending.setdefault(d, []).append(v)
+        if writer is not None and step // 10 > previous // 10:
+            writer.add_scalar("train/loss", loss.item(), step)
+            writer.add_scalar("train/lr", lr_at(cfg, previous), step)
+            for d, vs in pending.items():
+                writer.add_scalar(f"train/loss/{d}", sum(vs) / len(vs), step)
+            pending.clear()
         bar.update(len(logs))
         bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{max(best, 0):.3f}")
         if step // cfg.eval_every > previous // cfg.eval_every or step >= cfg.steps:
@@ -266,6 +286,11 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
             val = mean_r1(rows)
             history.append({"step": step, "loss": loss.item(), "val_mean_r1": val, "lr": lr_at(cfg, step - 1), "losses": logs})
             schedule.update({f"{r['query']}->{r['target']}": r["R@1"] for r in rows if r["head"] == "contrastive"})
+            if writer is not None:
+                writer.add_scalar("val/mean_R@1", val, step)
+                for r in rows:
+                    writer.add_scalar(f"val/{r['head']}/{r['query']}->{r['target']}/R@1", r["R@1"], step)
+                writer.flush()
             # Every rank evaluates the same (synchronised) weights on the same data, so all reach the same
             # early-stopping decision without talking; rank 0 alone writes.
             if val > best:
@@ -285,6 +310,8 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
             if world > 1:
                 dist.barrier()
     bar.close()
+    if writer is not None:
+        writer.close()
     result = {"best_step": best_step, "best_val": best, "history": history, "stopped_early": stopped_early}
     if rank == 0:
         write_json(out / "train.json", result)
