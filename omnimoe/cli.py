@@ -20,6 +20,15 @@ app.add_typer(data_app, name="data")
 app.add_typer(store_app, name="store")
 
 
+def _finish_distributed() -> None:
+    """Under torchrun: wait for every rank, then shut the process group down in step."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(2)
@@ -157,6 +166,7 @@ def extract(
         index = run_extract(manifest, encoder, out, field, tokens, shard_size, on_error, options)  # type: ignore[arg-type]
     except (ConfigError, ManifestError, StoreError, ExtractionError, ValueError, ImportError) as exc:
         _fail(str(exc))
+    _finish_distributed()
     if index is not None:
         rows = sum(s["rows"] for s in index["shards"])
         skipped = sum(len(s["skipped"]) for s in index["shards"])
@@ -190,6 +200,9 @@ def align(
         result = run_align(cfg)
     except (ConfigError, ManifestError, StoreError, ExtractionError, ValueError, ImportError) as exc:
         _fail(str(exc))
+    _finish_distributed()
+    if not result["summary"]:
+        return  # a non-zero rank under torchrun: rank 0 reports
     typer.echo(markdown_table(result["summary"]))
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}; plots: " + ", ".join(p.name for p in result["plots"]))
 

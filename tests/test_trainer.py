@@ -145,6 +145,7 @@ def test_torchrun_ddp_training(data, tmp_path):
         "cfg = TrainConfig(steps=150, batch_size=32, eval_every=50, warmup_steps=10, hidden_size=32, contrastive_dim=16,\n"
         "                  num_experts=4, num_experts_per_tok=2, dtype='float32', lr=3e-3, learnable_temperature=True)\n"
         "train(data, ['a->b', 'b->a'], cfg, sys.argv[4], progress=False)\n"
+        "import torch.distributed as dist; dist.destroy_process_group()\n"
     )
     folder = Path(str(data.manifest_path)).parent
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),

@@ -312,6 +312,9 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
     bar.close()
     if writer is not None:
         writer.close()
+    if world > 1:
+        del step_module  # release DDP's hold on the process group before the caller tears it down
+        dist.barrier()
     result = {"best_step": best_step, "best_val": best, "history": history, "stopped_early": stopped_early}
     if rank == 0:
         write_json(out / "train.json", result)

@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.out / "summary.json", {"world_size": world, "first_mse": losses[0], "last_mse": losses[-1],
                                                "backend": backend, "experts_per_rank": cfg.num_experts // world})  # fmt: skip
         print(f"saved {args.out / 'moe_layer'} (loads at any world size)")
+    # Shut down in step: DDP's reducer holds the process group, and a rank that tears the group down while
+    # another is still saving can abort both.
+    del ddp
+    dist.barrier()
     dist.destroy_process_group()
 
 
