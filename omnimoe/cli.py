@@ -184,7 +184,7 @@ def align(
     set_: List[str] = typer.Option([], "--set", help="TrainConfig override, e.g. --set steps=500 (repeatable)."),
 ) -> None:
     """Extract (reusing stores), train every method with every seed, evaluate on the test split, plot."""
-    from omnimoe.align.pipeline import AlignConfig, markdown_table, parse_encoders, run_align
+    from omnimoe.align.pipeline import AlignConfig, markdown_table, parse_encoders, run_align, zero_shot_table
     from omnimoe.align.trainer import METHODS, TrainConfig
     from omnimoe.data.manifest import ManifestError
     from omnimoe.latents.extract import ExtractionError
@@ -203,7 +203,7 @@ def align(
     _finish_distributed()
     if not result["summary"]:
         return  # a non-zero rank under torchrun: rank 0 reports
-    typer.echo(markdown_table(result["summary"]))
+    typer.echo(markdown_table(result["summary"]) + zero_shot_table(result["zeroshot"]))
     typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}; plots: " + ", ".join(p.name for p in result["plots"]))
 
 

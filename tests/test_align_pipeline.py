@@ -31,7 +31,8 @@ def shapes_manifest(folder: Path) -> Path:
                 {"square": d.rectangle, "circle": d.ellipse}.get(shape, lambda b, fill: d.polygon([(b[0], b[3]), (b[2], b[3]), ((b[0] + b[2]) // 2, b[1])], fill=fill))(box, fill=rgb)
                 name = f"{color}_{shape}_{v}.png"
                 img.save(folder / name)
-                recs.append({"id": name, "split": grouped_split(normalise_caption(caption), 0.3), "text": caption, "image": name})
+                recs.append({"id": name, "split": grouped_split(normalise_caption(caption), 0.3), "text": caption, "image": name,
+                             "category": shape})  # fmt: skip
     return write_manifest(folder / "manifest.jsonl", recs)
 
 
@@ -49,6 +50,10 @@ def test_align_end_to_end(tmp_path):
     assert {(r["query"], r["target"]) for r in rows} == {("text", "image"), ("image", "text")}
     assert all(0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1 for r in rows)
     assert "| linear | text->image | contrastive |" in (out / "results.md").read_text()
+    zs = json.loads((out / "zeroshot.json").read_text())
+    assert {(r["method"], r["seed"], r["query"]) for r in zs} == {(m, s, "image") for m in ("linear", "moe-alternating") for s in (0, 1)}
+    assert all(0 <= r["accuracy"] <= 1 and r["classes"] == 3 and r["n"] > 0 for r in zs)
+    assert "Zero-shot classification by category name" in (out / "results.md").read_text()
     for name in ("recall.png", "training_curves.png", "expert_load_moe-alternating.png"):
         assert (out / name).stat().st_size > 5000, name
     assert (out / "connectors" / "moe-alternating" / "model.safetensors").is_file()

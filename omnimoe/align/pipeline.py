@@ -99,6 +99,22 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def zero_shot_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: zero-shot accuracy by category name per method and source modality (mean ± spread over seeds)."""
+    if not rows:
+        return ""
+    lines = ["", f"Zero-shot classification by category name (prompt: {PROMPT.format('<category>')!r}):", "",
+             "| method | query | accuracy | chance | n | seeds |", "|---|---|---|---|---|---|"]  # fmt: skip
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["query"]), []).append(r)
+    for (method, query), rs in groups.items():
+        acc = [r["accuracy"] for r in rs]
+        spread = statistics.pstdev(acc) if len(acc) > 1 else 0.0
+        lines.append(f"| {method} | {query} | {statistics.fmean(acc):.3f} ± {spread:.3f} | {rs[0]['chance']:.3f} | {rs[0]['n']} | {len(rs)} |")
+    return "\n".join(lines) + "\n"
+
+
 @torch.no_grad()
 def expert_load(model: Any, data: AlignmentData, directions: list[str]) -> dict[str, list[float]] | None:
     """Share of routed assignments per expert, per direction, on the test split (MoE methods only)."""
@@ -121,6 +137,50 @@ def _is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+PROMPT = "A drawing of {}."
+
+
+@torch.no_grad()
+def zero_shot(model: Any, data: AlignmentData, categories: dict[str, str], names: list[str], prompt_latents: torch.Tensor,
+              directions: list[str], text: str = "text") -> list[dict[str, Any]]:  # fmt: skip
+    """Classify each test item of every ``m->text`` direction by its nearest category prompt.
+
+    ``prompt_latents`` are the text encoder's vectors of ``PROMPT.format(name)`` for ``names``. Returns one row
+    per source modality: accuracy, chance (1 / classes), n.
+    """
+    import torch.nn.functional as F
+
+    rows = []
+    for d in directions:
+        src, tgt = d.split("->")
+        if tgt != text:
+            continue
+        pairs = data.pairs(d, "test")
+        keep = [i for i, sid in enumerate(pairs.ids) if categories.get(sid) in names]
+        if not keep:
+            continue
+        queries = F.normalize(model(d, data.latents[src][pairs.src_rows[keep]]).contrastive.float(), dim=-1)
+        keys = F.normalize(model.embed_target(d, prompt_latents).float(), dim=-1)
+        predicted = (queries @ keys.t()).argmax(1).tolist()
+        truth = [names.index(categories[pairs.ids[i]]) for i in keep]
+        accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(keep)
+        rows.append({"query": src, "classes": len(names), "accuracy": accuracy, "chance": 1 / len(names), "n": len(keep)})
+    return rows
+
+
+def _category_prompts(cfg: AlignConfig, records: list[dict]) -> tuple[dict[str, str], list[str], torch.Tensor] | None:
+    """Category of each sample, the sorted names, and the text encoder's vectors of their prompts."""
+    categories = {r["id"]: r["category"] for r in records if isinstance(r.get("category"), str)}
+    if "text" not in cfg.encoders or len(set(categories.values())) < 2:
+        return None
+    from omnimoe.encoders import load_encoder
+
+    names = sorted(set(categories.values()))
+    encoder = load_encoder(_field_of("text", cfg.encoders["text"], set())[0])
+    prompts = [PROMPT.format(n) for n in names]
+    return categories, names, encoder.encode([encoder.load_item(p) for p in prompts]).pooled
+
+
 def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +191,8 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     data = AlignmentData(cfg.manifest, stores)
     modalities = list(cfg.encoders)
     directions = cfg.directions or [direction_name(a, b) for a in modalities for b in modalities if a != b]
-    rows, curves, loads = [], {}, {}
+    rows, curves, loads, zeroshot = [], {}, {}, []
+    prompts = _category_prompts(cfg, read_manifest(cfg.manifest)) if _is_rank0() else None
     for method in cfg.methods:
         for seed in cfg.seeds:
             tcfg = dataclasses.replace(cfg.train, method=method, seed=seed)  # type: ignore[arg-type]
@@ -142,6 +203,8 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
             model = load_best(tcfg, data, directions, run_dir)
             for r in evaluate(model, data, directions, "test"):
                 rows.append({"method": method, "seed": seed, **r})
+            if prompts is not None:
+                zeroshot += [{"method": method, "seed": seed, **r} for r in zero_shot(model, data, *prompts, directions)]
             if seed == cfg.seeds[0]:
                 curves[method] = result["history"]
                 if hasattr(model, "save_pretrained"):
@@ -149,10 +212,12 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
                 if (load := expert_load(model, data, directions)) is not None:
                     loads[method] = load
     if not _is_rank0():
-        return {"rows": [], "summary": [], "plots": [], "directions": directions}
+        return {"rows": [], "summary": [], "plots": [], "directions": directions, "zeroshot": []}
     summary = summarise(rows)
     write_json(out / "results.json", rows)
-    (out / "results.md").write_text(markdown_table(summary))
+    if zeroshot:
+        write_json(out / "zeroshot.json", zeroshot)
+    (out / "results.md").write_text(markdown_table(summary) + zero_shot_table(zeroshot))
     from omnimoe.eval.plots import plot_expert_load, plot_recall, plot_training_curves
 
     plots = [plot_recall(summary, out / "recall.png"), plot_training_curves(curves, out / "training_curves.png")]
@@ -160,4 +225,4 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
         plots.append(plot_expert_load(load, out / f"expert_load_{method}.png", title=f"{method}: expert load per direction (test)"))
     write_json(out / "summary.json", {"summary": summary, "stores": {m: str(p) for m, p in stores.items()}, "directions": directions,
                                       "train_config": dataclasses.asdict(cfg.train), "plots": [p.name for p in plots]})  # fmt: skip
-    return {"rows": rows, "summary": summary, "plots": plots, "directions": directions}
+    return {"rows": rows, "summary": summary, "plots": plots, "directions": directions, "zeroshot": zeroshot}

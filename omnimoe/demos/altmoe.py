@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from omnimoe.align.pipeline import AlignConfig, markdown_table, run_align
+from omnimoe.align.pipeline import AlignConfig, markdown_table, run_align, zero_shot_table
 from omnimoe.align.trainer import METHODS, TrainConfig
 from omnimoe.data.manifest import read_manifest, write_manifest
 from omnimoe.data.tuxpaint import build_tuxpaint_manifest
@@ -61,6 +61,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache: str | Pa
 def report(result: dict[str, Any]) -> str:
     return (
         markdown_table(result["summary"])
+        + zero_shot_table(result["zeroshot"])
         + "\ntext <-> image, mean over both directions:\n"
         + result["text_image"]
         + "\nA difference is real only when it exceeds the spread."
