@@ -167,3 +167,41 @@ def test_tensorboard_scalars(data, tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "val/mean_R@1", "train/loss/a->b", "val/contrastive/a->b/R@1"} <= tags
     assert [e.step for e in acc.Scalars("val/mean_R@1")] == [20, 40, 60]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from omnimoe.align.data import AlignmentData\n"
+        "from omnimoe.align.trainer import TrainConfig, train\n"
+        "data = AlignmentData(sys.argv[1], {'a': sys.argv[2], 'b': sys.argv[3]})\n"
+        "cfg = TrainConfig(steps=400, batch_size=64, eval_every=50, warmup_steps=10, hidden_size=32, contrastive_dim=16,\n"
+        "                  num_experts=4, num_experts_per_tok=2, dtype='float32', lr=3e-3, patience=100)\n"
+        "train(data, ['a->b', 'b->a'], cfg, sys.argv[4], progress=False)\n"
+    )
+    folder = Path(str(data.manifest_path)).parent
+
+    def cmd(out):
+        return [sys.executable, str(script), str(data.manifest_path), str(folder / "a"), str(folder / "b"), str(out)]
+
+    assert subprocess.run(cmd(tmp_path / "full"), capture_output=True, timeout=600).returncode == 0
+    proc = subprocess.Popen(cmd(tmp_path / "cut"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "cut" / "state.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = torch.load(tmp_path / "cut" / "state.pt", weights_only=False)["step"]
+    assert 50 <= step < 400, "the kill must land mid-run"
+    assert subprocess.run(cmd(tmp_path / "cut"), capture_output=True, timeout=600).returncode == 0
+    a = torch.load(tmp_path / "full" / "state.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "state.pt", weights_only=False)
+    assert a["history"] == b["history"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
