@@ -98,6 +98,26 @@ def test_augmentation_keeps_pairs_aligned():
     assert torch.equal(t2, tgt) and 0.2 < (s2 - src).std() < 0.8  # noise only on the source side
 
 
+def _train_script(tmp_path, data, config: str, distributed: bool = False):
+    """A script that trains on the fixture's stores with ``TrainConfig(<config>)``; returns (path, its first args)."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from omnimoe.align.data import AlignmentData\n"
+        "from omnimoe.align.trainer import TrainConfig, train\n"
+        "data = AlignmentData(sys.argv[1], {'a': sys.argv[2], 'b': sys.argv[3]})\n"
+        f"cfg = TrainConfig({config})\n"
+        "train(data, ['a->b', 'b->a'], cfg, sys.argv[4], progress=False)\n"
+        + ("import torch.distributed as dist; dist.destroy_process_group()\n" if distributed else "")
+    )
+    folder = Path(str(data.manifest_path)).parent
+    return script, [str(data.manifest_path), str(folder / "a"), str(folder / "b")]
+
+
+SMALL = ("batch_size=32, eval_every=50, warmup_steps=10, hidden_size=32, contrastive_dim=16, num_experts=4, "
+         "num_experts_per_tok=2, dtype='float32', lr=3e-3")
+
+
 def _gathered_loss_worker(rank, world, q_all, k_all):
     from omnimoe.align.losses import gather_rows, info_nce
 
@@ -136,20 +156,8 @@ def test_torchrun_ddp_training(data, tmp_path):
     import subprocess
     import sys
 
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import sys, json\n"
-        "from omnimoe.align.data import AlignmentData\n"
-        "from omnimoe.align.trainer import TrainConfig, train\n"
-        "data = AlignmentData(sys.argv[1], {'a': sys.argv[2], 'b': sys.argv[3]})\n"
-        "cfg = TrainConfig(steps=150, batch_size=32, eval_every=50, warmup_steps=10, hidden_size=32, contrastive_dim=16,\n"
-        "                  num_experts=4, num_experts_per_tok=2, dtype='float32', lr=3e-3, learnable_temperature=True)\n"
-        "train(data, ['a->b', 'b->a'], cfg, sys.argv[4], progress=False)\n"
-        "import torch.distributed as dist; dist.destroy_process_group()\n"
-    )
-    folder = Path(str(data.manifest_path)).parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
-           str(data.manifest_path), str(folder / "a"), str(folder / "b"), str(tmp_path / "out")]  # fmt: skip
+    script, args = _train_script(tmp_path, data, f"steps=150, learnable_temperature=True, {SMALL}", distributed=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args, str(tmp_path / "out")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "train.json").read_text())
@@ -177,20 +185,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data, tmp_path):
     import sys
     import time
 
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import sys\n"
-        "from omnimoe.align.data import AlignmentData\n"
-        "from omnimoe.align.trainer import TrainConfig, train\n"
-        "data = AlignmentData(sys.argv[1], {'a': sys.argv[2], 'b': sys.argv[3]})\n"
-        "cfg = TrainConfig(steps=400, batch_size=64, eval_every=50, warmup_steps=10, hidden_size=32, contrastive_dim=16,\n"
-        "                  num_experts=4, num_experts_per_tok=2, dtype='float32', lr=3e-3, patience=100)\n"
-        "train(data, ['a->b', 'b->a'], cfg, sys.argv[4], progress=False)\n"
-    )
-    folder = Path(str(data.manifest_path)).parent
+    script, args = _train_script(tmp_path, data, f"steps=400, patience=100, {SMALL}")
 
     def cmd(out):
-        return [sys.executable, str(script), str(data.manifest_path), str(folder / "a"), str(folder / "b"), str(out)]
+        return [sys.executable, str(script), *args, str(out)]
 
     assert subprocess.run(cmd(tmp_path / "full"), capture_output=True, timeout=600).returncode == 0
     proc = subprocess.Popen(cmd(tmp_path / "cut"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
