@@ -203,3 +203,16 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data, tmp_path):
     a = torch.load(tmp_path / "full" / "state.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "state.pt", weights_only=False)
     assert a["history"] == b["history"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_adaptive_schedule_is_selectable(data, tmp_path):
+    from omnimoe.align.trainer import schedule_for
+
+    assert schedule_for(small(method="moe-alternating"), DIRS).kind == "alternate"
+    assert schedule_for(small(method="moe-joint"), DIRS).kind == "joint"
+    cfg = small(method="moe-alternating", schedule="adaptive", steps=100)
+    assert schedule_for(cfg, DIRS).kind == "adaptive"
+    result = train(data, DIRS, cfg, tmp_path, progress=False)
+    assert result["best_val"] > 0.1
+    with pytest.raises(ValueError, match="alternate, adaptive or joint"):
+        train(data, DIRS, small(schedule="sometimes"), tmp_path / "bad", progress=False)

@@ -61,6 +61,7 @@ class TrainConfig:
     regression_weight: float = 0.5
     contrastive_weight: float = 0.5
     steps_per_direction: int = 1
+    schedule: str = "auto"  # auto (alternate for *-alternating, joint for moe-joint/linear), alternate, adaptive, joint
     # Latent-space augmentation (the encoders are frozen, so augment the stored vectors):
     mixup_alpha: float = 0.4  # > 0: FuseMix-style mixup, source and target mixed with the same Beta(a, a) weight
     input_noise: float = 0.0  # > 0: Gaussian noise on source latents, as a fraction of each feature's std
@@ -136,7 +137,9 @@ def build_model(cfg: TrainConfig, widths: dict[str, int], directions: list[str])
 
 
 def schedule_for(cfg: TrainConfig, directions: list[str]) -> DirectionSchedule:
-    kind = "joint" if cfg.method in ("moe-joint", "linear") else "alternate"
+    kind = cfg.schedule
+    if kind == "auto":
+        kind = "joint" if cfg.method in ("moe-joint", "linear") else "alternate"
     return DirectionSchedule(directions, kind, cfg.steps_per_direction, seed=cfg.seed)
 
 
@@ -217,7 +220,13 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
         if len(p) < 2:
             raise ValueError(f"direction {d}: {len(p)} training pairs; need at least 2")
     dtype = resolve_dtype(cfg.dtype)
-    feature_std = {m: t.std(0) for m, t in data.latents.items()}
+    # Noise scale from the training rows only (no statistics of test inputs leak into training).
+    train_rows: dict[str, list[torch.Tensor]] = {}
+    for d, p in train_pairs.items():
+        src, tgt = parse_direction(d)
+        train_rows.setdefault(src, []).append(p.src_rows)
+        train_rows.setdefault(tgt, []).append(p.tgt_rows)
+    feature_std = {m: data.latents[m][torch.cat(r).unique()].std(0) for m, r in train_rows.items()}
     state_path = out / "state.pt"
     step, best, best_step, history, bad_evals = 0, -1.0, -1, [], 0
     if state_path.is_file():
