@@ -65,3 +65,23 @@ def test_align_end_to_end(tmp_path):
     assert again.returncode == 0 and (stores[0] / "shard-00000.safetensors").stat().st_ino == inode
     bad = subprocess.run(cmd[:-2] + ["--set", "stepz=3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "stepz" in bad.stderr
+
+
+def test_align_with_token_inputs(tmp_path):
+    """token_inputs: stores extracted with tokens, the MoE routes every token, masked mean afterwards."""
+    manifest = shapes_manifest(tmp_path)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "omnimoe.cli", "align", "--manifest", str(manifest), "--out", str(out), "--methods", "moe-alternating,linear",
+           "--seeds", "0", "--set", "token_inputs=true", "--set", "steps=40", "--set", "eval_every=20", "--set", "hidden_size=64",
+           "--set", "num_experts=4", "--set", "num_experts_per_tok=2", "--set", "warmup_steps=5"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (out / "stores").iterdir()) == ["image-efficientnet-lite0-tokens", "text-minilm-tokens"]
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in rows} == {"moe-alternating", "linear"} and all(0 <= r["R@1"] <= 1 for r in rows)
+    from omnimoe.latents import LatentStore
+
+    tokens, mask = LatentStore.open(out / "stores" / "image-efficientnet-lite0-tokens").padded_tokens()
+    assert tokens.shape[1:] == (49, 1280) and mask.all()
+    text_mask = LatentStore.open(out / "stores" / "text-minilm-tokens").padded_tokens()[1]
+    assert text_mask.shape == (60, 6) and text_mask.all()  # "A <colour> <shape>." is 6 tokens with CLS and SEP

@@ -91,11 +91,17 @@ def test_augmentation_keeps_pairs_aligned():
     src = torch.arange(8, dtype=torch.float32).repeat(2, 1).t()  # row i = [i, i]
     tgt = 10 * src
     torch.manual_seed(0)
-    s, t = augment(small(mixup_alpha=0.5), src, tgt, torch.ones(2), torch.Generator().manual_seed(1))
+    s, t, _ = augment(small(mixup_alpha=0.5), src, tgt, torch.ones(2), torch.Generator().manual_seed(1))
     torch.testing.assert_close(t, 10 * s)  # source and target mixed with the same weights
     assert not torch.equal(s, src)
-    s2, t2 = augment(small(input_noise=0.5, mixup_alpha=0.0), src, tgt, torch.ones(2), torch.Generator().manual_seed(1))
+    s2, t2, _ = augment(small(input_noise=0.5, mixup_alpha=0.0), src, tgt, torch.ones(2), torch.Generator().manual_seed(1))
     assert torch.equal(t2, tgt) and 0.2 < (s2 - src).std() < 0.8  # noise only on the source side
+    tokens = src[:, None, :].repeat(1, 3, 1)  # (8, 3, 2) token inputs, row i's tokens all = i
+    mask = torch.tensor([[1, 1, 0]] * 4 + [[1, 0, 0]] * 4, dtype=torch.bool)
+    torch.manual_seed(0)
+    s3, t3, m3 = augment(small(mixup_alpha=0.5), tokens, tgt, torch.ones(2), torch.Generator().manual_seed(1), mask)
+    torch.testing.assert_close(t3, 10 * s3[:, 0])  # same weights for every token and the target
+    assert (m3 >= mask).all() and m3.shape == mask.shape  # the mixed row keeps the tokens of both
 
 
 def _train_script(tmp_path, data, config: str, distributed: bool = False):

@@ -33,7 +33,7 @@ class Pairs:
 
 class AlignmentData:
     def __init__(self, manifest: str | Path, stores: dict[str, str | Path | LatentStore], group_field: str = "text",
-                 val_fraction: float = 0.1, seed: int = 0) -> None:  # fmt: skip
+                 val_fraction: float = 0.1, seed: int = 0, tokens: bool = False, max_tokens: int = 128) -> None:  # fmt: skip
         self.manifest_path = Path(manifest)
         records = read_manifest(manifest)
         has_val = any(r.get("split") == "val" for r in records)
@@ -46,12 +46,25 @@ class AlignmentData:
             if split == "train" and not has_val and val_fraction > 0:
                 split = "val" if grouped_split(group, val_fraction, seed=seed + 1) == "test" else "train"
             self.split[r["id"]], self.group[r["id"]] = split, group
-        self.latents: dict[str, torch.Tensor] = {}
+        self.latents: dict[str, torch.Tensor] = {}  # pooled (N, D) per modality
+        self.tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (N, L, D) and mask, when asked for
         self.row: dict[str, dict[str, int]] = {}
         for modality, store in stores.items():
             store = store if isinstance(store, LatentStore) else LatentStore.open(store)
             self.latents[modality] = store.pooled()
             self.row[modality] = {sid: i for i, sid in enumerate(store.ids)}
+            if tokens:
+                self.tokens[modality] = store.padded_tokens(max_tokens)
+
+    def source(self, modality: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Model inputs for ``rows``: token states trimmed to the longest row and their mask when the data
+        was loaded with tokens, else pooled vectors and None."""
+        if modality not in self.tokens:
+            return self.latents[modality][rows], None
+        tokens, mask = self.tokens[modality]
+        mask = mask[rows]
+        width = max(1, int(mask.sum(1).max()))
+        return tokens[rows, :width], mask[:, :width]
 
     @property
     def widths(self) -> dict[str, int]:

@@ -23,7 +23,7 @@ import torch
 
 from omnimoe.align.connector import direction_name
 from omnimoe.align.data import AlignmentData
-from omnimoe.align.trainer import METHODS, TrainConfig, evaluate, load_best, train
+from omnimoe.align.trainer import METHODS, TrainConfig, evaluate, inputs, load_best, train
 from omnimoe.data.manifest import read_manifest
 from omnimoe.encoders import EncoderOptions
 from omnimoe.io import write_json
@@ -69,8 +69,9 @@ def extract_all(cfg: AlignConfig, progress: bool = True) -> dict[str, Path]:
     stores = {}
     for modality, spec in cfg.encoders.items():
         encoder, field_name = _field_of(modality, spec, fields)
-        path = root / f"{modality}-{encoder.replace(':', '_').replace('/', '_')}"
-        extract(cfg.manifest, encoder, path, field=field_name, options=EncoderOptions(), progress=progress)
+        suffix = "-tokens" if cfg.train.token_inputs else ""
+        path = root / f"{modality}-{encoder.replace(':', '_').replace('/', '_')}{suffix}"
+        extract(cfg.manifest, encoder, path, field=field_name, tokens=cfg.train.token_inputs, options=EncoderOptions(), progress=progress)
         stores[modality] = path
     return stores
 
@@ -116,7 +117,7 @@ def zero_shot_table(rows: list[dict[str, Any]]) -> str:
 
 
 @torch.no_grad()
-def expert_load(model: Any, data: AlignmentData, directions: list[str]) -> dict[str, list[float]] | None:
+def expert_load(model: Any, data: AlignmentData, directions: list[str], cfg: TrainConfig) -> dict[str, list[float]] | None:
     """Share of routed assignments per expert, per direction, on the test split (MoE methods only)."""
     moe = getattr(model, "moe", None)
     if moe is None or moe.config.num_experts < 2:
@@ -125,8 +126,7 @@ def expert_load(model: Any, data: AlignmentData, directions: list[str]) -> dict[
     for d in directions:
         pairs = data.pairs(d, "test")
         if len(pairs):
-            src = d.split("->")[0]
-            counts = model(d, data.latents[src][pairs.src_rows]).tokens_per_expert.float()
+            counts = model(d, *inputs(cfg, data, d.split("->")[0], pairs.src_rows)).tokens_per_expert.float()
             load[d] = (counts / counts.sum()).tolist()
     return load
 
@@ -142,7 +142,7 @@ PROMPT = "A drawing of {}."
 
 @torch.no_grad()
 def zero_shot(model: Any, data: AlignmentData, categories: dict[str, str], names: list[str], prompt_latents: torch.Tensor,
-              directions: list[str], text: str = "text") -> list[dict[str, Any]]:  # fmt: skip
+              directions: list[str], text: str = "text", cfg: TrainConfig | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Classify each test item of every ``m->text`` direction by its nearest category prompt.
 
     ``prompt_latents`` are the text encoder's vectors of ``PROMPT.format(name)`` for ``names``. Returns one row
@@ -159,7 +159,7 @@ def zero_shot(model: Any, data: AlignmentData, categories: dict[str, str], names
         keep = [i for i, sid in enumerate(pairs.ids) if categories.get(sid) in names]
         if not keep:
             continue
-        queries = F.normalize(model(d, data.latents[src][pairs.src_rows[keep]]).contrastive.float(), dim=-1)
+        queries = F.normalize(model(d, *inputs(cfg or TrainConfig(), data, src, pairs.src_rows[keep])).contrastive.float(), dim=-1)
         keys = F.normalize(model.embed_target(d, prompt_latents).float(), dim=-1)
         predicted = (queries @ keys.t()).argmax(1).tolist()
         truth = [names.index(categories[pairs.ids[i]]) for i in keep]
@@ -188,7 +188,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)} or 'all'")
     stores = extract_all(cfg, progress)
-    data = AlignmentData(cfg.manifest, stores)
+    data = AlignmentData(cfg.manifest, stores, tokens=cfg.train.token_inputs)
     modalities = list(cfg.encoders)
     directions = cfg.directions or [direction_name(a, b) for a in modalities for b in modalities if a != b]
     rows, curves, loads, zeroshot = [], {}, {}, []
@@ -201,15 +201,15 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
             if not _is_rank0():
                 continue  # under torchrun every rank trains; rank 0 alone evaluates and writes
             model = load_best(tcfg, data, directions, run_dir)
-            for r in evaluate(model, data, directions, "test"):
+            for r in evaluate(model, data, directions, "test", cfg=tcfg):
                 rows.append({"method": method, "seed": seed, **r})
             if prompts is not None:
-                zeroshot += [{"method": method, "seed": seed, **r} for r in zero_shot(model, data, *prompts, directions)]
+                zeroshot += [{"method": method, "seed": seed, **r} for r in zero_shot(model, data, *prompts, directions, cfg=tcfg)]
             if seed == cfg.seeds[0]:
                 curves[method] = result["history"]
                 if hasattr(model, "save_pretrained"):
                     model.save_pretrained(out / "connectors" / method)
-                if (load := expert_load(model, data, directions)) is not None:
+                if (load := expert_load(model, data, directions, tcfg)) is not None:
                     loads[method] = load
     if not _is_rank0():
         return {"rows": [], "summary": [], "plots": [], "directions": directions, "zeroshot": []}

@@ -61,6 +61,7 @@ class TrainConfig:
     regression_weight: float = 0.5
     contrastive_weight: float = 0.5
     steps_per_direction: int = 1
+    token_inputs: bool = False  # feed token states (MoE per token, masked mean) instead of pooled vectors
     schedule: str = "auto"  # auto (alternate for *-alternating, joint for moe-joint/linear), alternate, adaptive, joint
     # Latent-space augmentation (the encoders are frozen, so augment the stored vectors):
     mixup_alpha: float = 0.4  # > 0: FuseMix-style mixup, source and target mixed with the same Beta(a, a) weight
@@ -102,8 +103,9 @@ class PairStep(nn.Module):
         super().__init__()
         self.model, self.scale = model, scale
 
-    def forward(self, direction: str, source: torch.Tensor, target: torch.Tensor) -> tuple[ConnectorOutput, torch.Tensor, torch.Tensor]:
-        return self.model(direction, source), self.model.embed_target(direction, target), self.scale()
+    def forward(self, direction: str, source: torch.Tensor, target: torch.Tensor,
+                mask: torch.Tensor | None = None) -> tuple[ConnectorOutput, torch.Tensor, torch.Tensor]:  # fmt: skip
+        return self.model(direction, source, mask), self.model.embed_target(direction, target), self.scale()
 
 
 def _distributed() -> tuple[int, int]:
@@ -154,22 +156,39 @@ def weight_decay_at(cfg: TrainConfig, step: int) -> float:
     return cfg.weight_decay + (cfg.weight_decay_end - cfg.weight_decay) * min(1.0, step / max(1, cfg.steps))
 
 
-def augment(cfg: TrainConfig, source: torch.Tensor, target: torch.Tensor, std: torch.Tensor,
-            gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Mixup of whole pairs (a mixed pair stays a positive pair) and noise on the source side."""
+def augment(cfg: TrainConfig, source: torch.Tensor, target: torch.Tensor, std: torch.Tensor, gen: torch.Generator,
+            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Mixup of whole pairs (a mixed pair stays a positive pair) and noise on the source side. Token inputs
+    (B, L, D) mix position by position, and the mixed row keeps the tokens of both."""
     if cfg.mixup_alpha > 0:
         lam = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha).sample((len(source), 1))
         perm = torch.randperm(len(source), generator=gen)
-        source = lam * source + (1 - lam) * source[perm]
+        lam_src = lam.view(-1, *([1] * (source.dim() - 1)))
+        source = lam_src * source + (1 - lam_src) * source[perm]
         target = lam * target + (1 - lam) * target[perm]
+        if mask is not None:
+            mask = mask | mask[perm]
     if cfg.input_noise > 0:
         source = source + torch.randn(source.shape, generator=gen) * std * cfg.input_noise
-    return source, target
+    return source, target, mask
+
+
+def inputs(cfg: TrainConfig, data: AlignmentData, modality: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Source inputs of ``rows``: token states + mask for ``token_inputs`` (not for the linear two-tower, which
+    projects pooled vectors), else pooled vectors."""
+    if cfg.token_inputs and cfg.method != "linear":
+        if modality not in data.tokens:
+            raise ValueError(f"token_inputs: no token states for {modality!r}; load AlignmentData(..., tokens=True) from stores extracted with --tokens")
+        return data.source(modality, rows)
+    return data.latents[modality][rows], None
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: AlignmentData, directions: list[str], split: str, batch: int = 512) -> list[dict[str, Any]]:
-    """Recall@1/5/10 per direction on ``split``, for the contrastive head and (if any) the regression head."""
+def evaluate(model: nn.Module, data: AlignmentData, directions: list[str], split: str, batch: int = 512,
+             cfg: TrainConfig | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Recall@1/5/10 per direction on ``split``, for the contrastive head and (if any) the regression head.
+    ``cfg`` says whether the model reads token states (``token_inputs``)."""
+    cfg = cfg or TrainConfig(method="linear" if isinstance(model, LinearTwoTower) else "moe-alternating")
     model.eval()
     rows = []
     for d in directions:
@@ -177,9 +196,8 @@ def evaluate(model: nn.Module, data: AlignmentData, directions: list[str], split
         pairs = data.pairs(d, split)
         if len(pairs) == 0:
             continue
-        source = data.latents[src][pairs.src_rows]
         target = data.latents[tgt][pairs.tgt_rows]
-        outs = [model(d, source[i : i + batch]) for i in range(0, len(source), batch)]
+        outs = [model(d, *inputs(cfg, data, src, pairs.src_rows[i : i + batch])) for i in range(0, len(pairs), batch)]
         con = torch.cat([o.contrastive for o in outs]).float()
         keys = model.embed_target(d, target).float()
         rows.append({"query": src, "target": tgt, "head": "contrastive", **recall_at_k(con, keys, pairs.groups, pairs.groups)})
@@ -261,10 +279,10 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
                 src, tgt = parse_direction(d)
                 pairs = train_pairs[d]
                 pick = torch.randint(len(pairs), (min(cfg.batch_size, len(pairs)),), generator=batch_gen)
-                source = data.latents[src][pairs.src_rows[pick]]
+                source, mask = inputs(cfg, data, src, pairs.src_rows[pick])
                 target = data.latents[tgt][pairs.tgt_rows[pick]]
-                source, target = augment(cfg, source, target, feature_std[src], batch_gen)
-                o, keys, logit_scale = step_module(d, source, target)
+                source, target, mask = augment(cfg, source, target, feature_std[src], batch_gen, mask)
+                o, keys, logit_scale = step_module(d, source, target, mask)
                 # Negatives from every rank: the ranks' mean loss is the loss of one big batch.
                 keys_all, offset = gather_rows(keys)
                 queries_all, _ = gather_rows(o.contrastive)
@@ -291,7 +309,7 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
         bar.update(len(logs))
         bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{max(best, 0):.3f}")
         if step // cfg.eval_every > previous // cfg.eval_every or step >= cfg.steps:
-            rows = evaluate(model, data, directions, "val")
+            rows = evaluate(model, data, directions, "val", cfg=cfg)
             val = mean_r1(rows)
             history.append({"step": step, "loss": loss.item(), "val_mean_r1": val, "lr": lr_at(cfg, step - 1), "losses": logs})
             schedule.update({f"{r['query']}->{r['target']}": r["R@1"] for r in rows if r["head"] == "contrastive"})

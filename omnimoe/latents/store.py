@@ -215,6 +215,28 @@ class LatentStore:
             row -= n
         raise AssertionError("unreachable")
 
+    def padded_tokens(self, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's token states, right-padded: (rows, L, D) float32 and a (rows, L) bool mask.
+        ``max_len`` keeps the first tokens of longer rows."""
+        if not self.has_tokens:
+            raise StoreError(f"{self.folder} holds pooled vectors only; extract with --tokens")
+        lengths = [memmap_tensor(path, "lengths") for path in self._shard_files]
+        longest = max((int(l.max()) for l in lengths if len(l)), default=1)
+        width = min(longest, max_len) if max_len else longest
+        out = torch.zeros(len(self.ids), width, self.dim)
+        mask = torch.zeros(len(self.ids), width, dtype=torch.bool)
+        row = 0
+        for path, lens in zip(self._shard_files, lengths):
+            tokens = memmap_tensor(path, "tokens")
+            start = 0
+            for n in lens.tolist():
+                keep = min(n, width)
+                out[row, :keep] = torch.from_numpy(np.array(tokens[start : start + keep]))
+                mask[row, :keep] = True
+                start += n
+                row += 1
+        return out, mask
+
     def skipped(self) -> list[dict[str, str]]:
         return [s for shard in self.index["shards"] for s in shard["skipped"]]
 
