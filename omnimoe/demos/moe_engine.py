@@ -57,7 +57,7 @@ class ClusterTask:
         return x, y, c
 
 
-class DenseFFN(nn.Module):
+class SwiGLUMLP(nn.Module):
     """SwiGLU MLP with Llama names (so it can be upcycled)."""
 
     def __init__(self, hidden: int, inter: int) -> None:
@@ -173,7 +173,7 @@ def run_engine_demo(cfg: EngineDemoConfig, out_dir: str | Path) -> dict:
         return row
 
     torch.manual_seed(cfg.seed)
-    dense = Regressor(cfg.hidden_size, DenseFFN(cfg.hidden_size, active))
+    dense = Regressor(cfg.hidden_size, SwiGLUMLP(cfg.hidden_size, active))
     t = time.perf_counter()
     record(f"dense MLP (width {active})", dense, _train(dense, task, cfg.steps, cfg, "dense", cfg.seed + 2), time.perf_counter() - t)
 

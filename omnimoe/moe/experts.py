@@ -37,7 +37,6 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
 }
 
-SPARSE_BACKENDS = ("grouped_mm", "loop")
 GROUPED_MM_MIN_EXPERTS_CPU = 32  # below this, "auto" picks the loop backend on CPU (see resolve_backend)
 
 
