@@ -226,6 +226,91 @@ def store_info(
             typer.echo(f"{k:>13}: {v}")
 
 
+def _retriever(run: Path, method: str, index: str, rebuild: bool = False):
+    from omnimoe.retrieval import IndexMismatch, IndexSpec, Retriever
+
+    try:
+        return Retriever(run, method=method, spec=IndexSpec(kind=index), rebuild=rebuild)  # type: ignore[arg-type]
+    except (OSError, ValueError, IndexMismatch) as exc:
+        _fail(str(exc))
+
+
+_RUN = typer.Option(Path("runs/demo"), help="An alignment run (`omnimoe demo` / `omnimoe align` output).")
+_METHOD = typer.Option("moe-alternating", help="Which trained connector of the run (linear, mlp-alternating, moe-joint, moe-alternating).")
+_INDEX = typer.Option("flat", help="Index kind: flat (exact), ivf, hnsw (approximate, for large stores), torch (exact, no faiss).")
+
+
+@app.command()
+def search(
+    text: Optional[str] = typer.Argument(None, help="A text query (or give --image / --audio)."),
+    target: str = typer.Option("image", help="The modality to search (e.g. image, text, speech, sound)."),
+    k: int = typer.Option(5, "-k", min=1, max=1000, help="How many results."),
+    image: Optional[Path] = typer.Option(None, help="An image file as the query."),
+    audio: Optional[Path] = typer.Option(None, help="An audio file as the query."),
+    source: Optional[str] = typer.Option(None, help="The query's modality when several read the same input (e.g. speech or sound)."),
+    run: Path = _RUN,
+    method: str = _METHOD,
+    index: str = _INDEX,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Search the stored items of one modality with a text, an image or an audio query."""
+    from omnimoe.retrieval import IndexMismatch, QueryError
+
+    given = [(kind, q) for kind, q in (("text", text), ("image", image), ("audio", audio)) if q is not None]
+    if len(given) != 1:
+        _fail("give exactly one query: a text argument, --image PATH or --audio PATH")
+    kind, query = given[0]
+    retriever = _retriever(run, method, index)
+    try:
+        src = retriever.source_for(kind, target, source)
+        hits, ms = retriever.timed_search(src, target, [str(query)], k)
+    except (QueryError, IndexMismatch, OSError) as exc:
+        _fail(str(exc))
+    rows = [{**h.__dict__, **(retriever.item(h.id) or {})} for h in hits[0]]
+    if as_json:
+        typer.echo(json.dumps({"direction": f"{src}->{target}", "took_ms": round(ms, 2), "results": rows}))
+        return
+    typer.echo(f"{src} -> {target}: top {len(rows)} of {len(retriever.index(f'{src}->{target}'))} ({ms:.1f} ms)")
+    for r in rows:
+        typer.echo(f"{r['rank']:>3}. {r['score']:.3f}  {r['id']}  {r.get('text') or ''}")
+
+
+@app.command("index")
+def build_index(
+    run: Path = _RUN,
+    method: str = _METHOD,
+    index: str = _INDEX,
+    rebuild: bool = typer.Option(False, help="Replace existing indexes (e.g. after retraining the connector)."),
+) -> None:
+    """Build (or update with new store items) the index of every direction of a run."""
+    from omnimoe.retrieval import IndexMismatch
+
+    retriever = _retriever(run, method, index, rebuild)
+    try:
+        sizes = retriever.build_all()
+    except (IndexMismatch, OSError, ValueError) as exc:
+        _fail(str(exc))
+    for d, n in sizes.items():
+        typer.echo(f"{d:<20} {n} items")
+    typer.echo(f"indexes: {retriever.index_root}")
+
+
+@app.command()
+def serve(
+    run: Path = _RUN,
+    method: str = _METHOD,
+    index: str = _INDEX,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port (0: any free port; the chosen one is printed)."),
+    max_upload_mb: float = typer.Option(10.0, help="Largest accepted upload."),
+) -> None:
+    """The retrieval service: POST /search, GET /items/{id}, GET /media/{field}/{id}, GET /health, a web page at /."""
+    from omnimoe.retrieval.service import ServiceConfig, serve as run_service
+
+    retriever = _retriever(run, method, index)
+    run_service(retriever, ServiceConfig(host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20)))
+
+
 @app.command()
 def info(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Versions and what this machine can run (bf16 speed-up, grouped_mm, threads)."""

@@ -166,3 +166,57 @@ class AltMoEConnector(nn.Module):
         model = cls(from_dict(ConnectorConfig, config))
         model.load_state_dict(state)
         return model
+
+
+class LinearTwoTower(nn.Module):
+    """One linear projection per modality into a shared space (the CLIP-style reference point).
+
+    It has the connector's interface (``forward(direction, source)``, ``embed_target``) so that training,
+    evaluation and retrieval treat it like any other connector; it has no regression head."""
+
+    model_type = "omnimoe-linear-two-tower"
+
+    def __init__(self, widths: dict[str, int], dim: int) -> None:
+        super().__init__()
+        self.widths, self.dim = dict(widths), dim
+        self.proj = nn.ModuleDict({m: nn.Linear(w, dim) for m, w in widths.items()})
+
+    def forward(self, direction: str, source: torch.Tensor, mask: torch.Tensor | None = None) -> ConnectorOutput:
+        src, _ = parse_direction(direction)
+        if src not in self.proj:
+            raise ValueError(f"direction {direction!r}: no projection for modality {src!r} (have {sorted(self.proj)})")
+        if source.dim() == 3:  # token states: mean over the real tokens
+            m = (torch.ones(source.shape[:2], dtype=torch.bool) if mask is None else mask).unsqueeze(-1).to(source.dtype)
+            source = (source * m).sum(1) / m.sum(1).clamp(min=1)
+        zero = source.new_zeros(())
+        return ConnectorOutput(None, self.proj[src](source), zero, torch.zeros(0, dtype=torch.long))  # type: ignore[arg-type]
+
+    def embed_target(self, direction: str, target: torch.Tensor) -> torch.Tensor:
+        return self.proj[parse_direction(direction)[1]](target)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        return save_pretrained(folder, self.model_type, {"widths": self.widths, "dim": self.dim}, self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "LinearTwoTower":
+        config, state = load_pretrained(folder, cls.model_type)
+        model = cls(config["widths"], config["dim"])
+        model.load_state_dict(state)
+        return model
+
+
+CONNECTOR_TYPES: dict[str, type] = {c.model_type: c for c in (AltMoEConnector, LinearTwoTower)}
+
+
+def load_connector(folder: str | Path) -> nn.Module:
+    """Any saved connector (Alt-MoE / MLP ablation, or the linear two-tower), by the ``model_type`` of its
+    ``config.json``; returned in eval mode."""
+    from omnimoe.io import CONFIG_NAME, read_json
+
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a saved connector (no {CONFIG_NAME})")
+    kind = read_json(path).get("model_type")
+    if kind not in CONNECTOR_TYPES:
+        raise ValueError(f"{folder}: model_type {kind!r} is not a connector ({sorted(CONNECTOR_TYPES)})")
+    return CONNECTOR_TYPES[kind].from_pretrained(folder).eval()

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from omnimoe.align.connector import AltMoEConnector, ConnectorConfig, ConnectorOutput, parse_direction
+from omnimoe.align.connector import AltMoEConnector, ConnectorConfig, ConnectorOutput, LinearTwoTower, parse_direction
 from omnimoe.align.data import AlignmentData
 from omnimoe.align.losses import LogitScale, gather_rows, info_nce, regression_loss
 from omnimoe.align.schedules import DirectionSchedule
@@ -77,22 +77,6 @@ class TrainConfig:
     num_experts_per_tok: int = 4
     dropout: float = 0.5
     router_aux_loss_coef: float = 0.0
-
-
-class LinearTwoTower(nn.Module):
-    """One linear projection per modality into a shared space (the CLIP-style reference point)."""
-
-    def __init__(self, widths: dict[str, int], dim: int) -> None:
-        super().__init__()
-        self.proj = nn.ModuleDict({m: nn.Linear(w, dim) for m, w in widths.items()})
-
-    def forward(self, direction: str, source: torch.Tensor, mask: torch.Tensor | None = None) -> ConnectorOutput:
-        src, _ = parse_direction(direction)
-        zero = source.new_zeros(())
-        return ConnectorOutput(None, self.proj[src](source), zero, torch.zeros(0, dtype=torch.long))  # type: ignore[arg-type]
-
-    def embed_target(self, direction: str, target: torch.Tensor) -> torch.Tensor:
-        return self.proj[parse_direction(direction)[1]](target)
 
 
 class PairStep(nn.Module):

@@ -5,7 +5,9 @@
 2. extract MiniLM (text), EfficientNet-Lite0 (image), Whisper-tiny (speech; and sound effects);
 3. train every method (linear two-tower, MLP with alternation, MoE joint, MoE alternating) with 3 seeds, all
    directions among the modalities in one connector, on stored latents;
-4. evaluate on the held-out split (grouped by caption) and print the comparison; write results and plots.
+4. evaluate on the held-out split (grouped by caption) and print the comparison; write results and plots;
+5. build the retrieval index of every direction for the Alt-MoE connector (``<out>/index/moe-alternating``) and
+   run one search of each kind, ready for ``omnimoe search`` and ``omnimoe serve``.
 
 ``quick=True`` runs the same path on a small slice with short training (a CI smoke test, about a minute).
 """
@@ -18,7 +20,7 @@ from typing import Any
 
 from omnimoe.align.pipeline import AlignConfig, markdown_table, run_align, zero_shot_table
 from omnimoe.align.trainer import METHODS, TrainConfig
-from omnimoe.data.manifest import read_manifest, write_manifest
+from omnimoe.data.manifest import media_path, read_manifest, write_manifest
 from omnimoe.data.tuxpaint import build_tuxpaint_manifest
 
 ENCODERS = {"text": "minilm", "image": "efficientnet-lite0", "speech": "whisper-tiny@audio", "sound": "whisper-tiny@sound"}
@@ -42,6 +44,25 @@ def comparison(summary: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> s
     return "\n".join(lines)
 
 
+def build_retrieval(out: Path, manifest: Path, method: str = "moe-alternating") -> dict[str, Any]:
+    """Index every direction's targets for ``method`` and try a text query and an image query."""
+    from omnimoe.retrieval import Retriever
+
+    retriever = Retriever(out, method=method)
+    sizes = retriever.build_all()
+    test = [r for r in read_manifest(manifest) if r.get("split") == "test" and r.get("text") and r.get("image")]
+    examples = []
+    if test:
+        sample = test[0]
+        for kind, query, target in (("text", sample["text"], "image"), ("image", str(media_path(manifest, sample["image"])), "text")):
+            source = retriever.source_for(kind, target)
+            retriever.search(source, target, [query], 3)  # the first query loads the encoder; time the second
+            hits, ms = retriever.timed_search(source, target, [query], 3)
+            examples.append({"query": sample["text"] if kind == "text" else sample["id"] + " (image)", "direction": f"{source}->{target}",
+                             "ms": ms, "hits": [(h.id, h.score, (retriever.item(h.id) or {}).get("text")) for h in hits[0]]})  # fmt: skip
+    return {"method": method, "index": str(retriever.index_root), "sizes": sizes, "examples": examples}
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     out = Path(out)
     manifest, stats = build_tuxpaint_manifest(out / "data", cache, synthesize_speech=True)
@@ -54,15 +75,25 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache: str | Pa
         cfg = AlignConfig(str(manifest), dict(ENCODERS), str(out), methods=list(METHODS), seeds=[0, 1, 2], train=train)
     result = run_align(cfg, progress=progress)
     result["stats"] = stats
+    result["retrieval"] = build_retrieval(out, manifest)
     result["text_image"] = comparison(result["summary"], [("text", "image"), ("image", "text")])
     return result
 
 
 def report(result: dict[str, Any]) -> str:
-    return (
+    text = (
         markdown_table(result["summary"])
         + zero_shot_table(result["zeroshot"])
         + "\ntext <-> image, mean over both directions:\n"
         + result["text_image"]
         + "\nA difference is real only when it exceeds the spread."
     )
+    if retrieval := result.get("retrieval"):
+        sizes = ", ".join(f"{d} {n}" for d, n in retrieval["sizes"].items())
+        text += f"\n\nRetrieval index ({retrieval['method']}): {retrieval['index']}\n  items per direction: {sizes}"
+        for ex in retrieval["examples"]:
+            text += f"\n  {ex['direction']} for {ex['query']!r} ({ex['ms']:.1f} ms):"
+            for sid, score, caption in ex["hits"]:
+                text += f"\n    {score:.3f}  {sid}  {caption or ''}"
+        text += "\nTry: omnimoe search \"a red fire truck\" --target image -k 5   |   omnimoe serve  (then open http://127.0.0.1:8000)"
+    return text

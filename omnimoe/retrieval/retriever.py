@@ -1,0 +1,265 @@
+"""Real-time retrieval over an alignment run (``omnimoe align`` / ``omnimoe demo`` output).
+
+The target side is done once: each target modality's stored latents go through the connector's target
+projection for the direction ``source->target`` and into a :class:`VectorIndex` (saved under
+``<run>/index/<method>/<source>-to-<target>``). A query runs only its own encoder and the small connector:
+
+    raw text / image file / audio file -> frozen encoder -> connector (direction) -> index search
+
+Indexes are built on first use and reused after; one built with another connector, or from a store whose
+encoder changed, is refused (``rebuild=True`` replaces it). Items extracted into a store after the index
+was built are added without a rebuild (``update``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from omnimoe.align.connector import direction_name, load_connector
+from omnimoe.data.manifest import MEDIA_FIELDS, media_path, read_manifest
+from omnimoe.encoders.base import hash_state_dict
+from omnimoe.io import read_json
+from omnimoe.latents.store import LatentStore
+from omnimoe.retrieval.index import IndexMismatch, IndexSpec, VectorIndex, ids_digest
+
+DEFAULT_METHOD = "moe-alternating"
+
+
+class QueryError(ValueError):
+    """A query cannot be answered (unknown modality or target, empty text, unreadable file); the message says why."""
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    rank: int
+
+
+def _resolve(run: Path, p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() else run / path
+
+
+class Retriever:
+    """Search the stored items of one modality with a query of another, through a trained connector."""
+
+    def __init__(self, run: str | Path, method: str = DEFAULT_METHOD, spec: IndexSpec | None = None,
+                 index_root: str | Path | None = None, rebuild: bool = False, batch_size: int = 1024) -> None:  # fmt: skip
+        self.run = Path(run)
+        summary_path = self.run / "summary.json"
+        if not summary_path.is_file():
+            raise FileNotFoundError(f"{self.run} is not an alignment run (no summary.json): run `omnimoe demo` or `omnimoe align` first")
+        summary = read_json(summary_path)
+        folder = self.run / "connectors" / method
+        if not folder.is_dir():
+            have = sorted(p.name for p in (self.run / "connectors").glob("*")) if (self.run / "connectors").is_dir() else []
+            raise FileNotFoundError(f"{self.run} has no trained connector for method {method!r} (have {have})")
+        self.method = method
+        self.connector = load_connector(folder)
+        self.connector_hash = hash_state_dict(self.connector.state_dict())
+        self.token_inputs = bool(summary.get("train_config", {}).get("token_inputs")) and method != "linear"
+        order = [m for m in summary.get("encoders", {}) if m in summary["stores"]] + sorted(set(summary["stores"]) - set(summary.get("encoders", {})))
+        self.stores = {m: LatentStore.open(_resolve(self.run, summary["stores"][m])) for m in order}  # the run's modality order
+        self.spec = spec or IndexSpec()
+        self.index_root = Path(index_root) if index_root else self.run / "index" / method
+        self.rebuild = rebuild
+        self.batch_size = batch_size
+        self._indexes: dict[str, VectorIndex] = {}
+        self._encoders: dict[str, Any] = {}
+        self._records: dict[str, dict[str, Any]] | None = None
+        self._ids: set[str] | None = None
+        self._lock = threading.RLock()  # one model call at a time: torch already uses every core per call
+
+    # -- what is here ---------------------------------------------------------------------------------
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.stores)
+
+    def encoder_kind(self, modality: str) -> str:
+        """What a query of ``modality`` is: "text", "image" or "audio" (the encoder's input type)."""
+        return str(self.stores[modality].index.get("modality"))
+
+    def directions(self) -> list[str]:
+        cfg = getattr(self.connector, "config", None)
+        if cfg is not None:
+            return [d for d in cfg.directions if all(m in self.stores for m in d.split("->"))]
+        return [direction_name(a, b) for a in self.stores for b in self.stores if a != b]
+
+    def source_for(self, kind: str, target: str, source: str | None = None) -> str:
+        """The query modality for an input of ``kind`` (text / image / audio) searching ``target``: ``source``
+        if given, else the first modality whose encoder reads that kind and has a direction to ``target``."""
+        if target not in self.stores:
+            raise QueryError(f"unknown target {target!r}: this run indexes {self.modalities}")
+        if source is not None:
+            if source not in self.stores:
+                raise QueryError(f"unknown source modality {source!r}: this run has {self.modalities}")
+            if self.encoder_kind(source) != kind:
+                raise QueryError(f"source {source!r} reads {self.encoder_kind(source)} input, not {kind}")
+            candidates = [source]
+        else:
+            candidates = [m for m in self.stores if self.encoder_kind(m) == kind]
+        for m in candidates:
+            if direction_name(m, target) in self.directions():
+                return m
+        raise QueryError(f"no direction from a {kind} query to {target!r} in this run (directions: {self.directions()})")
+
+    # -- indexes --------------------------------------------------------------------------------------
+    def _record(self, direction: str) -> dict[str, Any]:
+        store = self.stores[direction.split("->")[1]]
+        return {"method": self.method, "connector": self.connector_hash, "direction": direction,
+                "encoder": store.index.get("encoder"), "weights_hash": store.index.get("weights_hash"),
+                "store": str(store.folder.resolve())}  # fmt: skip
+
+    @torch.no_grad()
+    def _target_vectors(self, direction: str, rows: list[int] | None = None) -> torch.Tensor:
+        store = self.stores[direction.split("->")[1]]
+        pooled = store.pooled()
+        if rows is not None:
+            pooled = pooled[rows]
+        parts = [self.connector.embed_target(direction, pooled[i : i + self.batch_size]).float() for i in range(0, len(pooled), self.batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, 1)
+
+    def index(self, direction: str) -> VectorIndex:
+        """The index of ``direction``'s target side: loaded, built, or extended with new store items."""
+        with self._lock:
+            if direction in self._indexes:
+                return self._indexes[direction]
+            if direction not in self.directions():
+                raise QueryError(f"direction {direction!r} is not one of this connector's {self.directions()}")
+            folder = self.index_root / direction.replace("->", "-to-")
+            record = self._record(direction)
+            index = None
+            if (folder / "index.json").is_file() and not self.rebuild:
+                index = VectorIndex.load(folder, expect=record)  # another connector / encoder: IndexMismatch
+                if index.spec.kind != self.spec.kind and index.backend != "torch":
+                    raise IndexMismatch(f"{folder} is a {index.spec.kind!r} index, not {self.spec.kind!r}: rebuild it")
+            store = self.stores[direction.split("->")[1]]
+            if index is None:
+                index = VectorIndex.build(self._target_vectors(direction), list(store.ids), self.spec, record)
+                index.record["store_rows"], index.record["store_ids"] = len(store), ids_digest(store.ids)
+                index.save(folder)
+            elif index.record.get("store_ids") != ids_digest(store.ids):
+                self._update(index, direction, folder)
+            self._indexes[direction] = index
+            return index
+
+    def _update(self, index: VectorIndex, direction: str, folder: Path) -> int:
+        store = self.stores[direction.split("->")[1]]
+        new = [i for i, sid in enumerate(store.ids) if sid not in index]
+        if new:
+            index.add(self._target_vectors(direction, new), [store.ids[i] for i in new])
+        index.record["store_rows"], index.record["store_ids"] = len(store), ids_digest(store.ids)
+        index.save(folder)
+        return len(new)
+
+    def update(self) -> dict[str, int]:
+        """Reopen the stores and add items extracted since the indexes were built (no rebuild)."""
+        with self._lock:
+            self.stores = {m: LatentStore.open(s.folder) for m, s in self.stores.items()}
+            self._records, self._ids = None, None
+            added = {}
+            for direction, index in self._indexes.items():
+                added[direction] = self._update(index, direction, self.index_root / direction.replace("->", "-to-"))
+            return added
+
+    def build_all(self) -> dict[str, int]:
+        """Build (or load) the index of every direction; returns items per direction."""
+        return {d: len(self.index(d)) for d in self.directions()}
+
+    # -- queries --------------------------------------------------------------------------------------
+    def encoder(self, modality: str) -> Any:
+        with self._lock:
+            if modality not in self._encoders:
+                from omnimoe.encoders import load_encoder
+
+                name = self.stores[modality].index["encoder"]
+                encoder = load_encoder(name)
+                if encoder.weights_hash != self.stores[modality].index.get("weights_hash"):
+                    raise IndexMismatch(f"encoder {name!r} now has weights {encoder.weights_hash}, but the {modality} store was "
+                                        f"extracted with {self.stores[modality].index.get('weights_hash')}: re-extract and retrain")  # fmt: skip
+                self._encoders[modality] = encoder
+            return self._encoders[modality]
+
+    @torch.no_grad()
+    def embed(self, source: str, target: str, items: list[Any]) -> torch.Tensor:
+        """Queries (texts or file paths) -> unit vectors in the ``source->target`` contrastive space."""
+        from omnimoe.encoders.base import BadInput
+
+        direction = direction_name(source, target)
+        encoder = self.encoder(source)
+        loaded = []
+        for n, item in enumerate(items):
+            if isinstance(item, str) and self.encoder_kind(source) == "text" and not item.strip():
+                raise QueryError(f"query {n}: empty text")
+            try:
+                loaded.append(encoder.load_item(item))
+            except (BadInput, OSError) as exc:
+                raise QueryError(f"query {n}: {exc}") from None
+        with self._lock:
+            out = encoder.encode(loaded)
+            if self.token_inputs and out.tokens is not None:
+                q = self.connector(direction, out.tokens, out.mask).contrastive
+            else:
+                q = self.connector(direction, out.pooled).contrastive
+        return F.normalize(q.float(), dim=-1)
+
+    def search(self, source: str, target: str, items: list[Any], k: int = 5) -> list[list[Hit]]:
+        """Top-``k`` stored ``target`` items for each query (a batch of texts or paths of ``source``)."""
+        if not items:
+            return []
+        index = self.index(direction_name(source, target))
+        scores, ids = index.search(self.embed(source, target, items), k)
+        return [[Hit(sid, float(s), r + 1) for r, (sid, s) in enumerate(zip(row_ids, row))] for row_ids, row in zip(ids, scores)]
+
+    def timed_search(self, source: str, target: str, items: list[Any], k: int = 5) -> tuple[list[list[Hit]], float]:
+        t = time.perf_counter()
+        hits = self.search(source, target, items, k)
+        return hits, (time.perf_counter() - t) * 1e3
+
+    # -- items ----------------------------------------------------------------------------------------
+    def _manifest_records(self) -> dict[str, dict[str, Any]]:
+        if self._records is None:
+            records: dict[str, dict[str, Any]] = {}
+            for store in self.stores.values():
+                manifest = store.index.get("manifest")
+                if manifest and Path(manifest).is_file() and manifest not in {r.get("_manifest") for r in records.values()}:
+                    for r in read_manifest(manifest):
+                        records.setdefault(r["id"], {**r, "_manifest": manifest})
+            self._records = records
+        return self._records
+
+    def indexed(self, sid: str) -> bool:
+        if self._ids is None:
+            self._ids = {sid for s in self.stores.values() for sid in s.ids}
+        return sid in self._ids
+
+    def item(self, sid: str) -> dict[str, Any] | None:
+        """The manifest record of a stored item (None when no store holds ``sid``): id, text, category, and
+        which media fields it has."""
+        if not self.indexed(sid):
+            return None
+        rec = self._manifest_records().get(sid, {"id": sid})
+        media = sorted(f for f in MEDIA_FIELDS if isinstance(rec.get(f), str))
+        out = {"id": sid, "text": rec.get("text"), "media": media}
+        if isinstance(rec.get("category"), str):
+            out["category"] = rec["category"]
+        return out
+
+    def media(self, sid: str, field: str) -> Path | None:
+        """The file behind a stored item's media field, or None. Only files the manifest names for an id that a
+        store holds are ever served: the request picks an id and a field name, never a path."""
+        if field not in MEDIA_FIELDS or not self.indexed(sid):
+            return None
+        rec = self._manifest_records().get(sid)
+        if rec is None or not isinstance(rec.get(field), str):
+            return None
+        path = media_path(rec["_manifest"], rec[field])
+        return path if path.is_file() else None
