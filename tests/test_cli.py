@@ -45,14 +45,17 @@ def test_example_rejects_bad_override(tmp_path):
 
 
 @pytest.mark.slow
-def test_altmoe_demo_quick(tmp_path):
-    """The README's main job in its quick form: Tux Paint, three encoders, two methods, held-out recall."""
-    out = omnimoe("demo", "--quick", "--out", str(tmp_path / "demo"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads((tmp_path / "demo" / "results.json").read_text())
+def test_altmoe_demo_quick(demo_run):
+    """The README's main job in its quick form: Tux Paint, three encoders, two methods, held-out recall, and
+    the retrieval index of the Alt-MoE connector."""
+    run, out = demo_run
+    rows = json.loads((run / "results.json").read_text())
     modalities = {r["query"] for r in rows} | {r["target"] for r in rows}
     assert modalities >= {"text", "image", "sound"}  # speech too when espeak-ng or recordings are there
     assert {r["method"] for r in rows} == {"linear", "moe-alternating"}
     assert "text <-> image" in out.stdout and "mean R@1" in out.stdout
     for name in ("recall.png", "training_curves.png", "expert_load_moe-alternating.png"):
-        assert (tmp_path / "demo" / name).is_file()
+        assert (run / name).is_file()
+    assert "Retrieval index (moe-alternating)" in out.stdout and "text->image for" in out.stdout
+    assert (run / "index" / "moe-alternating" / "text-to-image" / "index.faiss").is_file()
+    assert {p.name for p in (run / "connectors").iterdir()} == {"linear", "moe-alternating"}

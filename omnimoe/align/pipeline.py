@@ -224,6 +224,6 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     for method, load in loads.items():
         plots.append(plot_expert_load(load, out / f"expert_load_{method}.png", title=f"{method}: expert load per direction (test)"))
     write_json(out / "summary.json", {"summary": summary, "manifest": str(Path(cfg.manifest).resolve()), "encoders": cfg.encoders,
-                                      "methods": cfg.methods, "stores": {m: str(p) for m, p in stores.items()}, "directions": directions,
+                                      "modalities": list(cfg.encoders), "methods": cfg.methods, "stores": {m: str(p) for m, p in stores.items()}, "directions": directions,
                                       "train_config": dataclasses.asdict(cfg.train), "plots": [p.name for p in plots]})  # fmt: skip
     return {"rows": rows, "summary": summary, "plots": plots, "directions": directions, "zeroshot": zeroshot}

@@ -3,6 +3,8 @@ vision model (DINOv2, ViT, CLIP/SigLIP vision towers) through AutoModel + AutoIm
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,9 @@ class EfficientNetLiteEncoder(FrozenEncoder):
             weights_path = getattr(module, cls_name).get_model_file_path()
         self.name = f"efficientnet-{variant}"
         self.weights_path = str(weights_path)
-        self.model = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=self.weights_path).eval().to(self.device)
+        with contextlib.redirect_stdout(sys.stderr):  # the package prints "Loaded pretrained weights" on stdout
+            model = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=self.weights_path)
+        self.model = model.eval().to(self.device)
         self.model.requires_grad_(False)
         self._hash = hash_file(self.weights_path)
 

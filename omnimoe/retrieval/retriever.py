@@ -66,7 +66,8 @@ class Retriever:
         self.connector = load_connector(folder)
         self.connector_hash = hash_state_dict(self.connector.state_dict())
         self.token_inputs = bool(summary.get("train_config", {}).get("token_inputs")) and method != "linear"
-        order = [m for m in summary.get("encoders", {}) if m in summary["stores"]] + sorted(set(summary["stores"]) - set(summary.get("encoders", {})))
+        given = [m for m in summary.get("modalities", []) if m in summary["stores"]]
+        order = given + sorted(set(summary["stores"]) - set(given))
         self.stores = {m: LatentStore.open(_resolve(self.run, summary["stores"][m])) for m in order}  # the run's modality order
         self.spec = spec or IndexSpec()
         self.index_root = Path(index_root) if index_root else self.run / "index" / method
@@ -115,8 +116,7 @@ class Retriever:
     def _record(self, direction: str) -> dict[str, Any]:
         store = self.stores[direction.split("->")[1]]
         return {"method": self.method, "connector": self.connector_hash, "direction": direction,
-                "encoder": store.index.get("encoder"), "weights_hash": store.index.get("weights_hash"),
-                "store": str(store.folder.resolve())}  # fmt: skip
+                "encoder": store.index.get("encoder"), "weights_hash": store.index.get("weights_hash")}  # fmt: skip
 
     @torch.no_grad()
     def _target_vectors(self, direction: str, rows: list[int] | None = None) -> torch.Tensor:
@@ -144,7 +144,7 @@ class Retriever:
             store = self.stores[direction.split("->")[1]]
             if index is None:
                 index = VectorIndex.build(self._target_vectors(direction), list(store.ids), self.spec, record)
-                index.record["store_rows"], index.record["store_ids"] = len(store), ids_digest(store.ids)
+                index.record.update(store=str(store.folder.resolve()), store_rows=len(store), store_ids=ids_digest(store.ids))
                 index.save(folder)
             elif index.record.get("store_ids") != ids_digest(store.ids):
                 self._update(index, direction, folder)
@@ -156,7 +156,7 @@ class Retriever:
         new = [i for i, sid in enumerate(store.ids) if sid not in index]
         if new:
             index.add(self._target_vectors(direction, new), [store.ids[i] for i in new])
-        index.record["store_rows"], index.record["store_ids"] = len(store), ids_digest(store.ids)
+        index.record.update(store=str(store.folder.resolve()), store_rows=len(store), store_ids=ids_digest(store.ids))
         index.save(folder)
         return len(new)
 

@@ -281,6 +281,7 @@ def serve(retriever: Retriever, cfg: ServiceConfig | None = None) -> None:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((cfg.host, cfg.port))
+    sock.listen(2048)  # connections queue from here on, so the printed address works at once
     port = sock.getsockname()[1]
     host = f"[{cfg.host}]" if family == socket.AF_INET6 else cfg.host
     print(f"listening on http://{host}:{port}", flush=True)

@@ -1,0 +1,147 @@
+"""Retrieval over the quick demo run: the live query path against the stored latents, index reuse and
+refusal, adding items without a rebuild, and the `omnimoe search` CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omnimoe.align.connector import load_connector
+from omnimoe.data.manifest import media_path, read_manifest, write_manifest
+from omnimoe.latents import extract
+from omnimoe.latents.store import LatentStore
+from omnimoe.retrieval import IndexMismatch, QueryError, Retriever
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_run(run: Path, dst: Path) -> Path:
+    """A private copy of a run whose summary points at its own copies of the stores."""
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("runs", "data"))
+    summary = json.loads((dst / "summary.json").read_text())
+    summary["stores"] = {m: str(dst / "stores" / Path(p).name) for m, p in summary["stores"].items()}
+    (dst / "summary.json").write_text(json.dumps(summary))
+    return dst
+
+
+def stored_ranking(retriever: Retriever, source: str, target: str, sid: str, k: int) -> tuple[torch.Tensor, list[str]]:
+    """The query vector and top-k computed from the *stored* latents (what evaluation measures)."""
+    d = f"{source}->{target}"
+    src, tgt = retriever.stores[source], retriever.stores[target]
+    with torch.no_grad():
+        q = F.normalize(retriever.connector(d, src.pooled()[src.rows_of([sid])]).contrastive.float(), dim=-1)
+        keys = F.normalize(retriever.connector.embed_target(d, tgt.pooled()).float(), dim=-1)
+    top = (q @ keys.T)[0].topk(k).indices.tolist()
+    return q[0], [tgt.ids[i] for i in top]
+
+
+def test_live_queries_match_the_stored_latents(demo_run):
+    """Encoding a raw query now gives the vector that was stored at extraction, so search agrees with the
+    ranking computed from the store, for a text, an image and an audio query."""
+    run, _ = demo_run
+    retriever = Retriever(run)
+    manifest = Path(retriever.stores["image"].index["manifest"])
+    sample = next(r for r in read_manifest(manifest) if r["id"] in retriever.stores["image"].ids and r["id"] in retriever.stores["speech"].ids)
+    cases = [("text", "image", sample["text"]), ("image", "text", str(media_path(manifest, sample["image"]))),
+             ("speech", "text", str(media_path(manifest, sample["audio"])))]  # fmt: skip
+    for source, target, query in cases:
+        live = retriever.embed(source, target, [query])[0]
+        stored, top = stored_ranking(retriever, source, target, sample["id"], 5)
+        assert float(live @ stored) > 0.99, (source, float(live @ stored))
+        hits = retriever.search(source, target, [query], 5)[0]
+        assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+        assert hits[0].id == top[0] and len(set(h.id for h in hits) & set(top)) >= 4, (source, hits, top)
+    # batched: the same answers as one at a time
+    texts = [r["text"] for r in read_manifest(manifest)[:6]]
+    batch = retriever.search("text", "image", texts, 3)
+    assert [[h.id for h in row] for row in batch] == [[h.id for h in retriever.search("text", "image", [t], 3)[0]] for t in texts]
+
+
+def test_query_errors_name_the_problem(demo_run, tmp_path):
+    retriever = Retriever(demo_run[0])
+    with pytest.raises(QueryError, match="empty text"):
+        retriever.search("text", "image", ["   "])
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(QueryError, match="broken.png"):
+        retriever.search("image", "text", [str(corrupt)])
+    with pytest.raises(QueryError, match="unknown target 'video'"):
+        retriever.source_for("text", "video")
+    with pytest.raises(QueryError, match="reads audio input, not image"):
+        retriever.source_for("image", "text", source="speech")
+    with pytest.raises(FileNotFoundError, match="no trained connector for method 'nope'"):
+        Retriever(demo_run[0], method="nope")
+
+
+def test_index_is_reused_refused_for_another_connector_and_rebuilt(demo_run, tmp_path):
+    run = copy_run(demo_run[0], tmp_path / "run")
+    folder = run / "index" / "moe-alternating" / "text-to-image"
+    before = (folder / "index.faiss").stat().st_mtime_ns
+    first = Retriever(run).search("text", "image", ["A frog."], 5)[0]
+    assert (folder / "index.faiss").stat().st_mtime_ns == before  # loaded, not rebuilt
+    # retrain (here: perturb) the connector in place: the saved index no longer matches it
+    connector = load_connector(run / "connectors" / "moe-alternating")
+    with torch.no_grad():
+        for p in connector.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    connector.save_pretrained(run / "connectors" / "moe-alternating")
+    with pytest.raises(IndexMismatch, match="connector"):
+        Retriever(run).index("text->image")
+    rebuilt = Retriever(run, rebuild=True).search("text", "image", ["A frog."], 5)[0]
+    assert [h.id for h in rebuilt] != [h.id for h in first] or [h.score for h in rebuilt] != pytest.approx([h.score for h in first])
+    assert Retriever(run).search("text", "image", ["A frog."], 5)[0] == rebuilt  # the rebuilt index is kept
+
+
+def test_new_items_are_added_without_a_rebuild(demo_run, tmp_path):
+    run = copy_run(demo_run[0], tmp_path / "run")
+    retriever = Retriever(run)
+    index = retriever.index("text->image")
+    n = len(index)
+    store = retriever.stores["image"]
+    manifest = Path(store.index["manifest"])
+    records = read_manifest(manifest)
+    extra = [{**r, "id": r["id"] + "-copy", "split": "test"} for r in records if r.get("image")][:2]
+    grown = write_manifest(tmp_path / "grown.jsonl", [{**r, "image": str(media_path(manifest, r["image"]))} if r.get("image") else r for r in records + extra])
+    extract(grown, store.index["encoder"], store.folder, field="image", progress=False)
+    added = retriever.update()
+    assert added["text->image"] == 2 and len(index) == n + 2
+    assert (run / "index" / "moe-alternating" / "text-to-image" / "index.json").read_text().count("-copy") == 2  # saved
+    reopened = LatentStore.open(store.folder)
+    for r in extra:
+        key = retriever.connector.embed_target("text->image", reopened.pooled()[reopened.rows_of([r["id"]])]).detach()
+        assert index.search(key, 1)[1][0][0] in (r["id"], r["id"].removesuffix("-copy"))  # the copy or its twin
+    assert Retriever(run).index("text->image").ids[-2:] == [r["id"] for r in extra]
+
+
+def omnimoe(*args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "omnimoe.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def test_search_cli(demo_run, tmp_path):
+    run = demo_run[0]
+    out = omnimoe("search", "A frog.", "--target", "image", "-k", "3", "--run", str(run), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(out.stdout)
+    assert data["direction"] == "text->image" and [r["rank"] for r in data["results"]] == [1, 2, 3]
+    assert all(r["id"] and "text" in r for r in data["results"])
+    assert data["results"] == json.loads(omnimoe("search", "A frog.", "--target", "image", "-k", "3", "--run", str(run), "--json").stdout)["results"]
+    manifest = Path(json.loads((run / "summary.json").read_text())["manifest"])
+    rec = next(r for r in read_manifest(manifest) if r.get("image") and r.get("audio"))
+    image = omnimoe("search", "--image", str(media_path(manifest, rec["image"])), "--target", "text", "--run", str(run))
+    assert image.returncode == 0 and image.stdout.startswith("image -> text: top 5"), image.stderr[-2000:]
+    audio = omnimoe("search", "--audio", str(media_path(manifest, rec["audio"])), "--target", "image", "--run", str(run), "--json")
+    assert audio.returncode == 0 and json.loads(audio.stdout)["direction"] == "speech->image", audio.stderr[-2000:]
+    linear = omnimoe("search", "A frog.", "--target", "image", "--run", str(run), "--method", "linear", "--index", "ivf")
+    assert linear.returncode == 0 and (run / "index" / "linear" / "text-to-image" / "index.json").is_file(), linear.stderr[-2000:]
+    for args, message in [((), "exactly one query"), (("x", "--target", "video"), "unknown target 'video'"),
+                          (("x", "--run", str(tmp_path)), "not an alignment run")]:  # fmt: skip
+        bad = omnimoe("search", *args, "--run", str(run)) if "--run" not in args else omnimoe("search", *args)
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
