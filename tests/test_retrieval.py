@@ -145,3 +145,26 @@ def test_search_cli(demo_run, tmp_path):
                           (("x", "--run", str(tmp_path)), "not an alignment run")]:  # fmt: skip
         bad = omnimoe("search", *args, "--run", str(run)) if "--run" not in args else omnimoe("search", *args)
         assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
+
+
+def test_batcher_coalesces_and_isolates_errors(demo_run):
+    """Concurrent searches come back as if run alone; a bad query in a coalesced batch fails by itself."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from omnimoe.retrieval.retriever import Batcher
+
+    retriever = Retriever(demo_run[0])
+    batcher = Batcher(retriever, max_items=8)
+    texts = ["A frog.", "a red fire truck", "a bird", "   ", "a violin", "a tree", "a boat", "a cake"] * 3
+    want = {t: [h.id for h in retriever.search("text", "image", [t], 3)[0]] for t in set(texts) if t.strip()}
+
+    def one(t):
+        try:
+            return [h.id for h in batcher.submit("text", "image", [t], 3)[0]]
+        except QueryError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(one, texts))
+    for t, g in zip(texts, got):
+        assert g == (want[t] if t.strip() else "query 0: empty text"), t

@@ -125,8 +125,13 @@ class AltMoEConnector(nn.Module):
             raise ValueError(f"direction {direction!r} is not one of this connector's {self.config.directions}")
         return parse_direction(direction)
 
-    def forward(self, direction: str, source: torch.Tensor, mask: torch.Tensor | None = None) -> ConnectorOutput:
-        """``source``: (B, D_src) pooled latents or (B, L, D_src) token states with ``mask`` (B, L)."""
+    def forward(self, direction: str, source: torch.Tensor, mask: torch.Tensor | None = None,
+                tasks: tuple[str, ...] = TASKS) -> ConnectorOutput:  # fmt: skip
+        """``source``: (B, D_src) pooled latents or (B, L, D_src) token states with ``mask`` (B, L).
+        ``tasks``: the paths to run; retrieval needs only ``("contrastive",)`` (half the MoE work), and the
+        output of a path not run is None."""
+        if not tasks or any(t not in TASKS for t in tasks):
+            raise ValueError(f"tasks {tasks!r}: choose from {TASKS}")
         src, _ = self._check(direction)
         width = self.config.modalities[src]
         if source.shape[-1] != width:
@@ -136,18 +141,18 @@ class AltMoEConnector(nn.Module):
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         key = _key(direction)
         x = F.gelu(self.in_proj[src](tokens) + self.direction_embed[key])  # (B, L, h)
-        paths = torch.cat([x + self.task_embed[t] for t in TASKS])  # both tasks through one MoE call
-        moe = self.moe(paths, attention_mask=mask.repeat(len(TASKS), 1))
-        outs = []
-        for i, t in enumerate(TASKS):
+        paths = torch.cat([x + self.task_embed[t] for t in tasks])  # both tasks through one MoE call
+        moe = self.moe(paths, attention_mask=mask.repeat(len(tasks), 1))
+        outs = {}
+        for i, t in enumerate(tasks):
             part = moe.hidden_states[i * len(x) : (i + 1) * len(x)]
             residual = paths[i * len(x) : (i + 1) * len(x)]
             y = F.gelu(self.norm[t](part)) + residual
             m = mask.unsqueeze(-1).to(y.dtype)
-            outs.append((y * m).sum(1) / m.sum(1).clamp(min=1))  # masked mean over tokens
+            outs[t] = (y * m).sum(1) / m.sum(1).clamp(min=1)  # masked mean over tokens
         return ConnectorOutput(
-            regression=self.regression_head[key](outs[0]),
-            contrastive=self.contrastive_head[key](outs[1]),
+            regression=self.regression_head[key](outs["regression"]) if "regression" in outs else None,  # type: ignore[arg-type]
+            contrastive=self.contrastive_head[key](outs["contrastive"]) if "contrastive" in outs else None,  # type: ignore[arg-type]
             router_loss=moe.router_loss,
             tokens_per_expert=moe.tokens_per_expert,
         )
@@ -181,7 +186,8 @@ class LinearTwoTower(nn.Module):
         self.widths, self.dim = dict(widths), dim
         self.proj = nn.ModuleDict({m: nn.Linear(w, dim) for m, w in widths.items()})
 
-    def forward(self, direction: str, source: torch.Tensor, mask: torch.Tensor | None = None) -> ConnectorOutput:
+    def forward(self, direction: str, source: torch.Tensor, mask: torch.Tensor | None = None,
+                tasks: tuple[str, ...] = TASKS) -> ConnectorOutput:  # fmt: skip
         src, _ = parse_direction(direction)
         if src not in self.proj:
             raise ValueError(f"direction {direction!r}: no projection for modality {src!r} (have {sorted(self.proj)})")

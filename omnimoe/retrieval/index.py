@@ -48,7 +48,7 @@ def faiss_available() -> bool:
 @dataclass
 class IndexSpec:
     kind: Kind = "flat"
-    nlist: int = 0  # ivf: cells; 0 = about 4 * sqrt(n), at least 39 training vectors per cell
+    nlist: int = 0  # ivf: cells; 0 = about sqrt(n), at least 39 training vectors per cell
     nprobe: int = 16  # ivf: cells searched per query
     hnsw_m: int = 32  # hnsw: links per node
     ef_search: int = 128  # hnsw: candidate list while searching
@@ -129,10 +129,11 @@ class VectorIndex:
         else:  # ivf
             if len(train) == 0:
                 raise ValueError("an ivf index is trained on the vectors it is built from: build it from at least one vector")
-            nlist = s.nlist or max(1, min(int(4 * len(train) ** 0.5), len(train) // 39))
+            nlist = s.nlist or max(1, min(round(len(train) ** 0.5), len(train) // 39))
             self.spec.nlist = nlist = min(nlist, len(train))
             self._faiss = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-            sample = train if len(train) <= 256 * nlist else train[np.random.default_rng(0).choice(len(train), 256 * nlist, replace=False)]
+            # k-means on at most 64 vectors a cell: enough for the centroids, and 1M items train in seconds
+            sample = train if len(train) <= 64 * nlist else train[np.random.default_rng(0).choice(len(train), 64 * nlist, replace=False)]
             self._faiss.train(sample)
             self._faiss.nprobe = min(s.nprobe, nlist)
 

@@ -13,8 +13,10 @@ was built are added without a rebuild (``update``).
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,9 +208,9 @@ class Retriever:
         with self._lock:
             out = encoder.encode(loaded)
             if self.token_inputs and out.tokens is not None:
-                q = self.connector(direction, out.tokens, out.mask).contrastive
+                q = self.connector(direction, out.tokens, out.mask, tasks=("contrastive",)).contrastive
             else:
-                q = self.connector(direction, out.pooled).contrastive
+                q = self.connector(direction, out.pooled, tasks=("contrastive",)).contrastive
         return F.normalize(q.float(), dim=-1)
 
     def search(self, source: str, target: str, items: list[Any], k: int = 5) -> list[list[Hit]]:
@@ -263,3 +265,69 @@ class Retriever:
             return None
         path = media_path(rec["_manifest"], rec[field])
         return path if path.is_file() else None
+
+
+class Batcher:
+    """Coalesces concurrent searches of the same direction into one encoder and connector call.
+
+    Under load a service answers many small queries at once; encoding 16 captions in one batch costs a
+    fraction of 16 single calls. Request threads ``submit`` and wait; one worker thread takes the oldest
+    request plus every waiting one of the same direction (up to ``max_items`` queries), runs them as one
+    batch, and hands each caller its rows. If the batch fails, its requests are rerun one by one, so a bad
+    query fails alone, with its own error.
+    """
+
+    def __init__(self, retriever: Retriever, max_items: int = 64) -> None:
+        self.retriever, self.max_items = retriever, max_items
+        self._queue: queue.Queue = queue.Queue()
+        self._worker = threading.Thread(target=self._loop, name="omnimoe-batcher", daemon=True)
+        self._worker.start()
+
+    def submit(self, source: str, target: str, items: list[Any], k: int) -> list[list[Hit]]:
+        future: Future = Future()
+        self._queue.put((source, target, list(items), k, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        waiting: list[tuple] = []
+        while True:
+            if not waiting:
+                waiting.append(self._queue.get())
+            while True:  # drain whatever arrived meanwhile
+                try:
+                    waiting.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            head = waiting[0]
+            batch, rest, size = [], [], 0
+            for req in waiting:
+                if req[:2] == head[:2] and (not batch or size + len(req[2]) <= self.max_items):
+                    batch.append(req)
+                    size += len(req[2])
+                else:
+                    rest.append(req)
+            waiting = rest
+            self._run(batch)
+
+    def _run(self, batch: list[tuple]) -> None:
+        source, target = batch[0][:2]
+        try:
+            rows = self.retriever.search(source, target, [item for req in batch for item in req[2]], max(req[3] for req in batch))
+        except Exception:  # noqa: BLE001 - rerun alone, so that each caller gets its own result or error
+            if len(batch) == 1:
+                _settle(batch[0][4], lambda: self.retriever.search(*batch[0][:4]))
+            else:
+                for req in batch:
+                    _settle(req[4], lambda req=req: self.retriever.search(*req[:4]))
+            return
+        start = 0
+        for _, _, items, k, future in batch:
+            future.set_result([row[:k] for row in rows[start : start + len(items)]])
+            start += len(items)
+
+
+def _settle(future: Future, fn: Any) -> None:
+    try:
+        future.set_result(fn())
+    except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
+        future.set_exception(exc)

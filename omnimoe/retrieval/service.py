@@ -23,6 +23,7 @@ import mimetypes
 import os
 import socket
 import tempfile
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -33,7 +34,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from omnimoe.retrieval.retriever import QueryError, Retriever
+from omnimoe.retrieval.retriever import Batcher, QueryError, Retriever
 
 IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif", "image/bmp": ".bmp"}
 AUDIO_TYPES = {"audio/wav": ".wav", "audio/x-wav": ".wav", "audio/wave": ".wav", "audio/ogg": ".ogg", "audio/mpeg": ".mp3",
@@ -103,6 +104,7 @@ def _page() -> str:
 def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
     """The FastAPI application (without the body limit: :func:`asgi_app` adds it)."""
     cfg = cfg or ServiceConfig()
+    batcher = Batcher(retriever, max_items=cfg.max_batch)
     app = FastAPI(title="omnimoe retrieval", version="1", description="Cross-modal search through an Alt-MoE connector over pre-stored latents.")
 
     def bad(status: int, message: str) -> HTTPException:
@@ -132,7 +134,9 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
             raise bad(422, "source must be a modality name")
         try:
             src = retriever.source_for(kind, target, source or None)
-            hits, ms = retriever.timed_search(src, target, items, k)
+            start = time.perf_counter()
+            hits = batcher.submit(src, target, items, k)
+            ms = (time.perf_counter() - start) * 1e3
         except QueryError as exc:
             raise bad(400, str(exc)) from None
         return {"direction": f"{src}->{target}", "source": src, "target": target, "k": k, "took_ms": round(ms, 3),
