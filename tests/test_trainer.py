@@ -222,3 +222,18 @@ def test_adaptive_schedule_is_selectable(data, tmp_path):
     assert result["best_val"] > 0.1
     with pytest.raises(ValueError, match="alternate, adaptive or joint"):
         train(data, DIRS, small(schedule="sometimes"), tmp_path / "bad", progress=False)
+
+
+def test_device_option(data, tmp_path):
+    """``device`` picks where training runs; a checkpoint written on one device resumes on another (the
+    device is not part of the resumable config); asking for CUDA where there is none is a clear error."""
+    from omnimoe.align.trainer import resolve_device
+
+    assert resolve_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    cfg = small(method="moe-alternating", device="cpu")
+    assert train(data, DIRS, cfg, tmp_path / "a", progress=False, stop_at_step=120) == {"interrupted_at": 120}
+    resumed = train(data, DIRS, small(method="moe-alternating", device="auto"), tmp_path / "a", progress=False)
+    assert resumed == train(data, DIRS, cfg, tmp_path / "b", progress=False)

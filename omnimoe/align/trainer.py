@@ -69,6 +69,7 @@ class TrainConfig:
     eval_every: int = 25
     patience: int = 10  # evaluations without improvement before stopping
     dtype: str = "auto"
+    device: str = "auto"  # auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU; or cpu, cuda, cuda:1
     seed: int = 0
     # connector
     hidden_size: int = 256
@@ -101,6 +102,19 @@ def _distributed() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def resolve_device(option: str) -> torch.device:
+    import os
+
+    if option == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    device = torch.device(option)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {option!r}: CUDA is not available on this machine")
+    return device
 
 
 def _tensorboard(folder: Path):
@@ -167,12 +181,17 @@ def inputs(cfg: TrainConfig, data: AlignmentData, modality: str, rows: torch.Ten
     return data.latents[modality][rows], None
 
 
+def _to(args: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return args[0].to(device), None if args[1] is None else args[1].to(device)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: AlignmentData, directions: list[str], split: str, batch: int = 512,
              cfg: TrainConfig | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Recall@1/5/10 per direction on ``split``, for the contrastive head and (if any) the regression head.
     ``cfg`` says whether the model reads token states (``token_inputs``)."""
     cfg = cfg or TrainConfig(method="linear" if isinstance(model, LinearTwoTower) else "moe-alternating")
+    device = next(model.parameters()).device
     model.eval()
     rows = []
     for d in directions:
@@ -180,14 +199,14 @@ def evaluate(model: nn.Module, data: AlignmentData, directions: list[str], split
         pairs = data.pairs(d, split)
         if len(pairs) == 0:
             continue
-        target = data.latents[tgt][pairs.tgt_rows]
-        outs = [model(d, *inputs(cfg, data, src, pairs.src_rows[i : i + batch])) for i in range(0, len(pairs), batch)]
-        con = torch.cat([o.contrastive for o in outs]).float()
-        keys = model.embed_target(d, target).float()
+        target = data.latents[tgt][pairs.tgt_rows].to(device)
+        outs = [model(d, *_to(inputs(cfg, data, src, pairs.src_rows[i : i + batch]), device)) for i in range(0, len(pairs), batch)]
+        con = torch.cat([o.contrastive for o in outs]).float().cpu()
+        keys = model.embed_target(d, target).float().cpu()
         rows.append({"query": src, "target": tgt, "head": "contrastive", **recall_at_k(con, keys, pairs.groups, pairs.groups)})
         if outs[0].regression is not None:
-            reg = torch.cat([o.regression for o in outs]).float()
-            rows.append({"query": src, "target": tgt, "head": "regression", **recall_at_k(reg, target, pairs.groups, pairs.groups)})
+            reg = torch.cat([o.regression for o in outs]).float().cpu()
+            rows.append({"query": src, "target": tgt, "head": "regression", **recall_at_k(reg, target.cpu(), pairs.groups, pairs.groups)})
     model.train()
     return rows
 
@@ -207,12 +226,14 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = _distributed()
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg, data.widths, directions)
-    scale = LogitScale(cfg.temperature, cfg.learnable_temperature)
+    model = build_model(cfg, data.widths, directions).to(device)
+    scale = LogitScale(cfg.temperature, cfg.learnable_temperature).to(device)
     step_module: nn.Module = PairStep(model, scale)
     if world > 1:
-        step_module = nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
+        ids = [device.index] if device.type == "cuda" else None
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=ids, find_unused_parameters=True)
         torch.manual_seed(cfg.seed + 7919 * rank)  # different dropout masks per rank
     params = list(model.parameters()) + list(scale.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -232,14 +253,16 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
     state_path = out / "state.pt"
     step, best, best_step, history, bad_evals = 0, -1.0, -1, [], 0
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
-        if state["config"] != dataclasses.asdict(cfg):
+        state = torch.load(state_path, weights_only=False, map_location=device)
+        if _resumable(state["config"]) != _resumable(dataclasses.asdict(cfg)):
             raise ValueError(f"{state_path} was written with another config; use a new output folder")
         model.load_state_dict(state["model"])
         scale.load_state_dict(state["scale"])
         opt.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         step, best, best_step, history, bad_evals = state["step"], state["best"], state["best_step"], state["history"], state["bad_evals"]
     model.train()
     writer = _tensorboard(out / "tb") if rank == 0 else None
@@ -256,9 +279,9 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
         for group in opt.param_groups:
             group["lr"], group["weight_decay"] = lr_at(cfg, step), weight_decay_at(cfg, step)
         batch_gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)  # step and rank only
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=device)
         logs: dict[str, float] = {}
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             for d in schedule.directions_for(step):
                 src, tgt = parse_direction(d)
                 pairs = train_pairs[d]
@@ -266,6 +289,8 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
                 source, mask = inputs(cfg, data, src, pairs.src_rows[pick])
                 target = data.latents[tgt][pairs.tgt_rows[pick]]
                 source, target, mask = augment(cfg, source, target, feature_std[src], batch_gen, mask)
+                source, target = source.to(device, non_blocking=True), target.to(device, non_blocking=True)
+                mask = None if mask is None else mask.to(device)
                 o, keys, logit_scale = step_module(d, source, target, mask)
                 # Negatives from every rank: the ranks' mean loss is the loss of one big batch.
                 keys_all, offset = gather_rows(keys)
@@ -315,6 +340,7 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
             if rank == 0:
                 state = {"config": dataclasses.asdict(cfg), "model": model.state_dict(), "scale": scale.state_dict(),
                          "optimizer": opt.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
+                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                          "step": step, "best": best, "best_step": best_step, "history": history, "bad_evals": bad_evals}  # fmt: skip
                 with atomic_path(state_path) as tmp:
                     torch.save(state, tmp)
@@ -332,7 +358,13 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
     return result
 
 
+def _resumable(config: dict[str, Any]) -> dict[str, Any]:
+    """The config keys a resumed run must share with the one that wrote the checkpoint (not the device)."""
+    return {k: v for k, v in config.items() if k != "device"}
+
+
 def load_best(cfg: TrainConfig, data: AlignmentData, directions: list[str], out: str | Path) -> nn.Module:
+    """The best weights, on the CPU."""
     model = build_model(cfg, data.widths, directions)
-    model.load_state_dict(torch.load(Path(out) / "best.pt", weights_only=False)["model"])
+    model.load_state_dict(torch.load(Path(out) / "best.pt", weights_only=False, map_location="cpu")["model"])
     return model.eval()

@@ -1,0 +1,168 @@
+"""The Uni-MoE model on tiny randomly initialised LLMs built from configs (no download): MoE-fying the
+FFNs of Llama / Qwen2 / Mistral / Gemma3 layouts, connectors, splicing and masking, save / load, generation."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+from omnimoe.mllm import (IGNORE_INDEX, ConnectorSpec, MediaBatch, MoELLMConfig, MultimodalLLM, decoder_layers, expert_load,
+                          moefy, select_layers)  # fmt: skip
+from omnimoe.mllm.connectors import MLPConnector, QFormerConnector
+from omnimoe.mllm.moe_llm import MoEMLP
+
+VOCAB, IMAGE_ID, AUDIO_ID = 96, 94, 95
+SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256)  # fmt: skip
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**SMALL),
+    "qwen2": lambda: Qwen2Config(**SMALL),
+    "mistral": lambda: MistralConfig(**SMALL, sliding_window=None),
+    "gemma3": lambda: Gemma3TextConfig(**SMALL, head_dim=8, sliding_window=64),
+}
+
+
+def tiny_llm(family: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_upcycled_moe_llm_equals_the_dense_llm_at_init(family):
+    """Every expert a copy of the FFN and the top-k weights renormalised: the MoE-LLM computes the dense LLM."""
+    llm = tiny_llm(family)
+    ids = torch.randint(0, 90, (2, 12))
+    with torch.no_grad():
+        dense = llm(ids).logits
+    layers = moefy(llm, MoELLMConfig(layers="all", num_experts=4, num_experts_per_tok=2))
+    assert layers == [0, 1, 2, 3] and all(isinstance(b.mlp, MoEMLP) for b in decoder_layers(llm))
+    with torch.no_grad():
+        sparse = llm(ids).logits
+    torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)
+    assert set(expert_load(llm)) == {0, 1, 2, 3} and all(int(v.sum()) == 2 * 24 for v in expert_load(llm).values())
+
+
+def test_layer_selection():
+    assert select_layers("all", 4) == [0, 1, 2, 3]
+    assert select_layers("every:2", 5) == [0, 2, 4] and select_layers("every:2:1", 5) == [1, 3]
+    assert select_layers("0,-1", 6) == [0, 5]
+    for bad in ("every:0", "7", "x,y", "every:a"):
+        with pytest.raises(ValueError):
+            select_layers(bad, 6)
+    llm = tiny_llm()
+    moefy(llm, MoELLMConfig(layers="every:2"))
+    assert [isinstance(b.mlp, MoEMLP) for b in decoder_layers(llm)] == [True, False, True, False]
+    with pytest.raises(ValueError, match="already has an MoE"):
+        moefy(llm, MoELLMConfig(layers="0"))
+
+
+def test_experts_from_a_list_of_ffns_keep_their_weights():
+    """Uni-MoE stage 3: experts initialised from separately trained FFNs (here: FFNs of other models)."""
+    base, a, b = tiny_llm(seed=0), tiny_llm(seed=1), tiny_llm(seed=2)
+    ffns = {i: [decoder_layers(m)[i].mlp for m in (base, a, b)] for i in range(4)}
+    moefy(base, MoELLMConfig(layers="all", num_experts_per_tok=1), ffns=ffns)
+    experts = decoder_layers(base)[1].mlp.moe.experts
+    gate_up = torch.cat([decoder_layers(a)[1].mlp.gate_proj.weight, decoder_layers(a)[1].mlp.up_proj.weight])
+    torch.testing.assert_close(experts.gate_up_proj[1], gate_up)
+    assert experts.gate_up_proj.shape[0] == 3
+
+
+def spliced_batch(model: MultimodalLLM):
+    """Two rows: row 0 has an image and an audio clip, row 1 an image; answers carry the labels."""
+    img = MediaBatch(torch.randn(2, 6, 20), torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.bool))
+    aud = MediaBatch(torch.randn(1, 9, 12), torch.ones(1, 9, dtype=torch.bool))
+    n_img, n_aud = model.soft_tokens("image", img.mask), model.soft_tokens("audio", aud.mask)
+    rows = [[1, 2] + [IMAGE_ID] * n_img[0] + [3] + [AUDIO_ID] * n_aud[0] + [4, 5, 6], [1] + [IMAGE_ID] * n_img[1] + [7, 8]]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = ids.masked_fill(attention == 0, IGNORE_INDEX)
+    return ids, attention, labels, {"image": img, "audio": aud}
+
+
+def build_mllm(family="llama"):
+    llm = tiny_llm(family)
+    connectors = {"image": ConnectorSpec("mlp", in_dim=20, out_dim=32, max_tokens=4), "audio": ConnectorSpec("qformer", in_dim=12, out_dim=32, num_queries=3, num_heads=4)}
+    model = MultimodalLLM(llm, connectors, {"image": IMAGE_ID, "audio": AUDIO_ID})
+    model.moefy(MoELLMConfig(layers="every:2", num_experts=4, num_experts_per_tok=2, noise_std=0.05), generator=torch.Generator().manual_seed(0),
+                sources={0: ["base"] * 4})  # fmt: skip
+    return model
+
+
+def test_splice_places_connector_tokens_and_masks_their_loss():
+    model = build_mllm()
+    ids, attention, labels, media = spliced_batch(model)
+    assert model.soft_tokens("image", media["image"].mask) == [4, 4] and model.soft_tokens("audio", media["audio"].mask) == [3]
+    embeds = model.embed(ids, media)
+    soft_img, _ = model.connectors["image"](media["image"].tokens, media["image"].mask)
+    soft_aud, _ = model.connectors["audio"](media["audio"].tokens, media["audio"].mask)
+    torch.testing.assert_close(embeds[0, 2:6], soft_img[0])
+    torch.testing.assert_close(embeds[0, 7:10], soft_aud[0])
+    torch.testing.assert_close(embeds[1, 1:5], soft_img[1])
+    torch.testing.assert_close(embeds[0, :2], model.llm.get_input_embeddings()(ids[0, :2]))
+    out = model(ids, attention, labels, media)
+    assert torch.isfinite(out.loss) and float(out.router_loss.detach()) > 0
+    torch.testing.assert_close(out.loss, out.lm_loss + out.router_loss)
+    # the loss ignores placeholder positions: changing the media changes the loss only through the context
+    manual = labels.masked_fill((ids == IMAGE_ID) | (ids == AUDIO_ID), IGNORE_INDEX)
+    ref = model.llm(inputs_embeds=embeds, attention_mask=attention, labels=manual).loss
+    torch.testing.assert_close(out.lm_loss, ref)
+    out.loss.backward()
+    assert model.connectors["image"].net[0].weight.grad.abs().sum() > 0
+    assert model.connectors["audio"].queries.grad.abs().sum() > 0
+    assert decoder_layers(model.llm)[0].mlp.moe.router.weight.grad.abs().sum() > 0
+
+
+def test_splice_refuses_mismatched_placeholders():
+    model = build_mllm()
+    ids, attention, _, media = spliced_batch(model)
+    with pytest.raises(ValueError, match="audio placeholder tokens but no audio inputs"):
+        model.embed(ids, {"image": media["image"]})
+    with pytest.raises(ValueError, match="placeholder positions for"):
+        model.embed(torch.cat([ids, torch.full((2, 1), IMAGE_ID)], 1), media)  # one image position too many
+
+
+def test_padding_is_not_routed():
+    model = build_mllm()
+    ids, attention, labels, media = spliced_batch(model)
+    model(ids, attention, labels, media)
+    routed = sum(int(v.sum()) for v in expert_load(model.llm).values())
+    assert routed == 2 * 2 * int(attention.sum())  # 2 MoE layers x top-2 x real tokens only
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_save_load_round_trip_and_generation(tmp_path, family):
+    model = build_mllm(family)
+    ids, attention, labels, media = spliced_batch(model)
+    with torch.no_grad():
+        before = model(ids, attention, labels, media)
+    model.save_pretrained(tmp_path / "m")
+    text = (tmp_path / "m" / "config.json").read_text()
+    assert str(tmp_path) not in text and '"expert_sources"' in text  # relative: nothing points outside the folder
+    loaded = MultimodalLLM.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        after = loaded(ids, attention, labels, media)
+    torch.testing.assert_close(after.logits, before.logits)
+    assert loaded.num_moe_layers() == 2 and loaded.config.expert_sources == {"0": ["base"] * 4}
+    prompt = ids[1:, :7]  # row 1: text, image, text
+    out = loaded.generate(prompt, media={"image": MediaBatch(media["image"].tokens[1:], media["image"].mask[1:])}, max_new_tokens=5,
+                          do_sample=False, pad_token_id=0)  # fmt: skip
+    assert out.shape == (1, 5) and out.dtype == torch.long
+
+
+def test_connectors_shapes_and_pooling():
+    mlp = MLPConnector(ConnectorSpec("mlp", in_dim=8, out_dim=16, max_tokens=5))
+    tokens, mask = torch.randn(3, 12, 8), torch.tensor([[1] * 12, [1] * 3 + [0] * 9, [1] * 7 + [0] * 5], dtype=torch.bool)
+    out, m = mlp(tokens, mask)
+    assert out.shape == (3, 5, 16) and m.sum(1).tolist() == [5, 3, 5] == [mlp.num_tokens(n) for n in (12, 3, 7)]
+    # pooling a row does not depend on how much padding its batch had
+    alone, _ = mlp(tokens[2:, :7], mask[2:, :7])
+    torch.testing.assert_close(out[2], alone[0])
+    q = QFormerConnector(ConnectorSpec("qformer", in_dim=8, out_dim=16, num_queries=4, num_heads=2))
+    out, m = q(tokens, mask)
+    assert out.shape == (3, 4, 16) and bool(m.all())
+    # the Q-Former ignores padded positions
+    changed = tokens.clone()
+    changed[1, 3:] = 100.0
+    torch.testing.assert_close(q(changed, mask)[0][1], out[1])
+    with pytest.raises(ValueError, match="connector kind"):
+        ConnectorSpec("conv", 8, 16)
