@@ -36,3 +36,18 @@ def test_extract_benchmark_quick(tmp_path):
     rows = bench.main(["--quick", "--out", str(out)])
     assert [set(r) >= {"encoder", "items", "bare_items_per_s", "pipeline_items_per_s"} for r in rows] == [True]
     assert json.loads(out.read_text())[0]["encoder"] == "minilm"
+
+
+@pytest.mark.slow
+def test_retrieval_benchmark_quick(tmp_path):
+    bench = load("retrieval")
+    out = tmp_path / "retrieval.json"
+    rows = bench.run(bench.parse_args(["--quick", "--out", str(out)]))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+    assert all({"n", "method", "path", "p50_ms", "p99_ms", "errors"} <= set(r) for r in rows)
+    assert {(r["method"], r["path"]) for r in rows if r["path"] != "http"} == {
+        (m, p) for m in ("faiss-flat", "faiss-ivf", "faiss-hnsw", "torch") for p in ("search", "text-query")}
+    http = [r for r in rows if r["path"] == "http"]
+    assert len(http) == 1 and http[0]["errors"] == 0 and http[0]["requests"] == 200
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
+    assert all(0.5 <= r["recall@10"] <= 1 for r in rows if "recall@10" in r)
