@@ -140,7 +140,7 @@ def test_search_cli(demo_run, tmp_path):
     audio = omnimoe("search", "--audio", str(media_path(manifest, rec["audio"])), "--target", "image", "--run", str(run), "--json")
     assert audio.returncode == 0 and json.loads(audio.stdout)["direction"] == "speech->image", audio.stderr[-2000:]
     linear = omnimoe("search", "A frog.", "--target", "image", "--run", str(run), "--method", "linear", "--index", "ivf")
-    assert linear.returncode == 0 and (run / "index" / "linear" / "text-to-image" / "index.json").is_file(), linear.stderr[-2000:]
+    assert linear.returncode == 0 and (run / "index" / "linear" / "text-to-image.ivf" / "index.json").is_file(), linear.stderr[-2000:]
     for args, message in [((), "exactly one query"), (("x", "--target", "video"), "unknown target 'video'"),
                           (("x", "--run", str(tmp_path)), "not an alignment run")]:  # fmt: skip
         bad = omnimoe("search", *args, "--run", str(run)) if "--run" not in args else omnimoe("search", *args)

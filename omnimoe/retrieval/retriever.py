@@ -2,7 +2,7 @@
 
 The target side is done once: each target modality's stored latents go through the connector's target
 projection for the direction ``source->target`` and into a :class:`VectorIndex` (saved under
-``<run>/index/<method>/<source>-to-<target>``). A query runs only its own encoder and the small connector:
+``<run>/index/<method>/<source>-to-<target>[.<kind>]``). A query runs only its own encoder and the small connector:
 
     raw text / image file / audio file -> frozen encoder -> connector (direction) -> index search
 
@@ -120,6 +120,12 @@ class Retriever:
         return {"method": self.method, "connector": self.connector_hash, "direction": direction,
                 "encoder": store.index.get("encoder"), "weights_hash": store.index.get("weights_hash")}  # fmt: skip
 
+    def index_folder(self, direction: str) -> Path:
+        """``<index_root>/<src>-to-<tgt>`` for the exact flat index, ``...-to-<tgt>.<kind>`` for the others
+        (so an ivf index can sit beside the flat one)."""
+        name = direction.replace("->", "-to-")
+        return self.index_root / (name if self.spec.kind == "flat" else f"{name}.{self.spec.kind}")
+
     @torch.no_grad()
     def _target_vectors(self, direction: str, rows: list[int] | None = None) -> torch.Tensor:
         store = self.stores[direction.split("->")[1]]
@@ -136,13 +142,11 @@ class Retriever:
                 return self._indexes[direction]
             if direction not in self.directions():
                 raise QueryError(f"direction {direction!r} is not one of this connector's {self.directions()}")
-            folder = self.index_root / direction.replace("->", "-to-")
+            folder = self.index_folder(direction)
             record = self._record(direction)
             index = None
             if (folder / "index.json").is_file() and not self.rebuild:
                 index = VectorIndex.load(folder, expect=record)  # another connector / encoder: IndexMismatch
-                if index.spec.kind != self.spec.kind and index.backend != "torch":
-                    raise IndexMismatch(f"{folder} is a {index.spec.kind!r} index, not {self.spec.kind!r}: rebuild it")
             store = self.stores[direction.split("->")[1]]
             if index is None:
                 index = VectorIndex.build(self._target_vectors(direction), list(store.ids), self.spec, record)
@@ -163,13 +167,14 @@ class Retriever:
         return len(new)
 
     def update(self) -> dict[str, int]:
-        """Reopen the stores and add items extracted since the indexes were built (no rebuild)."""
+        """Reopen the stores and add items extracted since the indexes were built (no rebuild). Items that
+        left a store stay in its index until a rebuild (faiss flat / hnsw indexes cannot drop rows)."""
         with self._lock:
             self.stores = {m: LatentStore.open(s.folder) for m, s in self.stores.items()}
             self._records, self._ids = None, None
             added = {}
             for direction, index in self._indexes.items():
-                added[direction] = self._update(index, direction, self.index_root / direction.replace("->", "-to-"))
+                added[direction] = self._update(index, direction, self.index_folder(direction))
             return added
 
     def build_all(self) -> dict[str, int]:
