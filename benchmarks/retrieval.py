@@ -163,59 +163,84 @@ def synthetic_run(folder: Path, n: int) -> Path:
     return folder
 
 
-def http_rows(args: argparse.Namespace) -> list[dict]:
+def load_test(args: argparse.Namespace, run: Path, coalesce: bool) -> dict:
+    """Start ``omnimoe serve`` on ``run``; send ``args.requests`` text queries, ``args.concurrency`` at a time."""
     import httpx
 
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "omnimoe.cli", "serve", "--run", str(run), "--port", "0", "--coalesce" if coalesce else "--no-coalesce"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        while not line.startswith("listening on "):
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                raise RuntimeError(f"serve exited: {proc.stderr.read()[-2000:]}")
+        url = line.split()[-1]
+        with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=args.concurrency)) as client:
+            def one(i: int) -> tuple[float, bool]:
+                t = time.perf_counter()
+                try:
+                    r = client.post(f"{url}/search", json={"text": CAPTIONS[i % len(CAPTIONS)], "target": "image", "k": 10})
+                    ok = r.status_code == 200 and len(r.json()["results"]) == 10
+                except httpx.HTTPError:
+                    ok = False
+                return (time.perf_counter() - t) * 1e3, ok
+
+            for i in range(20):
+                one(i)  # warm-up
+            t = time.perf_counter()
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                results = list(pool.map(one, range(args.requests)))
+            wall = time.perf_counter() - t
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    p50, p99 = percentiles([ms for ms, _ in results])
+    return {"n": args.http_n, "method": "faiss-flat" if faiss_available() else "torch", "path": "http", "p50_ms": round(p50, 2),
+            "p99_ms": round(p99, 2), "errors": sum(not ok for _, ok in results), "requests": args.requests,
+            "concurrency": args.concurrency, "requests_per_s": round(args.requests / wall, 1), "coalesce": coalesce}  # fmt: skip
+
+
+def http_rows(args: argparse.Namespace) -> list[dict]:
+    """The service with query coalescing (the default) and without it, on the same run, one after the other."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="omnimoe-bench-") as tmp:
         run = synthetic_run(Path(tmp) / "run", args.http_n)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "omnimoe.cli", "serve", "--run", str(run), "--port", "0"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-        try:
-            line = ""
-            while not line.startswith("listening on "):
-                line = proc.stdout.readline()
-                if not line and proc.poll() is not None:
-                    raise RuntimeError(f"serve exited: {proc.stderr.read()[-2000:]}")
-            url = line.split()[-1]
-            with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=args.concurrency)) as client:
-                def one(i: int) -> tuple[float, bool]:
-                    t = time.perf_counter()
-                    try:
-                        r = client.post(f"{url}/search", json={"text": CAPTIONS[i % len(CAPTIONS)], "target": "image", "k": 10})
-                        ok = r.status_code == 200 and len(r.json()["results"]) == 10
-                    except httpx.HTTPError:
-                        ok = False
-                    return (time.perf_counter() - t) * 1e3, ok
-
-                for i in range(20):
-                    one(i)  # warm-up
-                t = time.perf_counter()
-                with ThreadPoolExecutor(args.concurrency) as pool:
-                    results = list(pool.map(one, range(args.requests)))
-                wall = time.perf_counter() - t
-            p50, p99 = percentiles([ms for ms, _ in results])
-            row = {"n": args.http_n, "method": "faiss-flat" if faiss_available() else "torch", "path": "http", "p50_ms": round(p50, 2),
-                   "p99_ms": round(p99, 2), "errors": sum(not ok for _, ok in results), "requests": args.requests,
-                   "concurrency": args.concurrency, "requests_per_s": round(args.requests / wall, 1)}  # fmt: skip
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        for coalesce in (True, False):
+            rows.append(load_test(args, run, coalesce))
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
+@torch.no_grad()
+def connector_comparison(reps: int) -> dict[str, float]:
+    """p50 ms of one query through the connector: both task paths (what training runs) against the
+    contrastive path alone (what a query runs), interleaved in one loop."""
+    model = connector()
+    x = torch.randn(1, 384)
+    both, one = [], []
+    for i in range(reps + 10):
+        for tasks, out in ((("regression", "contrastive"), both), (TASK, one)):
+            t = time.perf_counter()
+            model(DIRECTION, x, tasks=tasks)
+            if i >= 10:
+                out.append((time.perf_counter() - t) * 1e3)
+    result = {"both_tasks_p50_ms": round(percentiles(both)[0], 3), "contrastive_only_p50_ms": round(percentiles(one)[0], 3)}
+    print(json.dumps({"connector": result}), flush=True)
+    return result
+
+
 def run(args: argparse.Namespace) -> list[dict]:
+    connector_comparison(args.queries)
     rows = index_rows(args)
     if not args.no_http:
         rows += http_rows(args)
     if args.out:
         write_json(args.out, rows)
-    print("\n| n | method | path | p50 ms | p99 ms | errors | recall@10 |\n|---|---|---|---|---|---|---|")
+    print("\n| n | method | path | p50 ms | p99 ms | errors | recall@10 | coalesce |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']} | {r['method']} | {r['path']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r.get('recall@10', '')} |")
+        print(f"| {r['n']} | {r['method']} | {r['path']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r.get('recall@10', '')} | {r.get('coalesce', '')} |")
     return rows
 
 

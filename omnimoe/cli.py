@@ -227,11 +227,11 @@ def store_info(
 
 
 def _retriever(run: Path, method: str, index: str, rebuild: bool = False):
-    from omnimoe.retrieval import IndexMismatch, IndexSpec, Retriever
+    from omnimoe.retrieval import IndexSpec, Retriever
 
     try:
         return Retriever(run, method=method, spec=IndexSpec(kind=index), rebuild=rebuild)  # type: ignore[arg-type]
-    except (OSError, ValueError, IndexMismatch) as exc:
+    except (OSError, ValueError) as exc:  # IndexMismatch is a ValueError
         _fail(str(exc))
 
 
@@ -283,12 +283,10 @@ def build_index(
     rebuild: bool = typer.Option(False, help="Replace existing indexes (e.g. after retraining the connector)."),
 ) -> None:
     """Build (or update with new store items) the index of every direction of a run."""
-    from omnimoe.retrieval import IndexMismatch
-
     retriever = _retriever(run, method, index, rebuild)
     try:
         sizes = retriever.build_all()
-    except (IndexMismatch, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # IndexMismatch is a ValueError
         _fail(str(exc))
     for d, n in sizes.items():
         typer.echo(f"{d:<20} {n} items")
@@ -303,12 +301,13 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port (0: any free port; the chosen one is printed)."),
     max_upload_mb: float = typer.Option(10.0, help="Largest accepted upload."),
+    coalesce: bool = typer.Option(True, help="Run concurrent queries of one direction as one encoder batch."),
 ) -> None:
     """The retrieval service: POST /search, GET /items/{id}, GET /media/{field}/{id}, GET /health, a web page at /."""
     from omnimoe.retrieval.service import ServiceConfig, serve as run_service
 
     retriever = _retriever(run, method, index)
-    run_service(retriever, ServiceConfig(host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20)))
+    run_service(retriever, ServiceConfig(host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20), coalesce=coalesce))
 
 
 @app.command()

@@ -111,7 +111,7 @@ class VectorIndex:
         a = normalise(vectors)
         index = cls(a.shape[1], spec, record)
         index._create(a)
-        index.add(a, ids)
+        index._append(a, ids)
         return index
 
     def _create(self, train: np.ndarray) -> None:
@@ -142,6 +142,10 @@ class VectorIndex:
         a = normalise(vectors)
         if a.shape[1] != self.dim:
             raise ValueError(f"vectors of width {a.shape[1]} do not fit an index of width {self.dim}")
+        self._append(a, ids)
+
+    def _append(self, a: np.ndarray, ids: list[str]) -> None:
+        """``add`` after normalisation (``build`` has normalised already: 1M vectors are 1 GB to copy)."""
         if len(ids) != len(a):
             raise ValueError(f"{len(ids)} ids for {len(a)} vectors")
         dup = [i for i in ids if i in self._pos]

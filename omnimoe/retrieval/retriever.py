@@ -235,9 +235,9 @@ class Retriever:
     def _manifest_records(self) -> dict[str, dict[str, Any]]:
         if self._records is None:
             records: dict[str, dict[str, Any]] = {}
-            for store in self.stores.values():
-                manifest = store.index.get("manifest")
-                if manifest and Path(manifest).is_file() and manifest not in {r.get("_manifest") for r in records.values()}:
+            manifests = dict.fromkeys(s.index.get("manifest") for s in self.stores.values())  # each once, in store order
+            for manifest in manifests:
+                if manifest and Path(manifest).is_file():
                     for r in read_manifest(manifest):
                         records.setdefault(r["id"], {**r, "_manifest": manifest})
             self._records = records

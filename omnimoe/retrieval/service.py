@@ -50,7 +50,12 @@ class ServiceConfig:
     max_batch: int = 64
     max_text_chars: int = 2000
     warm: bool = True  # build every index and load every encoder before accepting requests
+    coalesce: bool = True  # run concurrent queries of one direction as one batch (retriever.Batcher)
     allowed_types: dict[str, str] = field(default_factory=lambda: {**IMAGE_TYPES, **AUDIO_TYPES})
+
+
+class _TooLarge(Exception):
+    """Raised inside the app's receive() once the body passes the limit; caught by :class:`_BodyLimit`."""
 
 
 class _BodyLimit:
@@ -73,16 +78,13 @@ class _BodyLimit:
             return await self._reject(send)
         seen, started = 0, False
 
-        class TooLarge(Exception):
-            pass
-
         async def limited_receive() -> Any:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max:
-                    raise TooLarge
+                    raise _TooLarge
             return message
 
         async def tracking_send(message: Any) -> None:
@@ -92,7 +94,7 @@ class _BodyLimit:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except TooLarge:
+        except _TooLarge:
             if not started:
                 await self._reject(send)
 
@@ -104,7 +106,7 @@ def _page() -> str:
 def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
     """The FastAPI application (without the body limit: :func:`asgi_app` adds it)."""
     cfg = cfg or ServiceConfig()
-    batcher = Batcher(retriever, max_items=cfg.max_batch)
+    batcher = Batcher(retriever, max_items=cfg.max_batch) if cfg.coalesce else None
     app = FastAPI(title="omnimoe retrieval", version="1", description="Cross-modal search through an Alt-MoE connector over pre-stored latents.")
 
     def bad(status: int, message: str) -> HTTPException:
@@ -135,7 +137,7 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
         try:
             src = retriever.source_for(kind, target, source or None)
             start = time.perf_counter()
-            hits = batcher.submit(src, target, items, k)
+            hits = batcher.submit(src, target, items, k) if batcher else retriever.search(src, target, items, k)
             ms = (time.perf_counter() - start) * 1e3
         except QueryError as exc:
             raise bad(400, str(exc)) from None
