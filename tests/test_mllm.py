@@ -121,6 +121,18 @@ def test_splice_refuses_mismatched_placeholders():
         model.embed(torch.cat([ids, torch.full((2, 1), IMAGE_ID)], 1), media)  # one image position too many
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_loss_on_labelled_positions_equals_the_full_lm_loss(family):
+    """The head runs on labelled positions only; the loss is the Hugging Face LM loss of the spliced input."""
+    model = build_mllm(family)
+    ids, attention, labels, media = spliced_batch(model)
+    out = model(ids, attention, labels, media)
+    masked = labels.masked_fill(model._placeholder_mask(ids), IGNORE_INDEX)
+    full = model.llm(inputs_embeds=model.embed(ids, media), attention_mask=attention, labels=masked)
+    torch.testing.assert_close(out.lm_loss, full.loss)
+    assert out.tokens == int((masked[:, 1:] != IGNORE_INDEX).sum())
+
+
 def test_padding_is_not_routed():
     model = build_mllm()
     ids, attention, labels, media = spliced_batch(model)
@@ -134,13 +146,13 @@ def test_save_load_round_trip_and_generation(tmp_path, family):
     model = build_mllm(family)
     ids, attention, labels, media = spliced_batch(model)
     with torch.no_grad():
-        before = model(ids, attention, labels, media)
+        before = model(ids, attention, media=media)
     model.save_pretrained(tmp_path / "m")
     text = (tmp_path / "m" / "config.json").read_text()
     assert str(tmp_path) not in text and '"expert_sources"' in text  # relative: nothing points outside the folder
     loaded = MultimodalLLM.from_pretrained(tmp_path / "m")
     with torch.no_grad():
-        after = loaded(ids, attention, labels, media)
+        after = loaded(ids, attention, media=media)
     torch.testing.assert_close(after.logits, before.logits)
     assert loaded.num_moe_layers() == 2 and loaded.config.expert_sources == {"0": ["base"] * 4}
     prompt = ids[1:, :7]  # row 1: text, image, text

