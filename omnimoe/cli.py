@@ -18,6 +18,8 @@ store_app = typer.Typer(no_args_is_help=True, help="Inspect latent stores.")
 app.add_typer(moe_app, name="moe")
 app.add_typer(data_app, name="data")
 app.add_typer(store_app, name="store")
+mllm_app = typer.Typer(no_args_is_help=True, help="Uni-MoE: a sparse-MoE multimodal LLM (stages 1-3, evaluation, chat).")
+app.add_typer(mllm_app, name="mllm")
 
 
 def _finish_distributed() -> None:
@@ -308,6 +310,106 @@ def serve(
 
     retriever = _retriever(run, method, index)
     run_service(retriever, ServiceConfig(host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20), coalesce=coalesce))
+
+
+@mllm_app.command("train")
+def mllm_train(
+    stage: int = typer.Option(..., help="1: connectors; 2: one dense FFN per modality group; 3: MoE from them + LoRA."),
+    config: Optional[Path] = typer.Option(None, help="YAML recipe (see configs/unimoe/)."),
+    out: Path = typer.Option(..., help="Output folder of this stage (resumes when it holds a state.pt)."),
+    set_: List[str] = typer.Option([], "--set", help="Dotted override, e.g. --set steps=100 --set moe.num_experts_per_tok=1."),
+    eval_: bool = typer.Option(True, "--eval/--no-eval", help="Score the recipe's eval_data with the trained model at the end."),
+) -> None:
+    """Train one Uni-MoE stage from a recipe (under torchrun: DDP, and expert parallelism with expert_parallel=true)."""
+    from omnimoe.mllm.data import DataError
+    from omnimoe.mllm.train import MLLMTrainConfig, run_stage
+
+    try:
+        cfg = load_config(MLLMTrainConfig, config, [f"stage={stage}", *set_])
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    try:
+        result = run_stage(cfg, out)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if eval_ and cfg.eval_data and "model" in result:
+        from omnimoe.mllm.evaluate import evaluate_folder
+
+        summary = evaluate_folder(result["model"], result["tokenizer"], cfg, out)
+        typer.echo(json.dumps(summary.get("tasks", {}), indent=1))
+    _finish_distributed()
+    typer.echo(f"stage {stage} done: {out}")
+
+
+@mllm_app.command("eval")
+def mllm_eval(
+    model: Path = typer.Option(..., help="A stage folder (stage 1, one stage-2 group, or stage 3) or a saved model folder."),
+    data: Path = typer.Option(..., help="Held-out task file (LLaVA-style JSON with task/answer fields)."),
+    out: Optional[Path] = typer.Option(None, help="Write eval.json here (default: beside the model)."),
+    limit: int = typer.Option(0, help="Score only the first N records (0: all)."),
+) -> None:
+    """Score a trained model on a task file: accuracy (closed questions), token F1 (open), spread across tasks."""
+    from omnimoe.mllm.evaluate import evaluate_folder
+    from omnimoe.mllm.train import load_stage
+
+    try:
+        m, tok, cfg = load_stage(model)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    cfg.eval_data, cfg.eval_limit = str(data), limit
+    summary = evaluate_folder(m, tok, cfg, out or (model if model.is_dir() else model.parent))
+    typer.echo(json.dumps(summary, indent=1))
+
+
+@mllm_app.command("chat")
+def mllm_chat(
+    prompt: str = typer.Argument(..., help="The question; media placeholders are added in front when missing."),
+    model: Path = typer.Option(Path("runs/unimoe/stage3"), help="A stage folder or saved model folder."),
+    image: List[Path] = typer.Option([], help="Image file (repeatable)."),
+    audio: List[Path] = typer.Option([], help="Audio file (speech or sound; repeatable)."),
+    video: List[Path] = typer.Option([], help="A folder of frames (repeatable)."),
+    max_new_tokens: int = typer.Option(64),
+) -> None:
+    """Ask the trained model: omnimoe mllm chat --image x.png --audio y.wav "What is this?"."""
+    from omnimoe.encoders.base import BadInput
+    from omnimoe.mllm.chat import ChatSession
+
+    try:
+        session = ChatSession(model)
+        typer.echo(session.ask(prompt, [str(p) for p in image], [str(p) for p in audio], [str(p) for p in video], max_new_tokens))
+    except (BadInput, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+@mllm_app.command("tasks")
+def mllm_tasks(
+    out: Path = typer.Option(Path("runs/unimoe/tasks"), help="Folder for stage1/stage2-*/stage3/test JSON files."),
+    manifest: Optional[Path] = typer.Option(None, help="A Tux Paint manifest (default: fetch Tux Paint and write one beside OUT)."),
+    max_per_task: int = typer.Option(0, help="Cap each task per split (0: no cap)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Build the Tux Paint instruction tasks (image, speech and sound questions) as LLaVA-style JSON."""
+    from omnimoe.data.tuxpaint import build_tuxpaint_manifest
+    from omnimoe.mllm.tasks import build_tuxpaint_tasks
+
+    if manifest is None:
+        manifest, _ = build_tuxpaint_manifest(out.parent / "data")
+    typer.echo(json.dumps(build_tuxpaint_tasks(manifest, out, seed=seed, max_per_task=max_per_task or None)["files"], indent=1))
+
+
+@mllm_app.command("demo")
+def mllm_demo(
+    out: Path = typer.Option(Path("runs/unimoe"), help="Output folder (tasks, stages, results, plots)."),
+    quick: bool = typer.Option(False, help="Smoke-test size: a few records per task and a few steps per stage."),
+    set_: List[str] = typer.Option([], "--set", help="Dotted override for every stage's recipe (e.g. --set steps=50)."),
+) -> None:
+    """Uni-MoE on the embedded defaults: Gemma-3-270M + EfficientNet-Lite0 + Whisper-tiny on Tux Paint tasks;
+    stages 1-3, a dense equal-active comparison, per-task scores after every stage, expert-load plots."""
+    from omnimoe.demos.unimoe import format_table, run_unimoe_demo
+
+    result = run_unimoe_demo(out, quick=quick, overrides=list(set_))
+    typer.echo(format_table(result))
+    typer.echo(f"\nresults: {out / 'results.json'}; plots: " + ", ".join(result["plots"]))
 
 
 @app.command()

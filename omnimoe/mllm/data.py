@@ -275,7 +275,7 @@ class MediaFeatures:
     def build(cls, files: list[Path], encoders: dict[str, str], cache: Path, progress: bool = True) -> "MediaFeatures":
         """Encode (once; later calls reuse the stores) every media file the data files name, per encoder.
         Ids are paths relative to ``cache``'s parent folder, so one cache serves every file of a data folder."""
-        from omnimoe.data.manifest import write_manifest
+        from omnimoe.data.manifest import read_manifest, write_manifest
         from omnimoe.latents.extract import extract
         from omnimoe.latents.store import LatentStore
 
@@ -297,8 +297,11 @@ class MediaFeatures:
             folder.mkdir(parents=True, exist_ok=True)
             manifest = folder / "manifest.jsonl"
             field_ = "image" if kind == "image" else "audio"
-            recs = [{"id": k, field_: os.path.relpath(root / k, folder)} for k in sorted(keys)]
-            if not manifest.is_file() or manifest.read_text(encoding="utf-8") != "".join(json.dumps(r) + "\n" for r in recs):
+            # Keep the order of what was extracted before and append new files: only the last shards redo.
+            before = [r["id"] for r in read_manifest(manifest)] if manifest.is_file() else []
+            order = before + sorted(keys - set(before))  # a store only grows: other files of the folder keep theirs
+            recs = [{"id": k, field_: os.path.relpath(root / k, folder)} for k in order]
+            if order != before:
                 write_manifest(manifest, recs)
             extract(manifest, name, folder / "store", field=field_, tokens=True, on_error="skip", progress=progress)
             stores[kind] = LatentStore.open(folder / "store")

@@ -219,7 +219,7 @@ class MultimodalLLM(nn.Module):
             save_file(_untie(state), str(tmp), metadata={"format": "pt", "model_type": MODEL_TYPE})
         write_json(folder / "config.json", {"model_type": MODEL_TYPE, **dataclasses.asdict(self.config)})
         if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+            tokenizer.save_pretrained(folder / "tokenizer")
         return folder
 
     @classmethod

@@ -1,0 +1,545 @@
+"""The three Uni-MoE training stages, one recipe dataclass, one loop.
+
+* **Stage 1** (connector alignment): only the connectors train; the LLM is frozen. Data: caption /
+  transcription pairs. Output ``connectors.safetensors``.
+* **Stage 2** (modality-specific experts): for every modality group of the data (``image``, ``speech``...),
+  a fresh copy of the LLM trains the FFNs of the layers that will become MoE (connectors from stage 1, frozen)
+  on that group's instruction data. Output ``<group>/ffn.safetensors``: the expert candidates.
+* **Stage 3** (MoE + LoRA on mixed data): every chosen FFN becomes an MoE whose experts are the base FFN plus
+  the stage-2 FFNs; PEFT LoRA goes on attention and on every expert; routers and connectors train fully;
+  batches are grouped by modality. Output ``model/`` (``MultimodalLLM.save_pretrained`` plus the tokenizer),
+  whose config records which stage-2 run every expert came from. ``dense: true`` trains the comparison
+  instead: a dense FFN with the MoE's active parameters (``omnimoe.mllm.baselines``), same data and LoRA.
+
+Every stage resumes from ``state.pt`` after a kill (same final weights as an uninterrupted run), shows a
+progress bar, logs TensorBoard scalars under ``tb/``, and runs under torchrun (DDP; stage 3 can put the
+experts in expert parallelism: each rank holds ``num_experts / world`` of them; the saved model is whole).
+Paths a stage folder records (``stage.json``) are relative to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from omnimoe.config import from_dict
+from omnimoe.io import atomic_path, read_json, write_json
+from omnimoe.mllm.connectors import ConnectorSpec
+from omnimoe.mllm.data import ConversationData, MediaFeatures, read_conversations, report_bad, template_for
+from omnimoe.mllm.llm import add_placeholders, load_llm
+from omnimoe.mllm.model import MultimodalLLM, causal_lm
+from omnimoe.mllm.moe_llm import MoELLMConfig, decoder_layers, select_layers
+
+
+@dataclass
+class ConnectorRecipe:
+    kind: str = "mlp"  # mlp | qformer
+    hidden_dim: int = 0
+    max_tokens: int = 0
+    num_queries: int = 32
+    num_layers: int = 2
+    num_heads: int = 8
+    dropout: float = 0.0
+
+
+@dataclass
+class LoRARecipe:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05  # on attention; PEFT's expert (parameter) LoRA has none
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    experts: bool = True  # one adapter per expert (and on the dense baseline's FFN)
+    merge: bool = True  # fold the adapters into the saved model
+
+
+@dataclass
+class MLLMTrainConfig:
+    stage: int = 1
+    llm: str = "gemma3-270m"  # gemma3-270m | hf:<id or folder> | tiny:<llama|qwen2|mistral|gemma3>
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+    encoders: dict[str, str] = field(default_factory=lambda: {"image": "efficientnet-lite0", "audio": "whisper-tiny"})
+    connectors: dict[str, Any] = field(default_factory=lambda: {"image": {"kind": "mlp"}, "audio": {"kind": "mlp", "max_tokens": 32},
+                                                                "video": {"kind": "mlp"}})  # fmt: skip
+    template: str = "auto"  # chat template: auto | gemma | chatml | llama3 | vicuna
+    data: str = ""  # training file (LLaVA-style JSON)
+    eval_data: str = ""  # held-out file, scored at the end (omnimoe.mllm.evaluate)
+    features: str = ""  # encoder feature cache; default: <data folder>/features
+    init: str = ""  # stage 2/3: the stage-1 folder (its connectors)
+    experts: dict[str, str] = field(default_factory=dict)  # stage 3: group -> stage-2 folder (its FFN becomes an expert)
+    groups: list[str] = field(default_factory=list)  # stage 2: groups to train (default: every group in the data)
+    moe: MoELLMConfig = field(default_factory=MoELLMConfig)  # stage 2: whose FFNs train; stage 3: the MoE
+    dense: bool = False  # stage 3: the dense equal-active baseline instead of the MoE
+    expert_parallel: bool = False  # stage 3 under torchrun: shard the experts over the ranks
+    lora: LoRARecipe = field(default_factory=LoRARecipe)
+    steps: int = 200  # optimizer steps (per group in stage 2)
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4  # LoRA / FFNs
+    connector_lr: float = 1e-3  # connectors and routers
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    grouped_batches: bool = True
+    max_len: int = 512
+    seed: int = 0
+    dtype: str = "auto"  # auto (bf16 autocast where this CPU runs it fast, or on CUDA) | float32 | bfloat16
+    device: str = "auto"
+    save_every: int = 50
+    log_every: int = 10
+    eval_batch_size: int = 16
+    eval_max_new_tokens: int = 24
+    eval_limit: int = 0  # 0: every held-out record
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
+        if isinstance(self.moe, dict):
+            self.moe = from_dict(MoELLMConfig, self.moe, prefix="moe.")
+        if isinstance(self.lora, dict):
+            self.lora = from_dict(LoRARecipe, self.lora, prefix="lora.")
+
+
+# -- building -------------------------------------------------------------------------------------------------
+def _distributed() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _device(option: str) -> torch.device:
+    if option == "auto":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(option)
+
+
+def _autocast_dtype(option: str, device: torch.device) -> torch.dtype:
+    from omnimoe.encoders.base import fast_bf16_available
+
+    if option == "auto":
+        return torch.bfloat16 if device.type == "cuda" or fast_bf16_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[option]
+
+
+def _rel(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
+
+
+def connector_specs(cfg: MLLMTrainConfig, dims: dict[str, int], width: int, modalities: list[str]) -> dict[str, ConnectorSpec]:
+    specs = {}
+    for m in modalities:
+        recipe = from_dict(ConnectorRecipe, dict(cfg.connectors.get(m, {})), prefix=f"connectors.{m}.")
+        specs[m] = ConnectorSpec(in_dim=dims[m], out_dim=width, **dataclasses.asdict(recipe))
+    return specs
+
+
+def features_for(cfg: MLLMTrainConfig, files: list[Path], progress: bool = True) -> MediaFeatures:
+    cache = Path(cfg.features) if cfg.features else Path(files[0]).resolve().parent / "features"
+    rank, world = _distributed()
+    if rank == 0:
+        MediaFeatures.build(files, cfg.encoders, cache, progress=progress)  # extraction runs once, on rank 0
+    if world > 1:
+        dist.barrier()
+    return MediaFeatures.build(files, cfg.encoders, cache, progress=False)
+
+
+def base_model(cfg: MLLMTrainConfig, modalities: list[str], dims: dict[str, int]) -> tuple[MultimodalLLM, Any]:
+    """The LLM with placeholders and fresh connectors for ``modalities`` (seeded: the same on every rank)."""
+    llm, tokenizer = load_llm(cfg.llm, tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed)
+    ids = add_placeholders(llm, tokenizer, modalities)
+    width = causal_lm(llm).get_input_embeddings().weight.shape[1]
+    torch.manual_seed(cfg.seed)
+    return MultimodalLLM(llm, connector_specs(cfg, dims, width, modalities), ids), tokenizer
+
+
+def _stage_modalities(dims: dict[str, int], cfg: MLLMTrainConfig) -> list[str]:
+    return [m for m in ("image", "audio", "video") if m in dims and m in cfg.connectors]
+
+
+def _load_connectors(model: MultimodalLLM, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    path = folder / "connectors.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: init must be a finished stage-1 folder")
+    state = load_file(str(path))
+    own = model.connectors.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise ValueError(f"{path}: the connectors do not match this recipe's modalities/encoders/LLM (stage 1 had "
+                         f"{sorted({k.split('.')[0] for k in state})})")  # fmt: skip
+    model.connectors.load_state_dict(state)
+
+
+def _ffn_state(llm: nn.Module, layers: list[int]) -> dict[str, torch.Tensor]:
+    blocks = decoder_layers(llm)
+    return {f"{i}.{k}": v.detach().cpu().contiguous() for i in layers for k, v in blocks[i].mlp.state_dict().items()}
+
+
+# -- the loop -------------------------------------------------------------------------------------------------
+def _lr(cfg: MLLMTrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[str, Any]], cfg: MLLMTrainConfig, out: Path,
+               desc: str, progress: bool = True, stop_at_step: int | None = None, pad_id: int = 0) -> dict[str, Any]:  # fmt: skip
+    """AdamW over ``groups`` (param groups with their base ``lr``), warm-up + cosine, clipping, bf16
+    autocast; resumes from ``out/state.pt``. Returns ``{"steps", "history"}`` (``interrupted_at`` when
+    stopped by ``stop_at_step``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = _distributed()
+    device = _device(cfg.device)
+    model.to(device)
+    dtype = _autocast_dtype(cfg.dtype, device)
+    module: nn.Module = model
+    if world > 1:
+        from omnimoe.moe.parallel import ExpertParallelExperts, data_parallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        if any(isinstance(m, ExpertParallelExperts) for m in model.modules()):
+            module = data_parallel(model, device_ids=ids, find_unused_parameters=True)
+        else:
+            module = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    params = [p for g in groups for p in g["params"]]
+    state_path = out / ("state.pt" if not cfg.expert_parallel or world == 1 else f"state-rank{rank}-of-{world}.pt")
+    step, history = 0, []
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["config"] != dataclasses.asdict(cfg) | {"device": state["config"].get("device")}:
+            raise ValueError(f"{state_path} was written with another recipe; use a new output folder")
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in state["trainable"].items():
+                named[k].copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step, history = state["step"], state["history"]
+    per_epoch = len(data.batches(cfg.batch_size, 0, cfg.seed, cfg.grouped_batches, world)) // world  # steps (of every rank)
+    if not per_epoch:
+        raise ValueError(f"{data.path}: fewer records than one batch per rank")
+    writer = _tensorboard(out / "tb") if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
+    model.train()
+    running: list[float] = []
+    while step < cfg.steps:
+        if stop_at_step is not None and step >= stop_at_step:
+            bar.close()
+            return {"interrupted_at": step}
+        scale = _lr(cfg, step)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+        opt.zero_grad(set_to_none=True)
+        total, tokens = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            n = step * cfg.grad_accum + micro  # the n-th batch of the run, wherever it resumed
+            epoch, pos = divmod(n, per_epoch)
+            batches = data.batches(cfg.batch_size, epoch, cfg.seed, cfg.grouped_batches, world)
+            batch = data.collate(batches[pos * world + rank], pad_id)  # rank r takes every world-th batch
+            media = {m: dataclasses.replace(b, tokens=b.tokens.to(device), mask=b.mask.to(device)) for m, b in batch["media"].items()}
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                res = module(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), media)
+            (res.loss / cfg.grad_accum).backward()
+            total += res.lm_loss.item() / cfg.grad_accum
+            tokens += res.tokens
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        running.append(total)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.3f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            mean = sum(running) / len(running)
+            history.append({"step": step, "loss": mean, "lr_scale": scale})
+            running.clear()
+            if writer is not None:
+                writer.add_scalar("train/loss", mean, step)
+                writer.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
+                writer.flush()
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            state = {"config": dataclasses.asdict(cfg), "trainable": _trainable_state(model), "optimizer": opt.state_dict(),
+                     "rng": torch.get_rng_state(), "step": step, "history": history}  # fmt: skip
+            if rank == 0 or cfg.expert_parallel:
+                with atomic_path(state_path) as tmp:
+                    torch.save(state, tmp)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if world > 1:
+        del module
+        dist.barrier()
+    model.eval()
+    return {"steps": step, "history": history}
+
+
+# -- the stages -----------------------------------------------------------------------------------------------
+def _setup(cfg: MLLMTrainConfig, files: list[Path], progress: bool) -> tuple[MediaFeatures, dict[str, int]]:
+    if not cfg.data:
+        raise ValueError("the recipe names no training data (data: path/to/train.json)")
+    features = features_for(cfg, files, progress)
+    return features, features.dims()
+
+
+def _dataset(cfg: MLLMTrainConfig, path: Path, features: MediaFeatures, model: MultimodalLLM, tokenizer: Any, generation: bool = False,
+             report: bool = True) -> ConversationData:  # fmt: skip
+    data = ConversationData(path, features, tokenizer, template_for(tokenizer, cfg.template), model.config.placeholder_ids,
+                            lambda m, n: model.connectors[m].num_tokens(n), cfg.max_len, generation=generation)  # fmt: skip
+    if report and _distributed()[0] == 0:
+        report_bad(path, data.bad)
+    return data
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def _write_stage(out: Path, cfg: MLLMTrainConfig, info: dict[str, Any]) -> None:
+    if _distributed()[0] == 0:
+        write_json(out / "stage.json", {"stage": cfg.stage, "recipe": dataclasses.asdict(cfg), **info})
+
+
+def run_stage(cfg: MLLMTrainConfig, out: str | Path, progress: bool = True, stop_at_step: int | None = None) -> dict[str, Any]:
+    """Run ``cfg.stage`` into ``out``; returns the stage summary (also in ``out/stage.json``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [Path(cfg.data)] + ([Path(cfg.eval_data)] if cfg.eval_data else [])
+    features, dims = _setup(cfg, files, progress)
+    modalities = _stage_modalities(dims, cfg)
+    torch.manual_seed(cfg.seed)
+    if cfg.stage == 1:
+        return _stage1(cfg, out, features, dims, modalities, progress, stop_at_step)
+    if not cfg.init:
+        raise ValueError(f"stage {cfg.stage} needs init: the stage-1 folder (its connectors)")
+    if cfg.stage == 2:
+        return _stage2(cfg, out, features, dims, modalities, progress, stop_at_step)
+    return _stage3(cfg, out, features, dims, modalities, progress, stop_at_step)
+
+
+def _stage1(cfg, out, features, dims, modalities, progress, stop_at_step):  # type: ignore[no-untyped-def]
+    model, tokenizer = base_model(cfg, modalities, dims)
+    for p in model.llm.parameters():
+        p.requires_grad_(False)
+    data = _dataset(cfg, Path(cfg.data), features, model, tokenizer)
+    groups = [{"params": list(model.connectors.parameters()), "lr": cfg.connector_lr}]
+    result = train_loop(model, data, groups, cfg, out, "stage 1: connectors", progress, stop_at_step, _pad_id(tokenizer))
+    if "interrupted_at" in result:
+        return result
+    if _distributed()[0] == 0:
+        from safetensors.torch import save_file
+
+        with atomic_path(out / "connectors.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in model.connectors.state_dict().items()}, str(tmp))
+    info = {"llm": cfg.llm, "modalities": modalities, "train": result, "bad_records": len(data.bad)}
+    _write_stage(out, cfg, info)
+    return {**info, "model": model, "tokenizer": tokenizer}
+
+
+def _stage2(cfg, out, features, dims, modalities, progress, stop_at_step):  # type: ignore[no-untyped-def]
+    init = Path(cfg.init)
+    full = None
+    summaries = {}
+    groups_present: list[str] = []
+    for s in read_conversations(cfg.data)[0]:
+        if s.group not in groups_present:
+            groups_present.append(s.group)
+    wanted = cfg.groups or sorted(groups_present)
+    missing = [g for g in wanted if g not in groups_present]
+    if missing:
+        raise ValueError(f"groups {missing} have no records in {cfg.data} (present: {sorted(groups_present)})")
+    for group in wanted:
+        folder = out / group
+        if (folder / "ffn.safetensors").is_file():
+            summaries[group] = read_json(folder / "stage.json")["train"] if (folder / "stage.json").is_file() else {}
+            continue
+        model, tokenizer = base_model(cfg, modalities, dims)
+        _load_connectors(model, init)
+        layers = select_layers(cfg.moe.layers, len(decoder_layers(model.llm)))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        ffn_params = [p for i in layers for p in decoder_layers(model.llm)[i].mlp.parameters()]
+        for p in ffn_params:
+            p.requires_grad_(True)
+        if full is None:
+            full = _dataset(cfg, Path(cfg.data), features, model, tokenizer)
+        data = copy.copy(full)
+        data.examples = [e for e in full.examples if e.sample.group == group]
+        result = train_loop(model, data, [{"params": ffn_params, "lr": cfg.lr}], cfg, folder, f"stage 2: {group} FFNs", progress,
+                            stop_at_step, _pad_id(tokenizer))  # fmt: skip
+        if "interrupted_at" in result:
+            return result
+        if _distributed()[0] == 0:
+            from safetensors.torch import save_file
+
+            with atomic_path(folder / "ffn.safetensors") as tmp:
+                save_file(_ffn_state(model.llm, layers), str(tmp), metadata={"layers": ",".join(map(str, layers)), "group": group})
+            write_json(folder / "stage.json", {"stage": 2, "group": group, "init": _rel(init, folder), "layers": layers, "train": result,
+                                               "recipe": dataclasses.asdict(cfg)})  # fmt: skip
+        summaries[group] = result
+    info = {"llm": cfg.llm, "init": _rel(init, out), "groups": wanted, "train": summaries}
+    _write_stage(out, cfg, info)
+    return info
+
+
+def _expert_ffns(cfg: MLLMTrainConfig, model: MultimodalLLM, out: Path) -> tuple[dict[int, list[nn.Module]], dict[int, list[str]]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    blocks = decoder_layers(model.llm)
+    layers = select_layers(cfg.moe.layers, len(blocks))
+    ffns = {i: [blocks[i].mlp] for i in layers}
+    sources = {i: [f"base:{cfg.llm}"] for i in layers}
+    for group, folder in sorted(cfg.experts.items()):
+        path = Path(folder) / "ffn.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"expert {group}: {path} missing (a finished stage-2 group folder, e.g. runs/stage2/{group})")
+        with safe_open(str(path), "pt") as f:
+            trained = [int(x) for x in (f.metadata() or {}).get("layers", "").split(",") if x]
+        if sorted(trained) != layers:
+            raise ValueError(f"expert {group}: {path} trained layers {trained}, this MoE uses {layers} (use the same moe.layers)")
+        state = load_file(str(path))
+        for i in layers:
+            ffn = copy.deepcopy(blocks[i].mlp)
+            ffn.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == str(i)})
+            ffns[i].append(ffn)
+            sources[i].append(f"stage2:{group}:{_rel(Path(folder), out / 'model')}")
+    return ffns, sources
+
+
+def _stage3(cfg, out, features, dims, modalities, progress, stop_at_step):  # type: ignore[no-untyped-def]
+    rank, world = _distributed()
+    model, tokenizer = base_model(cfg, modalities, dims)
+    _load_connectors(model, Path(cfg.init))
+    ffns, sources = _expert_ffns(cfg, model, out)
+    moe_cfg = dataclasses.replace(cfg.moe, num_experts=len(next(iter(ffns.values()))))
+    if cfg.dense:
+        from omnimoe.mllm.baselines import dense_equal_active
+
+        layers = dense_equal_active(model.llm, moe_cfg, ffns)
+        model.config.moe, model.config.dense_layers = moe_cfg, {str(i): 1 for i in layers}
+        model.config.expert_sources = {str(i): v[: moe_cfg.num_experts_per_tok] for i, v in sources.items()}
+    else:
+        model.moefy(moe_cfg, ffns, sources, generator=torch.Generator().manual_seed(cfg.seed))
+        if cfg.expert_parallel and world > 1:
+            if not cfg.lora.merge:
+                raise ValueError("expert_parallel needs lora.merge: true (the saved model gathers merged experts from every rank)")
+            from omnimoe.moe.parallel import parallelize_experts
+
+            parallelize_experts(model.llm)
+    targets = list(cfg.lora.targets)
+    params_targets: list[str] = []
+    if cfg.lora.experts:
+        if cfg.dense:
+            targets += sorted({n.rsplit(".", 1)[-1] for n, m in decoder_layers(model.llm)[0].mlp.named_modules() if isinstance(m, nn.Linear)})
+        else:
+            kind = next(m for m in model.llm.modules() if m.__class__.__name__.endswith("Experts"))
+            params_targets = [f"experts.{n}" for n, _ in kind.named_parameters(recurse=False) if n.endswith("proj")]
+    model.apply_lora(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, targets, params_targets)
+    routers = [p for n, p in model.llm.named_parameters() if ".router." in n or n.endswith("expert_bias")]
+    for p in list(model.connectors.parameters()) + routers:
+        p.requires_grad_(True)
+    lora = [p for n, p in model.llm.named_parameters() if p.requires_grad and "lora_" in n]
+    if cfg.expert_parallel and world > 1:
+        for n, p in model.llm.named_parameters():  # expert adapters see every rank's tokens through the all-to-all
+            if p.requires_grad and "experts" in n and "lora_" in n:
+                p.register_hook(lambda g: g / world)
+        _ignore_local_adapters(model)
+    data = _dataset(cfg, Path(cfg.data), features, model, tokenizer)
+    groups = [{"params": lora, "lr": cfg.lr}, {"params": list(model.connectors.parameters()) + routers, "lr": cfg.connector_lr}]
+    result = train_loop(model, data, groups, cfg, out, "stage 3: " + ("dense" if cfg.dense else "MoE") + " + LoRA", progress, stop_at_step,
+                        _pad_id(tokenizer))  # fmt: skip
+    if "interrupted_at" in result:
+        return result
+    if cfg.lora.merge:
+        model.merge_lora()
+    model.save_pretrained(out / "model", tokenizer=tokenizer)
+    info = {"llm": cfg.llm, "init": _rel(Path(cfg.init), out), "experts": {g: _rel(Path(f), out) for g, f in cfg.experts.items()},
+            "dense": cfg.dense, "train": result, "bad_records": len(data.bad)}  # fmt: skip
+    _write_stage(out, cfg, info)
+    return {**info, "model": model, "tokenizer": tokenizer}
+
+
+def _ignore_local_adapters(model: MultimodalLLM) -> None:
+    """DDP must not average the per-rank expert adapters (each rank holds its own experts')."""
+    names = [n for n, p in model.named_parameters() if "experts" in n and "lora_" in n]
+    existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, existing + names)
+
+
+# -- loading a stage's model ----------------------------------------------------------------------------------
+def load_stage(folder: str | Path) -> tuple[MultimodalLLM, Any, MLLMTrainConfig]:
+    """The model of any stage folder: stage 3's ``model/`` (or that folder itself), a stage-1 folder
+    (base LLM + its connectors), or one stage-2 group folder (that group's FFNs in the base LLM)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        model_dir = folder
+        folder = folder.parent
+    else:
+        model_dir = folder / "model"
+    info = read_json(folder / "stage.json") if (folder / "stage.json").is_file() else None
+    if info is None:
+        raise FileNotFoundError(f"{folder} is not a stage folder (no stage.json)")
+    cfg = from_dict(MLLMTrainConfig, info["recipe"])
+    if info["stage"] == 3:
+        return MultimodalLLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir / "tokenizer"), cfg
+    from safetensors.torch import load_file
+
+    stage1 = folder if info["stage"] == 1 else (folder / info["init"]).resolve()
+    s1 = read_json(stage1 / "stage.json")
+    from omnimoe.encoders.registry import load_encoder  # dims of the encoders the connectors were built for
+
+    dims = {}
+    state = load_file(str(stage1 / "connectors.safetensors"))
+    for m in s1["modalities"]:
+        first = next(k for k in state if k.startswith(f"{m}."))
+        dims[m] = _connector_in_dim(state, m, first)
+    model, tokenizer = base_model(cfg, s1["modalities"], dims)
+    model.connectors.load_state_dict(state)
+    if info["stage"] == 2:
+        if "group" not in info:
+            raise ValueError(f"{folder} is the stage-2 parent folder: pass one group's folder ({', '.join(info.get('groups', []))})")
+        blocks = decoder_layers(model.llm)
+        ffn = load_file(str(folder / "ffn.safetensors"))
+        for i in info["layers"]:
+            blocks[i].mlp.load_state_dict({k.split(".", 1)[1]: v for k, v in ffn.items() if k.split(".", 1)[0] == str(i)})
+    del load_encoder
+    return model.eval(), tokenizer, cfg
+
+
+def _connector_in_dim(state: dict[str, torch.Tensor], modality: str, first: str) -> int:
+    """The encoder width a saved connector reads (its first linear layer's input width)."""
+    for key in (f"{modality}.net.0.weight", f"{modality}.inp.weight"):
+        if key in state:
+            return int(state[key].shape[1])
+    if f"{modality}.queries" in state:
+        return int(state[f"{modality}.queries"].shape[1])
+    raise ValueError(f"cannot tell the input width of the saved {modality} connector ({first})")

@@ -1,0 +1,232 @@
+"""Uni-MoE data and the three training stages on a tiny randomly initialised LLM (no download) with the real
+encoders and real Tux Paint media: chat template and masking, bad records, grouped batches, every stage,
+resume after a kill, LoRA merged and unmerged, the dense baseline, torchrun with expert parallelism, chat."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from omnimoe.mllm import MultimodalLLM
+from omnimoe.mllm.data import TEMPLATES, ConversationData, DataError, MediaFeatures, encode_turns, read_conversations, template_for
+from omnimoe.mllm.llm import add_placeholders, load_llm
+from omnimoe.mllm.model import IGNORE_INDEX
+from omnimoe.mllm.moe_llm import MoEMLP, decoder_layers
+from omnimoe.mllm.train import MLLMTrainConfig, load_stage, run_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(llm="tiny:llama", tiny_layers=2, steps=4, batch_size=3, warmup_steps=1, save_every=2, log_every=2, dtype="float32",
+            eval_max_new_tokens=4, connectors={"image": {"kind": "mlp", "max_tokens": 8}, "audio": {"kind": "qformer", "num_queries": 4, "num_heads": 4}})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    from omnimoe.data.tuxpaint import build_tuxpaint_manifest
+    from omnimoe.mllm.tasks import build_tuxpaint_tasks
+
+    root = tmp_path_factory.mktemp("unimoe")
+    try:
+        manifest, _ = build_tuxpaint_manifest(root / "data", synthesize_speech=False)
+    except Exception as exc:  # pragma: no cover - only where the Debian archive is unreachable
+        pytest.skip(f"Tux Paint unavailable: {exc}")
+    build_tuxpaint_tasks(manifest, root / "tasks", max_per_task=3)
+    return root / "tasks"
+
+
+@pytest.fixture(scope="module")
+def stages(tasks, tmp_path_factory):
+    """Stages 1, 2 and 3 once (later tests read the folders)."""
+    out = tmp_path_factory.mktemp("stages")
+    r1 = run_stage(MLLMTrainConfig(stage=1, data=str(tasks / "stage1.json"), **TINY), out / "s1", progress=False)
+    r2 = run_stage(MLLMTrainConfig(stage=2, data=str(tasks / "stage3.json"), init=str(out / "s1"), **{**TINY, "moe": {"layers": "1"}}),
+                   out / "s2", progress=False)  # fmt: skip
+    experts = {g: str(out / "s2" / g) for g in r2["groups"]}
+    r3 = run_stage(MLLMTrainConfig(stage=3, data=str(tasks / "stage3.json"), init=str(out / "s1"), experts=experts,
+                                   **{**TINY, "moe": {"layers": "1", "num_experts_per_tok": 2}}), out / "s3", progress=False)  # fmt: skip
+    return {"out": out, "r1": r1, "r2": r2, "r3": r3, "experts": experts}
+
+
+def test_chat_template_masks_everything_but_the_answers():
+    llm, tok = load_llm("tiny:llama")
+    ids = add_placeholders(llm, tok, ["image"])
+    template = template_for(tok)
+    assert template.name == "gemma"  # the tiny tokenizer has Gemma's turn markers
+    turns = [("system", "Be brief."), ("user", "<image>\nWhat is this?"), ("assistant", "A koala."), ("user", "Sure?"), ("assistant", "Yes.")]
+    enc = encode_turns(turns, tok, template, ids, {"image": [5]})
+    assert enc.input_ids.count(ids["image"]) == 5 and len(enc.input_ids) == len(enc.labels)
+    learnt = tok.decode([t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX])
+    assert learnt == "A koala.<end_of_turn>\nYes.<end_of_turn>\n"
+    text = tok.decode(enc.input_ids)
+    assert text.startswith("<bos><start_of_turn>user\nBe brief.\n\n<image>") and "What is this?" in text
+    gen = encode_turns(turns[:3], tok, template, ids, {"image": [5]}, generation=True)
+    assert tok.decode(gen.input_ids).endswith("What is this?<end_of_turn>\n<start_of_turn>model\n") and all(l == IGNORE_INDEX for l in gen.labels)
+    with pytest.raises(ValueError, match="more <image> placeholders"):
+        encode_turns([("user", "<image><image>"), ("assistant", "x")], tok, template, ids, {"image": [5]})
+    assert TEMPLATES["vicuna"].suffix("</s>") == "</s>"
+
+
+def test_bad_records_are_reported_with_index_and_reason(tmp_path, tasks):
+    good = json.loads((tasks / "stage1.json").read_text())[0]
+    image = str((tasks / good["image"]).resolve()) if "image" in good else None
+    records = [
+        {"id": "ok", "image": image, "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A cat."}]},
+        {"id": "missing", "image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]},
+        {"id": "count", "image": image, "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "A."}]},
+        {"id": "noanswer", "conversations": [{"from": "human", "value": "Hi"}]},
+        {"id": "speaker", "conversations": [{"from": "robot", "value": "Hi"}, {"from": "gpt", "value": "A."}]},
+        {"id": "empty", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "  "}]},
+        "not an object",
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    samples, bad = read_conversations(path)
+    assert [s.id for s in samples] == ["ok"] and samples[0].group == "image"
+    reasons = {b.index: b.reason for b in bad}
+    assert "nope.png does not exist" in reasons[1] and "0 <image> placeholder(s) for 1 image" in reasons[2]
+    assert "no non-empty answer" in reasons[3] and "unknown speaker 'robot'" in reasons[4] and "no non-empty answer" in reasons[5]
+    assert "expected an object" in reasons[6] and str(bad[0]).startswith("record 1 (missing)")
+    path.write_text(json.dumps(records[1:]))
+    with pytest.raises(DataError, match="no usable record"):
+        read_conversations(path)
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_conversations(path)
+
+
+def test_batches_are_grouped_by_modality_and_split_over_ranks(stages, tasks):
+    model, tok = stages["r1"]["model"], stages["r1"]["tokenizer"]
+    features = MediaFeatures.build([tasks / "stage3.json"], MLLMTrainConfig().encoders, tasks / "features", progress=False)
+    data = ConversationData(tasks / "stage3.json", features, tok, template_for(tok), model.config.placeholder_ids,
+                            lambda m, n: model.connectors[m].num_tokens(n))  # fmt: skip
+    batches = data.batches(2, epoch=0, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(len(data)))
+    assert all(len({data.examples[i].sample.group for i in b}) == 1 for b in batches)
+    assert batches == data.batches(2, epoch=0, seed=0) and batches != data.batches(2, epoch=1, seed=0)
+    assert len(data.batches(2, 0, world=2)) % 2 == 0
+    batch = data.collate(batches[0], pad_id=0)
+    ex = data.examples[batches[0][0]]
+    n_media = sum(len(v) for e in batch["examples"] for v in e.media.values())
+    assert sum(len(b.tokens) for b in batch["media"].values()) == n_media
+    assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"][0, : len(ex.input_ids)].tolist() == ex.input_ids
+
+
+def test_stage1_trains_only_the_connectors(stages):
+    out, r1 = stages["out"], stages["r1"]
+    base, _ = load_llm("tiny:llama", tiny_layers=2)
+    model = r1["model"]
+    trained = {k: v for k, v in model.llm.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in trained.items())  # the LLM is frozen
+    saved = load_file(str(out / "s1" / "connectors.safetensors"))
+    assert set(k.split(".")[0] for k in saved) == set(model.config.connectors)
+    info = json.loads((out / "s1" / "stage.json").read_text())
+    assert info["stage"] == 1 and info["train"]["steps"] == 4 and (out / "s1" / "tb").is_dir()
+
+
+def test_stage2_trains_one_ffn_per_group_on_the_chosen_layers(stages):
+    out, groups = stages["out"], stages["r2"]["groups"]
+    assert groups == sorted(groups) and set(groups) <= {"image", "speech", "sound"} and len(groups) >= 2
+    base, _ = load_llm("tiny:llama", tiny_layers=2)
+    base_ffn = decoder_layers(base)[1].mlp.state_dict()
+    for g in groups:
+        ffn = load_file(str(out / "s2" / g / "ffn.safetensors"))
+        assert {k.split(".")[0] for k in ffn} == {"1"}  # moe.layers = "1": only that layer's FFN is an expert candidate
+        assert any(not torch.equal(ffn[f"1.{k}"], v) for k, v in base_ffn.items())  # it trained
+        model, _, _ = load_stage(out / "s2" / g)
+        torch.testing.assert_close(decoder_layers(model.llm)[1].mlp.state_dict()["down_proj.weight"], ffn["1.down_proj.weight"])
+
+
+def test_stage3_builds_the_moe_from_the_stage2_ffns_and_reloads(stages):
+    out, r3 = stages["out"], stages["r3"]
+    model = r3["model"]
+    folder = out / "s3" / "model"
+    cfg = json.loads((folder / "config.json").read_text())
+    groups = sorted(stages["experts"])
+    assert cfg["expert_sources"]["1"] == ["base:tiny:llama"] + [f"stage2:{g}:../../s2/{g}" for g in groups]
+    assert cfg["lora"] is None and str(out) not in (folder / "config.json").read_text()  # merged; relative paths only
+    loaded = MultimodalLLM.from_pretrained(folder)
+    assert isinstance(decoder_layers(loaded.llm)[1].mlp, MoEMLP) and not isinstance(decoder_layers(loaded.llm)[0].mlp, MoEMLP)
+    assert decoder_layers(loaded.llm)[1].mlp.moe.config.num_experts == 1 + len(groups)
+    ids = torch.randint(0, 200, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    again, tok, _ = load_stage(out / "s3")
+    assert tok.convert_tokens_to_ids("<image>") == loaded.config.placeholder_ids["image"]
+    summary = json.loads((out / "s3" / "stage.json").read_text())
+    assert summary["experts"] == {g: f"../s2/{g}" for g in groups}
+
+
+def test_stage3_with_unmerged_lora_and_the_dense_baseline(stages, tasks):
+    out = stages["out"]
+    common = dict(data=str(tasks / "stage3.json"), init=str(out / "s1"), experts=stages["experts"], **{**TINY, "steps": 2, "moe": {"layers": "1"}})
+    r = run_stage(MLLMTrainConfig(stage=3, lora={"merge": False}, **common), out / "s3-lora", progress=False)
+    cfg = json.loads((out / "s3-lora" / "model" / "config.json").read_text())
+    assert cfg["lora"]["r"] == 8 and cfg["lora"]["target_parameters"]
+    loaded = MultimodalLLM.from_pretrained(out / "s3-lora" / "model")
+    ids = torch.randint(0, 200, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, r["model"](ids).logits)
+    d = run_stage(MLLMTrainConfig(stage=3, dense=True, **common), out / "s3-dense", progress=False)
+    mlp = decoder_layers(d["model"].llm)[1].mlp
+    assert not isinstance(mlp, MoEMLP) and sum(p.numel() for p in mlp.parameters()) == 2 * sum(
+        p.numel() for p in decoder_layers(d["model"].llm)[0].mlp.parameters())  # top-2 worth of FFN: equal active parameters
+    reloaded = MultimodalLLM.from_pretrained(out / "s3-dense" / "model")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, d["model"](ids).logits)
+
+
+def test_a_killed_stage_resumes_to_the_same_weights(tasks, tmp_path):
+    cfg = MLLMTrainConfig(stage=1, data=str(tasks / "stage1.json"), **{**TINY, "steps": 4, "save_every": 2})
+    whole = run_stage(cfg, tmp_path / "whole", progress=False)["model"]
+    assert run_stage(cfg, tmp_path / "cut", progress=False, stop_at_step=2) == {"interrupted_at": 2}
+    resumed = run_stage(cfg, tmp_path / "cut", progress=False)["model"]
+    for (k, a), (_, b) in zip(whole.connectors.state_dict().items(), resumed.connectors.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+    other = MLLMTrainConfig(stage=1, data=str(tasks / "stage1.json"), **{**TINY, "steps": 4, "save_every": 2, "lr": 1.0})
+    (tmp_path / "cut" / "connectors.safetensors").unlink()
+    with pytest.raises(ValueError, match="another recipe"):
+        run_stage(other, tmp_path / "cut", progress=False)
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900, **kw)
+
+
+def test_torchrun_stage3_with_expert_parallelism_saves_a_whole_model(stages, tasks, tmp_path):
+    out = stages["out"]
+    sets = [f"data={tasks / 'stage3.json'}", f"init={out / 's1'}", "llm=tiny:llama", "tiny_layers=2", "steps=2", "batch_size=2", "dtype=float32",
+            "moe.layers=1", "expert_parallel=true", "connectors.audio.kind=qformer", "connectors.audio.num_queries=4",
+            "connectors.audio.num_heads=4", "connectors.image.max_tokens=8"] + [f"experts.{g}={p}" for g, p in stages["experts"].items()]  # fmt: skip
+    groups = len(stages["experts"])
+    if (1 + groups) % 2:
+        sets.append("experts.extra=" + stages["experts"][sorted(stages["experts"])[0]])  # an even expert count for 2 ranks
+    done = _cli("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "omnimoe.cli", "mllm", "train", "--stage", "3",
+                "--out", str(tmp_path / "ep"), "--no-eval", *[a for s in sets for a in ("--set", s)])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = MultimodalLLM.from_pretrained(tmp_path / "ep" / "model")  # written at world size 2, loaded in one process
+    moe = decoder_layers(model.llm)[1].mlp.moe
+    assert moe.experts.gate_up_proj.shape[0] == moe.config.num_experts == len(json.loads((tmp_path / "ep" / "model" / "config.json").read_text())["expert_sources"]["1"])
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 200, (1, 6))).logits).all()
+
+
+def test_chat_and_eval_from_the_command_line(stages, tasks, tmp_path):
+    out = stages["out"]
+    rec = next(r for r in json.loads((tasks / "test.json").read_text()) if "image" in r)
+    image = (tasks / rec["image"]).resolve()
+    done = _cli("-m", "omnimoe.cli", "mllm", "chat", "--model", str(out / "s3"), "--image", str(image), "--max-new-tokens", "5", "What is this?")
+    assert done.returncode == 0, done.stderr[-2000:]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    done = _cli("-m", "omnimoe.cli", "mllm", "chat", "--model", str(out / "s3"), "--image", str(bad), "What is this?")
+    assert done.returncode == 2 and "bad.png" in done.stderr
+    done = _cli("-m", "omnimoe.cli", "mllm", "eval", "--model", str(out / "s3"), "--data", str(tasks / "test.json"), "--limit", "4",
+                "--out", str(tmp_path))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert len(rows) == 4 and all(0.0 <= r["score"] <= 1.0 for r in rows)
