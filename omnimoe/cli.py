@@ -386,15 +386,20 @@ def mllm_tasks(
     out: Path = typer.Option(Path("runs/unimoe/tasks"), help="Folder for stage1/stage2-*/stage3/test JSON files."),
     manifest: Optional[Path] = typer.Option(None, help="A Tux Paint manifest (default: fetch Tux Paint and write one beside OUT)."),
     max_per_task: int = typer.Option(0, help="Cap each task per split (0: no cap)."),
+    eval_per_task: int = typer.Option(24, help="Records per task in test-eval.json (generation is the slow part on a CPU)."),
     seed: int = typer.Option(0),
 ) -> None:
     """Build the Tux Paint instruction tasks (image, speech and sound questions) as LLaVA-style JSON."""
     from omnimoe.data.tuxpaint import build_tuxpaint_manifest
     from omnimoe.mllm.tasks import build_tuxpaint_tasks
 
+    from omnimoe.demos.unimoe import eval_subset
+
     if manifest is None:
         manifest, _ = build_tuxpaint_manifest(out.parent / "data")
-    typer.echo(json.dumps(build_tuxpaint_tasks(manifest, out, seed=seed, max_per_task=max_per_task or None)["files"], indent=1))
+    files = build_tuxpaint_tasks(manifest, out, seed=seed, max_per_task=max_per_task or None)["files"]
+    eval_subset(out, eval_per_task, seed)
+    typer.echo(json.dumps(files, indent=1))
 
 
 @mllm_app.command("demo")

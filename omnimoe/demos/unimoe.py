@@ -36,7 +36,7 @@ def _config(data: dict[str, Any], overrides: list[str]) -> MLLMTrainConfig:
     return from_dict(MLLMTrainConfig, apply_overrides(data, overrides))
 
 
-def _eval_subset(tasks: Path, per_task: int, seed: int = 0) -> Path:
+def eval_subset(tasks: Path, per_task: int, seed: int = 0) -> Path:
     """At most ``per_task`` held-out records of each task (generation on a CPU is the slow part)."""
     records = json.loads((tasks / "test.json").read_text())
     by_task: dict[str, list[dict[str, Any]]] = {}
@@ -64,7 +64,7 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
     manifest, _ = build_tuxpaint_manifest(out / "data")
     tasks = out / "tasks"
     counts = build_tuxpaint_tasks(manifest, tasks, max_per_task=size["max_per_task"] or None)
-    _eval_subset(tasks, size["eval_per_task"])
+    eval_subset(tasks, size["eval_per_task"])
     rows: list[dict[str, Any]] = []
     summaries: dict[str, Any] = {}
 

@@ -26,7 +26,7 @@ class MoELLMConfig:
     """Where the MoE goes and how it routes (HF names). ``layers``: "all", "every:N" (layers 0, N, 2N, ...),
     "every:N:1" (layers 1, 1+N, ...) or a comma list of indices ("0,5,11"); negative indices count from the end."""
 
-    layers: str = "all"
+    layers: str | int | list[int] = "all"  # normalised to a string ("3", [0, 5] -> "0,5")
     num_experts: int = 4
     num_experts_per_tok: int = 2
     norm_topk_prob: bool = True  # Mixtral / Uni-MoE v1: softmax over the chosen k
@@ -42,6 +42,10 @@ class MoELLMConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if isinstance(self.layers, int):
+            self.layers = str(self.layers)
+        elif isinstance(self.layers, (list, tuple)):
+            self.layers = ",".join(str(int(i)) for i in self.layers)
         if self.init not in ("copy", "sliced"):
             raise ValueError(f"init {self.init!r}: choose 'copy' or 'sliced'")
 

@@ -159,9 +159,11 @@ def data_parallel(model: nn.Module, **ddp_kwargs) -> nn.parallel.DistributedData
     world = dist.get_world_size(ddp_kwargs.get("process_group"))
     params = dict(model.named_parameters())
     for name in names:
-        params[name].register_hook(lambda g: g / world)
+        if params[name].requires_grad:  # frozen experts (e.g. LoRA on top of them) have no gradient to scale
+            params[name].register_hook(lambda g: g / world)
     # Each rank counts its own expert load for aux-loss-free balancing (summed at update time): DDP must not
     # overwrite those counters with rank 0's when it broadcasts buffers.
     counters = [n for n, _ in model.named_buffers() if n.endswith("_load_since_update")]
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names + counters)
+    already = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))  # e.g. per-rank expert adapters
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, already + names + counters)
     return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)

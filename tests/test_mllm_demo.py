@@ -1,0 +1,31 @@
+"""The Uni-MoE demo on the real embedded models (Gemma-3-270M, EfficientNet-Lite0, Whisper-tiny) and Tux
+Paint, in its --quick form, as a user runs it: every stage, both stage-3 models, scores, plots."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unimoe_demo_quick(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "omnimoe.cli", "mllm", "demo", "--quick", "--out", str(tmp_path)], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=1800)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    tasks = {"image-what", "image-category", "image-yesno", "speech-what", "sound-what"}
+    for model in ("stage1 (connectors)", "stage3 moe", "stage3 dense-equal-active"):
+        got = {r["task"] for r in rows if r["model"] == model}
+        assert got == tasks, (model, got)
+    assert all(0.0 <= r["score"] <= 1.0 and r["n"] > 0 for r in rows)
+    assert "| stage3 moe |" in done.stdout and "spread" in done.stdout
+    config = json.loads((tmp_path / "stage3-moe" / "model" / "config.json").read_text())
+    sources = next(iter(config["expert_sources"].values()))
+    assert sources[0] == "base:gemma3-270m" and sorted(s.split(":")[1] for s in sources[1:]) == ["image", "sound", "speech"]
+    assert config["moe_layers"] == list(range(0, 18, 2)) and str(tmp_path) not in json.dumps(config)
+    load = json.loads((tmp_path / "stage3-moe" / "expert_load.json").read_text())
+    assert set(load) == {"image", "speech", "sound"} and all(abs(sum(v) - 1) < 1e-5 for g in load.values() for v in g.values())
+    assert (tmp_path / "scores.png").stat().st_size > 1000 and (tmp_path / "expert_load.png").stat().st_size > 1000
