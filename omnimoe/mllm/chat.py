@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from omnimoe.mllm.data import encode_turns, template_for
+from omnimoe.mllm.data import encode_turns, pad_items, template_for
 from omnimoe.mllm.evaluate import stop_ids
-from omnimoe.mllm.model import PLACEHOLDERS, MediaBatch, MultimodalLLM
+from omnimoe.mllm.model import PLACEHOLDERS, MultimodalLLM
 
 FRAME_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".svg")
 
@@ -68,14 +68,7 @@ class ChatSession:
         counts = {m: [model.connectors[m].num_tokens(len(s)) for s in ss] for m, ss in states.items()}
         template = template_for(self.tokenizer, self.cfg.template)
         enc = encode_turns([("user", prompt)], self.tokenizer, template, model.config.placeholder_ids, counts, generation=True)
-        media = {}
-        for m, ss in states.items():
-            longest = max(len(s) for s in ss)
-            tokens = torch.zeros(len(ss), longest, ss[0].shape[-1])
-            mask = torch.zeros(len(ss), longest, dtype=torch.bool)
-            for i, s in enumerate(ss):
-                tokens[i, : len(s)], mask[i, : len(s)] = s, True
-            media[m] = MediaBatch(tokens, mask)
+        media = {m: pad_items(ss) for m, ss in states.items()}
         ids = torch.tensor([enc.input_ids])
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out = model.generate(ids, media=media, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,

@@ -330,6 +330,16 @@ class MediaFeatures:
         return {m: self.stores[ENCODER_OF[m]].dim for m in PLACEHOLDERS if ENCODER_OF[m] in self.stores}
 
 
+def pad_items(items: list[torch.Tensor]) -> MediaBatch:
+    """Right-pad (L_i, D) token states of media items into one :class:`MediaBatch`."""
+    longest = max(len(t) for t in items)
+    tokens = torch.zeros(len(items), longest, items[0].shape[-1])
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for j, t in enumerate(items):
+        tokens[j, : len(t)], mask[j, : len(t)] = t, True
+    return MediaBatch(tokens, mask)
+
+
 # -- datasets and batches -------------------------------------------------------------------------------------
 @dataclass
 class Example:
@@ -408,10 +418,5 @@ class ConversationData:
         for m in PLACEHOLDERS:
             items = [self.features.item(m, item) for e in exs for item in e.media.get(m, [])]
             if items:
-                longest = max(len(t) for t in items)
-                tokens = torch.zeros(len(items), longest, items[0].shape[-1])
-                mask = torch.zeros(len(items), longest, dtype=torch.bool)
-                for j, t in enumerate(items):
-                    tokens[j, : len(t)], mask[j, : len(t)] = t, True
-                media[m] = MediaBatch(tokens, mask)
+                media[m] = pad_items(items)
         return {"input_ids": ids, "attention_mask": attn, "labels": labels, "media": media, "examples": exs}
