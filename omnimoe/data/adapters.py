@@ -99,6 +99,19 @@ def _dedupe_ids(records: list[dict[str, Any]]) -> None:
 PLACEHOLDERS = ("<image>", "<audio>", "<video>", "<speech>")
 
 
+def read_json_list(path: Path, error: type[ValueError] = ManifestError) -> list[Any]:
+    """The records of a LLaVA-style JSON file (a list); ``error`` names the file and what is wrong."""
+    if not path.is_file():
+        raise error(f"{path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(data, list):
+        raise error(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
 def _strip_placeholders(text: str) -> str:
     for p in PLACEHOLDERS:
         text = text.replace(p, "")
@@ -115,14 +128,7 @@ def manifest_from_llava(
     conversation is kept in ``conversations``.
     """
     json_path, out = Path(json_path), Path(out)
-    if not json_path.is_file():
-        raise ManifestError(f"{json_path} does not exist")
-    try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{json_path} is not valid JSON: {exc}") from None
-    if not isinstance(data, list):
-        raise ManifestError(f"{json_path}: expected a JSON list of records")
+    data = read_json_list(json_path)
     root = Path(media_root) if media_root else json_path.parent
     records = []
     for n, rec in enumerate(data):

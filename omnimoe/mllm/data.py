@@ -19,7 +19,6 @@ states (``MediaFeatures.build``), and batches read those states memory-mapped.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -117,9 +116,7 @@ def parse_record(index: int, rec: Any, root: Path, check_files: bool = True) -> 
             raise ValueError(f"{n} {PLACEHOLDERS[modality]} placeholder(s) for {have} {modality} item(s)")
     for modality, items in media.items():
         for files in items:
-            for f in files:
-                if Path(f).is_absolute():
-                    pass  # allowed for users' own data; our writers always use relative paths
+            for f in files:  # relative to the file's folder (an absolute path also works: root / abs == abs)
                 if check_files and not (root / f).is_file():
                     raise ValueError(f"{modality} file {f} does not exist (relative to {root})")
     sid = str(rec.get("id", index))
@@ -129,15 +126,10 @@ def parse_record(index: int, rec: Any, root: Path, check_files: bool = True) -> 
 
 def read_conversations(path: str | Path, check_files: bool = True) -> tuple[list[Sample], list[BadRecord]]:
     """Every usable record of a LLaVA-style JSON file, and the bad ones with their reasons."""
+    from omnimoe.data.adapters import read_json_list
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    records = read_json_list(path, DataError)
     root = path.resolve().parent
     samples, bad = [], []
     for i, rec in enumerate(records):

@@ -246,6 +246,7 @@ def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[s
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
     model.train()
     running: list[float] = []
+    order, order_epoch = [], -1  # this epoch's batches (a function of seed and epoch only: resumable)
     while step < cfg.steps:
         if stop_at_step is not None and step >= stop_at_step:
             bar.close()
@@ -258,8 +259,9 @@ def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[s
         for micro in range(cfg.grad_accum):
             n = step * cfg.grad_accum + micro  # the n-th batch of the run, wherever it resumed
             epoch, pos = divmod(n, per_epoch)
-            batches = data.batches(cfg.batch_size, epoch, cfg.seed, cfg.grouped_batches, world)
-            batch = data.collate(batches[pos * world + rank], pad_id)  # rank r takes every world-th batch
+            if epoch != order_epoch:
+                order, order_epoch = data.batches(cfg.batch_size, epoch, cfg.seed, cfg.grouped_batches, world), epoch
+            batch = data.collate(order[pos * world + rank], pad_id)  # rank r takes every world-th batch
             media = {m: dataclasses.replace(b, tokens=b.tokens.to(device), mask=b.mask.to(device)) for m, b in batch["media"].items()}
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 res = module(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), media)
@@ -456,7 +458,9 @@ def _stage3(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
         if cfg.dense:
             targets += sorted({n.rsplit(".", 1)[-1] for n, m in decoder_layers(model.llm)[0].mlp.named_modules() if isinstance(m, nn.Linear)})
         else:
-            kind = next(m for m in model.llm.modules() if m.__class__.__name__.endswith("Experts"))
+            from omnimoe.moe.experts import Experts
+
+            kind = next(m for m in model.llm.modules() if isinstance(m, Experts))
             params_targets = [f"experts.{n}" for n, _ in kind.named_parameters(recurse=False) if n.endswith("proj")]
     model.apply_lora(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, targets, params_targets)
     routers = [p for n, p in model.llm.named_parameters() if ".router." in n or n.endswith("expert_bias")]
@@ -512,9 +516,7 @@ def load_stage(folder: str | Path) -> tuple[MultimodalLLM, Any, MLLMTrainConfig]
 
     stage1 = folder if info["stage"] == 1 else (folder / info["init"]).resolve()
     s1 = read_json(stage1 / "stage.json")
-    from omnimoe.encoders.registry import load_encoder  # dims of the encoders the connectors were built for
-
-    dims = {}
+    dims = {}  # the encoder widths the saved connectors read
     state = load_file(str(stage1 / "connectors.safetensors"))
     for m in s1["modalities"]:
         first = next(k for k in state if k.startswith(f"{m}."))
@@ -528,7 +530,6 @@ def load_stage(folder: str | Path) -> tuple[MultimodalLLM, Any, MLLMTrainConfig]
         ffn = load_file(str(folder / "ffn.safetensors"))
         for i in info["layers"]:
             blocks[i].mlp.load_state_dict({k.split(".", 1)[1]: v for k, v in ffn.items() if k.split(".", 1)[0] == str(i)})
-    del load_encoder
     return model.eval(), tokenizer, cfg
 
 
