@@ -184,6 +184,8 @@ def align(
     seeds: str = typer.Option("0,1,2", help="Comma list of seeds (every method runs each)."),
     config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig fields (see configs/align.yaml)."),
     set_: List[str] = typer.Option([], "--set", help="TrainConfig override, e.g. --set steps=500 (repeatable)."),
+    label_prior: bool = typer.Option(True, help="Also score the label prior (an encoder's own classifier, e.g. EfficientNet's "
+                                     "ImageNet head, bridged into text space) alone and fused with each connector."),
 ) -> None:
     """Extract (reusing stores), train every method with every seed, evaluate on the test split, plot."""
     from omnimoe.align.pipeline import AlignConfig, markdown_table, parse_encoders, run_align, zero_shot_table
@@ -197,7 +199,7 @@ def align(
         cfg = AlignConfig(
             manifest=str(manifest), encoders=parse_encoders(encoders), out=str(out),
             methods=list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()],
-            seeds=[int(x) for x in seeds.split(",") if x.strip()], train=train_cfg,
+            seeds=[int(x) for x in seeds.split(",") if x.strip()], train=train_cfg, label_prior=label_prior,
         )  # fmt: skip
         result = run_align(cfg)
     except (ConfigError, ManifestError, StoreError, ExtractionError, ValueError, ImportError) as exc:

@@ -46,7 +46,13 @@ def test_align_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())
     assert {tuple(sorted(r)) for r in rows} == {tuple(sorted(["method", "seed", "query", "target", "head", "R@1", "R@5", "R@10", "n"]))}
-    assert {(r["method"], r["seed"]) for r in rows} == {("linear", 0), ("linear", 1), ("moe-alternating", 0), ("moe-alternating", 1)}
+    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ("linear", "moe-alternating", "label-prior") for s in (0, 1)}
+    heads = {(r["method"], r["head"]) for r in rows}
+    assert heads == {("linear", "contrastive"), ("linear", "contrastive+prior"), ("moe-alternating", "contrastive"),
+                     ("moe-alternating", "regression"), ("moe-alternating", "contrastive+prior"), ("label-prior", "prior")}  # fmt: skip
+    prior = json.loads((out / "prior.json").read_text())
+    assert prior["modalities"] == {"image": "text"} and set(prior["beta"]) == {f"{m}/seed{s}" for m in ("linear", "moe-alternating") for s in (0, 1)}
+    assert all(set(b) == {"text->image", "image->text"} and all(v >= 0 for v in b.values()) for b in prior["beta"].values())
     assert {(r["query"], r["target"]) for r in rows} == {("text", "image"), ("image", "text")}
     assert all(0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1 for r in rows)
     assert "| linear | text->image | contrastive |" in (out / "results.md").read_text()
@@ -54,7 +60,7 @@ def test_align_end_to_end(tmp_path):
     assert {(r["method"], r["seed"], r["query"]) for r in zs} == {(m, s, "image") for m in ("linear", "moe-alternating") for s in (0, 1)}
     assert all(0 <= r["accuracy"] <= 1 and r["classes"] == 3 and r["n"] > 0 for r in zs)
     assert "Zero-shot classification by category name" in (out / "results.md").read_text()
-    for name in ("recall.png", "training_curves.png", "expert_load_moe-alternating.png"):
+    for name in ("recall.png", "recall_with_prior.png", "training_curves.png", "expert_load_moe-alternating.png"):
         assert (out / name).stat().st_size > 5000, name
     assert (out / "connectors" / "moe-alternating" / "model.safetensors").is_file()
     stores = sorted((out / "stores").iterdir())
@@ -78,7 +84,7 @@ def test_align_with_token_inputs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in (out / "stores").iterdir()) == ["image-efficientnet-lite0-tokens", "text-minilm-tokens"]
     rows = json.loads((out / "results.json").read_text())
-    assert {r["method"] for r in rows} == {"moe-alternating", "linear"} and all(0 <= r["R@1"] <= 1 for r in rows)
+    assert {r["method"] for r in rows} == {"moe-alternating", "linear", "label-prior"} and all(0 <= r["R@1"] <= 1 for r in rows)
     from omnimoe.latents import LatentStore
 
     tokens, mask = LatentStore.open(out / "stores" / "image-efficientnet-lite0-tokens").padded_tokens()

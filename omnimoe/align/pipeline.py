@@ -23,6 +23,8 @@ import torch
 
 from omnimoe.align.connector import direction_name
 from omnimoe.align.data import AlignmentData
+from omnimoe.align.prior import PROMPT as PRIOR_PROMPT
+from omnimoe.align.prior import build_label_priors, fused_rows, prior_rows
 from omnimoe.align.trainer import METHODS, TrainConfig, evaluate, inputs, load_best, train
 from omnimoe.data.manifest import read_manifest
 from omnimoe.encoders import EncoderOptions
@@ -40,6 +42,9 @@ class AlignConfig:
     directions: list[str] = field(default_factory=list)  # default: every ordered pair of modalities
     train: TrainConfig = field(default_factory=TrainConfig)
     stores: str = ""  # default: <out>/stores
+    # The label prior (omnimoe.align.prior): where an encoder has its own classifier (EfficientNet: ImageNet),
+    # add "prior" rows (zero-shot) and "contrastive+prior" rows (learned score fused with it, weight picked on val).
+    label_prior: bool = True
 
 
 def parse_encoders(spec: str) -> dict[str, str]:
@@ -191,8 +196,12 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     data = AlignmentData(cfg.manifest, stores, tokens=cfg.train.token_inputs)
     modalities = list(cfg.encoders)
     directions = cfg.directions or [direction_name(a, b) for a in modalities for b in modalities if a != b]
-    rows, curves, loads, zeroshot = [], {}, {}, []
+    rows, curves, loads, zeroshot, betas = [], {}, {}, [], {}
     prompts = _category_prompts(cfg, read_manifest(cfg.manifest)) if _is_rank0() else None
+    priors = {}
+    if cfg.label_prior and _is_rank0():
+        priors = build_label_priors({m: _field_of(m, spec, set())[0] for m, spec in cfg.encoders.items()})
+    zero_shot_prior = prior_rows(data, directions, priors)
     for method in cfg.methods:
         for seed in cfg.seeds:
             tcfg = dataclasses.replace(cfg.train, method=method, seed=seed)  # type: ignore[arg-type]
@@ -201,7 +210,8 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
             if not _is_rank0():
                 continue  # under torchrun every rank trains; rank 0 alone evaluates and writes
             model = load_best(tcfg, data, directions, run_dir)
-            for r in evaluate(model, data, directions, "test", cfg=tcfg):
+            fused, betas[f"{method}/seed{seed}"] = fused_rows(model, data, directions, priors, tcfg)
+            for r in evaluate(model, data, directions, "test", cfg=tcfg) + fused:
                 rows.append({"method": method, "seed": seed, **r})
             if prompts is not None:
                 zeroshot += [{"method": method, "seed": seed, **r} for r in zero_shot(model, data, *prompts, directions, cfg=tcfg)]
@@ -213,14 +223,20 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
                     loads[method] = load
     if not _is_rank0():
         return {"rows": [], "summary": [], "plots": [], "directions": directions, "zeroshot": []}
+    # the prior alone, once per seed like every method (it does not train, so the spread is 0)
+    rows += [{"method": "label-prior", "seed": seed, **r} for seed in cfg.seeds for r in zero_shot_prior]
     summary = summarise(rows)
     write_json(out / "results.json", rows)
     if zeroshot:
         write_json(out / "zeroshot.json", zeroshot)
+    if priors:  # the weight of the prior in each fused score, picked on validation (omnimoe.align.prior)
+        write_json(out / "prior.json", {"prompt": PRIOR_PROMPT, "modalities": {m: p.text for m, p in priors.items()}, "beta": betas})
     (out / "results.md").write_text(markdown_table(summary) + zero_shot_table(zeroshot))
     from omnimoe.eval.plots import plot_expert_load, plot_recall, plot_training_curves
 
     plots = [plot_recall(summary, out / "recall.png"), plot_training_curves(curves, out / "training_curves.png")]
+    if any(s["head"] == "contrastive+prior" for s in summary):
+        plots.append(plot_recall(summary, out / "recall_with_prior.png", head="contrastive+prior"))
     for method, load in loads.items():
         plots.append(plot_expert_load(load, out / f"expert_load_{method}.png", title=f"{method}: expert load per direction (test)"))
     write_json(out / "summary.json", {"summary": summary, "manifest": str(Path(cfg.manifest).resolve()), "encoders": cfg.encoders,

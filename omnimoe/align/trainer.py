@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from omnimoe.align.connector import AltMoEConnector, ConnectorConfig, ConnectorOutput, LinearTwoTower, parse_direction
-from omnimoe.align.data import AlignmentData
+from omnimoe.align.data import AlignmentData, Pairs
 from omnimoe.align.losses import LogitScale, gather_rows, info_nce, regression_loss
 from omnimoe.align.schedules import DirectionSchedule
 from omnimoe.encoders.base import resolve_dtype
@@ -186,27 +186,38 @@ def _to(args: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) ->
 
 
 @torch.no_grad()
+def embed_pairs(model: nn.Module, data: AlignmentData, direction: str, split: str, batch: int = 512,
+                cfg: TrainConfig | None = None) -> tuple[Pairs, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """``direction``'s pairs of ``split`` through ``model``: (pairs, contrastive queries, target keys,
+    regression outputs or None), on the CPU in float32. The caller puts the model in eval mode."""
+    cfg = cfg or TrainConfig(method="linear" if isinstance(model, LinearTwoTower) else "moe-alternating")
+    device = next(model.parameters()).device
+    src, tgt = parse_direction(direction)
+    pairs = data.pairs(direction, split)
+    target = data.latents[tgt][pairs.tgt_rows].to(device)
+    outs = [model(direction, *_to(inputs(cfg, data, src, pairs.src_rows[i : i + batch]), device)) for i in range(0, len(pairs), batch)]
+    con = torch.cat([o.contrastive for o in outs]).float().cpu()
+    keys = model.embed_target(direction, target).float().cpu()
+    reg = torch.cat([o.regression for o in outs]).float().cpu() if outs[0].regression is not None else None
+    return pairs, con, keys, reg
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, data: AlignmentData, directions: list[str], split: str, batch: int = 512,
              cfg: TrainConfig | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Recall@1/5/10 per direction on ``split``, for the contrastive head and (if any) the regression head.
     ``cfg`` says whether the model reads token states (``token_inputs``)."""
-    cfg = cfg or TrainConfig(method="linear" if isinstance(model, LinearTwoTower) else "moe-alternating")
-    device = next(model.parameters()).device
     model.eval()
     rows = []
     for d in directions:
         src, tgt = parse_direction(d)
-        pairs = data.pairs(d, split)
-        if len(pairs) == 0:
+        if not len(data.pairs(d, split)):
             continue
-        target = data.latents[tgt][pairs.tgt_rows].to(device)
-        outs = [model(d, *_to(inputs(cfg, data, src, pairs.src_rows[i : i + batch]), device)) for i in range(0, len(pairs), batch)]
-        con = torch.cat([o.contrastive for o in outs]).float().cpu()
-        keys = model.embed_target(d, target).float().cpu()
+        pairs, con, keys, reg = embed_pairs(model, data, d, split, batch, cfg)
         rows.append({"query": src, "target": tgt, "head": "contrastive", **recall_at_k(con, keys, pairs.groups, pairs.groups)})
-        if outs[0].regression is not None:
-            reg = torch.cat([o.regression for o in outs]).float().cpu()
-            rows.append({"query": src, "target": tgt, "head": "regression", **recall_at_k(reg, target.cpu(), pairs.groups, pairs.groups)})
+        if reg is not None:
+            target = data.latents[tgt][pairs.tgt_rows]
+            rows.append({"query": src, "target": tgt, "head": "regression", **recall_at_k(reg, target, pairs.groups, pairs.groups)})
     model.train()
     return rows
 

@@ -33,14 +33,16 @@ def _slice(manifest: Path, every: int) -> Path:
 
 
 def comparison(summary: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> str:
-    """Mean contrastive R@1 over the given directions per method, with the spread over seeds."""
+    """Mean R@1 over the given directions per method and head (the connector's contrastive head; the label
+    prior alone; the two fused), with the spread over seeds."""
     lines = []
-    for method in METHODS:
-        rows = [s for s in summary if s["method"] == method and s["head"] == "contrastive" and (s["query"], s["target"]) in pairs]
-        if rows:
-            mean = statistics.fmean(r["R@1"] for r in rows)
-            spread = statistics.fmean(r["R@1_std"] for r in rows)
-            lines.append(f"  {method:<17} mean R@1 {mean:.3f} (spread over seeds ±{spread:.3f})")
+    for head, methods in (("contrastive", METHODS), ("prior", ("label-prior",)), ("contrastive+prior", METHODS)):
+        for method in methods:
+            rows = [s for s in summary if s["method"] == method and s["head"] == head and (s["query"], s["target"]) in pairs]
+            if rows:
+                mean = statistics.fmean(r["R@1"] for r in rows)
+                spread = statistics.fmean(r["R@1_std"] for r in rows)
+                lines.append(f"  {method + (' + prior' if head == 'contrastive+prior' else ''):<25} mean R@1 {mean:.3f} (spread over seeds ±{spread:.3f})")
     return "\n".join(lines)
 
 

@@ -128,6 +128,19 @@ def hash_file(path) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass
+class LabelHead:
+    """An encoder's own classifier over named labels, applied to its pooled latent: ``logits = pooled @ weight.T
+    + bias``. It lets a text encoder place this encoder's items in text space (see ``omnimoe.align.prior``)."""
+
+    weight: torch.Tensor  # (num_labels, dim)
+    bias: torch.Tensor  # (num_labels,)
+    names: list[str]  # one readable name per label
+
+    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled.float() @ self.weight.t() + self.bias
+
+
 class FrozenEncoder(ABC):
     """Base class. Subclasses set ``name``, ``modality`` and ``dim`` and implement the three methods."""
 
@@ -169,6 +182,10 @@ class FrozenEncoder(ABC):
             "dtype": str(self.dtype).removeprefix("torch."),
             "preprocessing": self.preprocessing(),
         }
+
+    def label_head(self) -> LabelHead | None:
+        """The classifier that maps this encoder's *pooled* latent to named labels, when it has one."""
+        return None
 
     def preprocessing(self) -> dict[str, Any]:
         return {"layers": self.options.layers, "pooling": self.options.pooling}

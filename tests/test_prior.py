@@ -1,0 +1,101 @@
+"""The label prior: an encoder's own classifier bridged into text space, alone and fused with a connector."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omnimoe.align.data import AlignmentData
+from omnimoe.align.prior import BETAS, LabelPrior, build_label_priors, fuse, fused_rows, pick_beta, prior_rows
+from omnimoe.align.trainer import TrainConfig, build_model, evaluate
+from omnimoe.data.manifest import write_manifest
+from omnimoe.encoders.base import LabelHead
+from omnimoe.latents.store import write_store
+
+K = 60  # classes = samples: every caption is its own class
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Image latents whose (identity) classifier names the sample's class; text latents near that class's
+    name vector. The prior alone therefore retrieves perfectly; a random connector does not."""
+    folder = tmp_path_factory.mktemp("prior")
+    g = torch.Generator().manual_seed(0)
+    names = [f"thing {i}" for i in range(K)]
+    label_vectors = F.normalize(torch.randn(K, 12, generator=g), dim=-1)
+    image = 6 * torch.eye(K) + 0.3 * torch.randn(K, K, generator=g)  # dim K: the logits themselves
+    text = label_vectors + 0.05 * torch.randn(K, 12, generator=g)
+    ids = [f"s{i}" for i in range(K)]
+    recs = [{"id": sid, "split": ("test", "val", "train", "train", "train")[i % 5], "text": f"caption {i}"} for i, sid in enumerate(ids)]
+    manifest = write_manifest(folder / "m.jsonl", recs)
+    write_store(folder / "text", ids, text, {"encoder": "synthetic-text", "modality": "text"})
+    write_store(folder / "image", ids[::-1], image.flip(0), {"encoder": "synthetic-image", "modality": "image"})  # other row order
+    data = AlignmentData(manifest, {"text": folder / "text", "image": folder / "image"})
+    prior = LabelPrior("image", "text", LabelHead(torch.eye(K), torch.zeros(K), names), label_vectors)
+    return data, prior, label_vectors
+
+
+def test_bridge_lands_on_the_class_name(setup):
+    data, prior, label_vectors = setup
+    rows = torch.tensor([data.row["image"][f"s{i}"] for i in range(K)])
+    bridged = prior.bridge(data.latents["image"][rows])
+    torch.testing.assert_close(bridged.norm(dim=-1), torch.ones(K))
+    assert (F.cosine_similarity(bridged, label_vectors, dim=-1) > 0.9).all()
+    assert prior.applies_to("text->image") and prior.applies_to("image->text") and not prior.applies_to("text->audio")
+
+
+def test_prior_scores_orientation_and_zero_shot_rows(setup):
+    data, prior, _ = setup
+    pairs = data.pairs("image->text", "test")
+    forward, backward = prior.scores(data, "text->image", data.pairs("text->image", "test")), prior.scores(data, "image->text", pairs)
+    torch.testing.assert_close(backward, forward.t())  # rows are always the queries
+    rows = prior_rows(data, ["text->image", "image->text"], {"image": prior})
+    assert [(r["query"], r["target"], r["head"]) for r in rows] == [("text", "image", "prior"), ("image", "text", "prior")]
+    assert all(r["R@1"] == 1.0 and r["n"] == len(pairs) for r in rows)
+    assert prior_rows(data, ["text->image"], {}) == []
+
+
+def test_pick_beta_uses_the_prior_only_when_it_helps():
+    g = torch.Generator().manual_seed(1)
+    groups = [str(i) for i in range(30)]
+    informative = torch.eye(30) + 0.1 * torch.rand(30, 30, generator=g)
+    noise = torch.rand(30, 30, generator=g)
+    assert pick_beta(noise, informative, groups) > 0
+    assert pick_beta(informative, noise, groups) == 0.0
+    torch.testing.assert_close(fuse(noise, informative, 0.0), (noise - noise.mean()) / noise.std())
+
+
+def test_fused_rows_rescue_an_untrained_connector(setup):
+    data, prior, _ = setup
+    directions = ["text->image", "image->text"]
+    cfg = TrainConfig(method="linear")
+    torch.manual_seed(0)
+    model = build_model(cfg, data.widths, directions)  # random weights: the learned score is noise
+    learned = {(r["query"], r["target"]): r["R@1"] for r in evaluate(model, data, directions, "test", cfg=cfg)}
+    rows, betas = fused_rows(model, data, directions, {"image": prior}, cfg)
+    assert sorted(betas) == sorted(directions) and all(b in BETAS and b > 0 for b in betas.values())
+    for r in rows:
+        assert r["head"] == "contrastive+prior" and r["R@1"] > learned[(r["query"], r["target"])] and r["R@1"] >= 0.9
+    assert fused_rows(model, data, ["text->image"], {}, cfg) == ([], {})
+
+
+def test_efficientnet_label_head_is_the_networks_own_classifier(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from omnimoe.encoders import EncoderOptions, load_encoder
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    enc = load_encoder("efficientnet-lite0", EncoderOptions(dtype="float32"))  # exact: no bf16 autocast
+    head = enc.label_head()
+    assert head is not None and head.weight.shape == (1000, 1280) and len(head.names) == 1000 and head.names[1] == "goldfish"
+    loaded = enc.load_item(tmp_path / "x.png")
+    with torch.no_grad():
+        expected = enc.model(loaded[None].to(enc.device)).float()  # the whole network, classifier included
+    torch.testing.assert_close(head.logits(enc.encode([loaded]).pooled), expected, atol=2e-3, rtol=1e-3)
+
+
+def test_build_label_priors_only_where_an_encoder_has_a_head():
+    priors = build_label_priors({"text": "minilm", "image": "efficientnet-lite0"})
+    assert list(priors) == ["image"] and priors["image"].label_vectors.shape == (1000, 384)
+    torch.testing.assert_close(priors["image"].label_vectors.norm(dim=-1), torch.ones(1000))
+    assert build_label_priors({"image": "efficientnet-lite0", "image2": "efficientnet-lite1"}) == {}  # no text modality
