@@ -17,7 +17,7 @@ def test_unimoe_demo_quick(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())
     tasks = {"image-what", "image-category", "image-yesno", "speech-what", "sound-what"}
-    for model in ("stage1 (connectors)", "stage3 moe", "stage3 dense-equal-active"):
+    for model in ("blind (most frequent answer)", "stage1 (connectors)", "stage3 moe", "stage3 dense-equal-active"):
         got = {r["task"] for r in rows if r["model"] == model}
         assert got == tasks, (model, got)
     assert all(0.0 <= r["score"] <= 1.0 and r["n"] > 0 for r in rows)

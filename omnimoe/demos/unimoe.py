@@ -19,7 +19,7 @@ from typing import Any
 from omnimoe.io import write_json
 from omnimoe.mllm.train import MLLMTrainConfig, features_for, load_stage, run_stage
 
-FULL = {"steps1": 60, "steps2": 30, "steps3": 80, "eval_per_task": 24, "max_per_task": 0}
+FULL = {"steps1": 300, "steps2": 30, "steps3": 80, "eval_per_task": 24, "max_per_task": 0}
 QUICK = {"steps1": 2, "steps2": 2, "steps3": 2, "eval_per_task": 2, "max_per_task": 4}
 
 
@@ -49,6 +49,23 @@ def eval_subset(tasks: Path, per_task: int, seed: int = 0) -> Path:
     return path
 
 
+def blind_rows(tasks: Path) -> list[dict[str, Any]]:
+    """The media-blind reference: every held-out record answered with its task's most frequent training
+    answer. A model that scores no better has not learned to use the image or the audio."""
+    from collections import Counter
+
+    from omnimoe.mllm.metrics import score, summarise
+
+    answers: dict[str, Counter] = {}
+    for name in ("stage1.json", "stage3.json"):
+        if (tasks / name).is_file():
+            for r in json.loads((tasks / name).read_text()):
+                answers.setdefault(r["task"], Counter())[r["answer"]] += 1
+    scored = [{"task": r["task"], "group": r["group"], "score": score(r, answers[r["task"]].most_common(1)[0][0])}
+              for r in json.loads((tasks / "test-eval.json").read_text()) if r["task"] in answers]  # fmt: skip
+    return _rows("-", "blind (most frequent answer)", summarise(scored))
+
+
 def _rows(stage: str, model: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"stage": stage, "model": model, "task": t, "group": v["group"], "score": v["mean"], "n": v["n"]} for t, v in summary.get("tasks", {}).items()]
 
@@ -65,7 +82,7 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
     tasks = out / "tasks"
     counts = build_tuxpaint_tasks(manifest, tasks, max_per_task=size["max_per_task"] or None)
     eval_subset(tasks, size["eval_per_task"])
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = blind_rows(tasks)
     summaries: dict[str, Any] = {}
 
     s1 = _config(_recipe(1, tasks, data=str(tasks / "stage1.json"), steps=size["steps1"]), overrides)
@@ -85,7 +102,7 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
         rows += _rows("2", f"stage2 {group} FFN", summaries[f"stage2-{group}"])
     experts = {g: str(out / "stage2" / g) for g in r2["groups"]}
 
-    loads = {}
+    loads, expert_names = {}, []
     for name, dense in (("moe", False), ("dense-equal-active", True)):
         cfg = _config(_recipe(3, tasks, data=str(tasks / "stage3.json"), init=str(out / "stage1"), experts=experts, dense=dense,
                               steps=size["steps3"]), overrides)  # fmt: skip
@@ -99,17 +116,20 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
             model, tok = r3["model"], r3["tokenizer"]
             data = ConversationData(tasks / "test-eval.json", features_for(cfg, [tasks / "test-eval.json"], False), tok, template_for(tok, cfg.template), model.config.placeholder_ids, lambda m, n: model.connectors[m].num_tokens(n))  # fmt: skip
             loads = expert_load_by_group(model, data)
+            expert_names = [src.split(":")[1] if src.startswith("stage2:") else "base" for src in next(iter(model.config.expert_sources.values()), [])]
             write_json(folder / "expert_load.json", loads)
         del r3
     spread = {k: v.get("spread") for k, v in summaries.items()}
     result = {"rows": rows, "summaries": summaries, "spread": spread, "counts": counts["files"], "quick": quick, "plots": []}
     write_json(out / "results.json", rows)
     write_json(out / "summary.json", {k: v for k, v in result.items() if k != "rows"})
-    result["plots"] = _plots(out, rows, loads)
+    result["plots"] = _plots(out, rows, loads, expert_names)
     return result
 
 
-def _plots(out: Path, rows: list[dict[str, Any]], loads: dict[str, dict[int, list[float]]]) -> list[str]:
+def _plots(out: Path, rows: list[dict[str, Any]], loads: dict[str, dict[int, list[float]]], expert_names: list[str] | None = None) -> list[str]:
+    """``scores.png`` (every task after every stage) and ``expert_load.png`` (share of each group's routed
+    tokens per expert, per MoE layer; experts named by where they came from: the base FFN or a stage-2 group)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,14 +155,19 @@ def _plots(out: Path, rows: list[dict[str, Any]], loads: dict[str, dict[int, lis
     if loads:
         groups = sorted(loads)
         layers = sorted({int(k) for g in groups for k in loads[g]})
-        fig, axes = plt.subplots(1, len(layers), figsize=(2.2 * len(layers) + 1, 2.8), squeeze=False)
+        grids = {layer: np.array([loads[g].get(layer, loads[g].get(str(layer))) for g in groups]) for layer in layers}
+        top = max(float(g.max()) for g in grids.values())
+        names = expert_names or [f"e{i}" for i in range(next(iter(grids.values())).shape[1])]
+        fig, axes = plt.subplots(1, len(layers), figsize=(2.3 * len(layers) + 1, 3.0), squeeze=False)
         for ax, layer in zip(axes[0], layers):
-            grid = np.array([loads[g].get(layer, loads[g].get(str(layer))) for g in groups])
-            ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+            grid = grids[layer]
+            ax.imshow(grid, vmin=0, vmax=top, cmap="viridis")  # colour scale up to the largest share (uniform = 1/E)
+            for (i, j), v in np.ndenumerate(grid):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 * top else "black")
             ax.set_title(f"layer {layer}", fontsize=8)
             ax.set_yticks(range(len(groups)), groups if layer == layers[0] else [""] * len(groups), fontsize=7)
-            ax.set_xticks(range(grid.shape[1]), [f"e{i}" for i in range(grid.shape[1])], fontsize=7)
-        fig.suptitle("Expert load per modality group (fraction of routed tokens)", fontsize=9)
+            ax.set_xticks(range(grid.shape[1]), names[: grid.shape[1]], fontsize=6, rotation=45)
+        fig.suptitle("Expert load per modality group (share of routed tokens; experts named by origin)", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "expert_load.png", dpi=120)
         plt.close(fig)
