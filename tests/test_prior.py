@@ -99,3 +99,54 @@ def test_build_label_priors_only_where_an_encoder_has_a_head():
     assert list(priors) == ["image"] and priors["image"].label_vectors.shape == (1000, 384)
     torch.testing.assert_close(priors["image"].label_vectors.norm(dim=-1), torch.ones(1000))
     assert build_label_priors({"image": "efficientnet-lite0", "image2": "efficientnet-lite1"}) == {}  # no text modality
+
+
+def test_training_on_top_of_the_prior(setup, tmp_path):
+    """prior_weight > 0: the prior's cosines join the InfoNCE logits; early stopping and test use the sum."""
+    from omnimoe.align.trainer import train
+
+    data, prior, _ = setup
+    directions = ["text->image", "image->text"]
+    cfg = TrainConfig(method="linear", steps=40, eval_every=20, warmup_steps=5, batch_size=16, dtype="float32", prior_weight=1.0)
+    result = train(data, directions, cfg, tmp_path / "with", progress=False, priors={"image": prior})
+    assert result["best_val"] == 1.0  # judged by learned + prior: the prior alone is perfect here
+    from omnimoe.align.trainer import load_best
+
+    rows, weights = fused_rows(load_best(cfg, data, directions, tmp_path / "with"), data, directions, {"image": prior}, cfg)
+    assert weights == {d: 1.0 for d in directions} and all(r["R@1"] == 1.0 for r in rows)  # scored as trained
+    plain = train(data, directions, TrainConfig(**{**cfg.__dict__, "prior_weight": 0.0}), tmp_path / "plain", progress=False,
+                  priors={"image": prior})  # fmt: skip
+    assert plain["best_val"] < 0.8  # without the prior 40 steps on 36 pairs learn little
+    with pytest.raises(ValueError, match="pooled inputs"):
+        train(data, directions, TrainConfig(method="moe-alternating", token_inputs=True, prior_weight=1.0), tmp_path / "tok",
+              progress=False, priors={"image": prior})  # fmt: skip
+    with pytest.warns(UserWarning, match="no label prior applies"):
+        train(data, directions, TrainConfig(**{**cfg.__dict__, "steps": 2}), tmp_path / "none", progress=False, priors={})
+
+
+def _prior_loss_worker(rank, world, q_all, k_all, prior):
+    from omnimoe.align.losses import gather_rows, info_nce
+
+    n = len(q_all) // world
+    mine = slice(rank * n, (rank + 1) * n)
+    q, k = q_all[mine].clone().requires_grad_(), k_all[mine]
+    ka, offset = gather_rows(k)
+    qa, _ = gather_rows(q)
+    loss = info_nce(q, k, 10.0, key_all=ka, query_all=qa, offset=offset, prior_qk=prior[mine], prior_kq=prior[:, mine].t())
+    losses = torch.tensor([loss.item()])
+    torch.distributed.all_reduce(losses)
+    reference = info_nce(q_all, k_all, 10.0, prior_qk=prior, prior_kq=prior.t())
+    assert abs(losses.item() / world - reference.item()) < 1e-5
+
+
+@pytest.mark.slow
+def test_prior_logits_with_gathered_negatives_equal_one_big_batch():
+    from distributed import run_distributed
+
+    from omnimoe.align.losses import info_nce
+
+    g = torch.Generator().manual_seed(4)
+    q, k, prior = torch.randn(12, 8, generator=g), torch.randn(12, 8, generator=g), torch.rand(12, 12, generator=g)
+    without = info_nce(q, k, 10.0)
+    assert info_nce(q, k, 10.0, prior_qk=10 * torch.eye(12), prior_kq=10 * torch.eye(12)) < without  # a prior that knows the pairs helps
+    run_distributed(_prior_loss_worker, 2, q, k, prior)

@@ -22,13 +22,17 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smoot
 
 
 def info_nce(query: torch.Tensor, key: torch.Tensor, logit_scale: torch.Tensor | float, key_all: torch.Tensor | None = None,
-             query_all: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:  # fmt: skip
+             query_all: torch.Tensor | None = None, offset: int = 0, prior_qk: torch.Tensor | None = None,
+             prior_kq: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Symmetric InfoNCE between L2-normalised ``query`` (B, d) and ``key`` (B, d); row i matches row i.
 
     Under data parallelism pass every rank's rows as ``key_all`` and ``query_all`` (see :func:`gather_rows`),
     with this rank's rows starting at ``offset``: each local query is scored against all keys and each local
     key against all queries. The mean of the ranks' losses is then exactly the loss of one process on the
     concatenated batch.
+
+    ``prior_qk`` (B, B_all) and ``prior_kq`` (B, B_all) are fixed scores added to the cosines before scaling
+    (local queries against all keys, local keys against all queries): training on top of a prior.
     """
     q = F.normalize(query.float(), dim=-1)
     k = F.normalize(key.float(), dim=-1)
@@ -36,7 +40,12 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, logit_scale: torch.Tensor |
     ka = k if key_all is None else F.normalize(key_all.float(), dim=-1)
     qa = q if query_all is None else F.normalize(query_all.float(), dim=-1)
     labels = torch.arange(len(q), device=q.device) + (offset if key_all is not None or query_all is not None else 0)
-    return (F.cross_entropy(scale * q @ ka.t(), labels) + F.cross_entropy(scale * k @ qa.t(), labels)) / 2
+    qk, kq = q @ ka.t(), k @ qa.t()
+    if prior_qk is not None:
+        qk = qk + prior_qk
+    if prior_kq is not None:
+        kq = kq + prior_kq
+    return (F.cross_entropy(scale * qk, labels) + F.cross_entropy(scale * kq, labels)) / 2
 
 
 def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:

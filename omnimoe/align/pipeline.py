@@ -43,7 +43,8 @@ class AlignConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     stores: str = ""  # default: <out>/stores
     # The label prior (omnimoe.align.prior): where an encoder has its own classifier (EfficientNet: ImageNet),
-    # add "prior" rows (zero-shot) and "contrastive+prior" rows (learned score fused with it, weight picked on val).
+    # add "prior" rows (zero-shot) and "contrastive+prior" rows: the learned score fused with it (weight picked on
+    # val), or, with train.prior_weight > 0, the connector trained on top of it and scored as trained.
     label_prior: bool = True
 
 
@@ -199,14 +200,14 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     rows, curves, loads, zeroshot, betas = [], {}, {}, [], {}
     prompts = _category_prompts(cfg, read_manifest(cfg.manifest)) if _is_rank0() else None
     priors = {}
-    if cfg.label_prior and _is_rank0():
+    if cfg.label_prior and (_is_rank0() or cfg.train.prior_weight > 0):  # every rank trains with it; rank 0 alone scores it
         priors = build_label_priors({m: _field_of(m, spec, set())[0] for m, spec in cfg.encoders.items()})
     zero_shot_prior = prior_rows(data, directions, priors)
     for method in cfg.methods:
         for seed in cfg.seeds:
             tcfg = dataclasses.replace(cfg.train, method=method, seed=seed)  # type: ignore[arg-type]
             run_dir = out / "runs" / method / f"seed{seed}"
-            result = train(data, directions, tcfg, run_dir, progress=progress)
+            result = train(data, directions, tcfg, run_dir, progress=progress, priors=priors)
             if not _is_rank0():
                 continue  # under torchrun every rank trains; rank 0 alone evaluates and writes
             model = load_best(tcfg, data, directions, run_dir)
@@ -230,7 +231,8 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     if zeroshot:
         write_json(out / "zeroshot.json", zeroshot)
     if priors:  # the weight of the prior in each fused score, picked on validation (omnimoe.align.prior)
-        write_json(out / "prior.json", {"prompt": PRIOR_PROMPT, "modalities": {m: p.text for m, p in priors.items()}, "beta": betas})
+        write_json(out / "prior.json", {"prompt": PRIOR_PROMPT, "modalities": {m: p.text for m, p in priors.items()},
+                                        "prior_weight": cfg.train.prior_weight, "beta": betas})  # fmt: skip
     (out / "results.md").write_text(markdown_table(summary) + zero_shot_table(zeroshot))
     from omnimoe.eval.plots import plot_expert_load, plot_recall, plot_training_curves
 

@@ -15,6 +15,10 @@ prior::
 with ``beta`` picked on the validation split from :data:`BETAS` (``beta = 0`` when the prior does not help, so
 it never hurts validation recall). Both terms are inner products, so the fused score is the inner product of
 concatenated, scaled vectors: a vector index can serve it unchanged.
+
+Or the connector learns on top of the prior (``TrainConfig.prior_weight > 0``): the prior's cosine, times the
+weight, is added to the InfoNCE logits, so training fits only what the prior gets wrong; validation (early
+stopping) and test score ``cos(learned) + prior_weight * cos(prior)``.
 """
 
 from __future__ import annotations
@@ -49,13 +53,27 @@ class LabelPrior:
     def applies_to(self, direction: str) -> bool:
         return set(parse_direction(direction)) == {self.modality, self.text}
 
+    def pair_scores(self, direction: str, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(Q, N) prior cosines between ``direction``'s source latents (rows) and target latents (columns)."""
+        src, _ = parse_direction(direction)
+        text, other = (source, target) if src == self.text else (target, source)
+        text = F.normalize(text.float(), dim=-1)
+        other = self.bridge(other.to(self.label_vectors.device))
+        return text @ other.t() if src == self.text else other @ text.t()
+
     def scores(self, data: AlignmentData, direction: str, pairs: Pairs) -> torch.Tensor:
         """(Q, N) prior scores between ``pairs``' sources (rows) and targets (columns), in the pairs' order."""
         src, tgt = parse_direction(direction)
-        rows = {src: pairs.src_rows, tgt: pairs.tgt_rows}
-        text = F.normalize(data.latents[self.text][rows[self.text]].float(), dim=-1)
-        other = self.bridge(data.latents[self.modality][rows[self.modality]])
-        return text @ other.t() if src == self.text else other @ text.t()
+        return self.pair_scores(direction, data.latents[src][pairs.src_rows], data.latents[tgt][pairs.tgt_rows])
+
+    def to(self, device: torch.device | str) -> LabelPrior:
+        head = LabelHead(self.head.weight.to(device), self.head.bias.to(device), self.head.names)
+        return LabelPrior(self.modality, self.text, head, self.label_vectors.to(device))
+
+
+def prior_for(priors: dict[str, LabelPrior] | None, direction: str) -> LabelPrior | None:
+    """The prior that applies to ``direction`` (text <-> its modality), if any."""
+    return next((p for p in (priors or {}).values() if p.applies_to(direction)), None)
 
 
 def build_label_priors(encoders: dict[str, str], text: str = "text", prompt: str = PROMPT) -> dict[str, LabelPrior]:
@@ -101,7 +119,7 @@ def prior_rows(data: AlignmentData, directions: list[str], priors: dict[str, Lab
     """Zero-shot recall of the prior alone (head ``"prior"``) for every direction it applies to."""
     rows = []
     for d in directions:
-        prior = next((p for p in priors.values() if p.applies_to(d)), None)
+        prior = prior_for(priors, d)
         pairs = data.pairs(d, split)
         if prior is not None and len(pairs):
             src, tgt = parse_direction(d)
@@ -113,21 +131,27 @@ def prior_rows(data: AlignmentData, directions: list[str], priors: dict[str, Lab
 def fused_rows(model: torch.nn.Module, data: AlignmentData, directions: list[str], priors: dict[str, LabelPrior], cfg: Any = None,
                split: str = "test") -> tuple[list[dict[str, Any]], dict[str, float]]:  # fmt: skip
     """Recall of the learned contrastive score fused with the prior (head ``"contrastive+prior"``) for every
-    direction a prior applies to, and the ``beta`` of each direction, picked on the validation split."""
+    direction a prior applies to, and the weight of the prior in each.
+
+    A connector trained on top of the prior (``cfg.prior_weight > 0``) is scored as it was trained:
+    ``cos(learned) + prior_weight * cos(prior)``. Any other is fused after training,
+    ``z(learned) + beta * z(prior)``, with ``beta`` picked on the validation split."""
     from omnimoe.align.trainer import embed_pairs
 
+    weight = float(getattr(cfg, "prior_weight", 0.0) or 0.0)
     model.eval()
     rows, betas = [], {}
     for d in directions:
-        prior = next((p for p in priors.values() if p.applies_to(d)), None)
+        prior = prior_for(priors, d)
         if prior is None or not len(data.pairs(d, split)):
             continue
-        beta = 0.0
-        if len(data.pairs(d, "val")) > 1:
+        beta = weight
+        if not weight and len(data.pairs(d, "val")) > 1:
             pairs, con, keys, _ = embed_pairs(model, data, d, "val", cfg=cfg)
             beta = pick_beta(F.normalize(con, dim=-1) @ F.normalize(keys, dim=-1).t(), prior.scores(data, d, pairs), pairs.groups)
         pairs, con, keys, _ = embed_pairs(model, data, d, split, cfg=cfg)
-        scores = fuse(F.normalize(con, dim=-1) @ F.normalize(keys, dim=-1).t(), prior.scores(data, d, pairs), beta)
+        learned = F.normalize(con, dim=-1) @ F.normalize(keys, dim=-1).t()
+        scores = learned + weight * prior.scores(data, d, pairs) if weight else fuse(learned, prior.scores(data, d, pairs), beta)
         src, tgt = parse_direction(d)
         rows.append({"query": src, "target": tgt, "head": "contrastive+prior", **recall_from_scores(scores, pairs.groups, pairs.groups)})
         betas[d] = beta

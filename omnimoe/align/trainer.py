@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ from tqdm import tqdm
 from omnimoe.align.connector import AltMoEConnector, ConnectorConfig, ConnectorOutput, LinearTwoTower, parse_direction
 from omnimoe.align.data import AlignmentData, Pairs
 from omnimoe.align.losses import LogitScale, gather_rows, info_nce, regression_loss
+from omnimoe.align.prior import LabelPrior, fused_rows, prior_for
 from omnimoe.align.schedules import DirectionSchedule
 from omnimoe.encoders.base import resolve_dtype
 from omnimoe.eval.metrics import recall_at_k
@@ -66,6 +68,9 @@ class TrainConfig:
     # Latent-space augmentation (the encoders are frozen, so augment the stored vectors):
     mixup_alpha: float = 0.4  # > 0: FuseMix-style mixup, source and target mixed with the same Beta(a, a) weight
     input_noise: float = 0.0  # > 0: Gaussian noise on source latents, as a fraction of each feature's std
+    # > 0: learn on top of the label prior (omnimoe.align.prior) where one applies: its cosine times this weight
+    # is added to the InfoNCE logits, and to the score used for early stopping and at test (pooled inputs only)
+    prior_weight: float = 0.0
     eval_every: int = 25
     patience: int = 10  # evaluations without improvement before stopping
     dtype: str = "auto"
@@ -227,9 +232,23 @@ def mean_r1(rows: list[dict[str, Any]], head: str = "contrastive") -> float:
     return sum(vals) / len(vals) if vals else 0.0
 
 
+def selection_r1(rows: list[dict[str, Any]]) -> float:
+    """Mean R@1 over directions of the score a run is judged by: ``contrastive+prior`` where a direction has
+    it (a connector trained on top of the prior), else ``contrastive``."""
+    best: dict[tuple[str, str], float] = {}
+    for r in rows:
+        key = (r["query"], r["target"])
+        if r["head"] == "contrastive+prior" or (r["head"] == "contrastive" and key not in best):
+            best[key] = r["R@1"]
+    return sum(best.values()) / len(best) if best else 0.0
+
+
 def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str | Path, progress: bool = True,
-          stop_at_step: int | None = None) -> dict[str, Any]:  # fmt: skip
+          stop_at_step: int | None = None, priors: dict[str, LabelPrior] | None = None) -> dict[str, Any]:  # fmt: skip
     """Train ``cfg.method`` on the train split; resume from ``out/state.pt`` when present.
+
+    ``priors`` (from :func:`omnimoe.align.prior.build_label_priors`) are used when ``cfg.prior_weight > 0``:
+    the connector then learns on top of them.
 
     Returns ``{"best_step", "best_val", "history", "stopped_early"}``; the best weights are in ``out/best.pt``.
     ``stop_at_step`` ends the run early without finishing (used to test resumption).
@@ -249,6 +268,12 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
     params = list(model.parameters()) + list(scale.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = schedule_for(cfg, directions)
+    priors = priors if cfg.prior_weight > 0 else None
+    if priors and cfg.token_inputs and cfg.method != "linear":
+        raise ValueError("prior_weight > 0 needs pooled inputs (the prior reads pooled latents); set token_inputs=false or prior_weight=0")
+    if cfg.prior_weight > 0 and not any(prior_for(priors, d) for d in directions):
+        warnings.warn(f"prior_weight={cfg.prior_weight} but no label prior applies to {directions}: training without it", stacklevel=2)
+    device_priors = {m: p.to(device) for m, p in (priors or {}).items()}
     train_pairs = {d: data.pairs(d, "train") for d in directions}
     for d, p in train_pairs.items():
         if len(p) < 2:
@@ -306,7 +331,14 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
                 # Negatives from every rank: the ranks' mean loss is the loss of one big batch.
                 keys_all, offset = gather_rows(keys)
                 queries_all, _ = gather_rows(o.contrastive)
-                con = info_nce(o.contrastive, keys, logit_scale, key_all=keys_all, query_all=queries_all, offset=offset)
+                prior_qk = prior_kq = None
+                if (prior := prior_for(device_priors, d)) is not None:  # the fixed prior scores of this batch
+                    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                        source_all, target_all = gather_rows(source.float())[0], gather_rows(target.float())[0]
+                        prior_qk = cfg.prior_weight * prior.pair_scores(d, source, target_all)
+                        prior_kq = cfg.prior_weight * prior.pair_scores(d, source_all, target).t()
+                con = info_nce(o.contrastive, keys, logit_scale, key_all=keys_all, query_all=queries_all, offset=offset,
+                               prior_qk=prior_qk, prior_kq=prior_kq)  # fmt: skip
                 part = cfg.contrastive_weight * con + o.router_loss
                 if o.regression is not None:
                     part = part + cfg.regression_weight * regression_loss(o.regression, target, cfg.regression_loss)
@@ -330,7 +362,9 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
         bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{max(best, 0):.3f}")
         if step // cfg.eval_every > previous // cfg.eval_every or step >= cfg.steps:
             rows = evaluate(model, data, directions, "val", cfg=cfg)
-            val = mean_r1(rows)
+            if priors:
+                rows += fused_rows(model, data, directions, priors, cfg, split="val")[0]
+            val = selection_r1(rows)
             history.append({"step": step, "loss": loss.item(), "val_mean_r1": val, "lr": lr_at(cfg, step - 1), "losses": logs})
             schedule.update({f"{r['query']}->{r['target']}": r["R@1"] for r in rows if r["head"] == "contrastive"})
             if writer is not None:
