@@ -91,3 +91,39 @@ def test_align_with_token_inputs(tmp_path):
     assert tokens.shape[1:] == (49, 1280) and mask.all()
     text_mask = LatentStore.open(out / "stores" / "text-minilm-tokens").padded_tokens()[1]
     assert text_mask.shape == (60, 6) and text_mask.all()  # "A <colour> <shape>." is 6 tokens with CLS and SEP
+
+
+def test_trained_on_the_prior_and_served_with_it(tmp_path):
+    """prior_weight=1: training and evaluation use cos(learned) + cos(prior); the retrieval index serves exactly
+    that sum (index vectors [key, prior side], queries [query, w * prior side])."""
+    import torch
+    import torch.nn.functional as F
+
+    from omnimoe.align.prior import build_label_priors
+    from omnimoe.encoders import load_encoder
+    from omnimoe.latents import LatentStore
+    from omnimoe.retrieval import Retriever
+
+    manifest = shapes_manifest(tmp_path)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "omnimoe.cli", "align", "--manifest", str(manifest), "--out", str(out), "--methods", "linear",
+           "--seeds", "0", "--set", "prior_weight=1.0", "--set", "steps=40", "--set", "eval_every=20", "--set", "warmup_steps=5"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    prior_file = json.loads((out / "prior.json").read_text())
+    assert prior_file["prior_weight"] == 1.0 and prior_file["beta"] == {"linear/seed0": {"text->image": 1.0, "image->text": 1.0}}
+    retriever = Retriever(out, method="linear")
+    assert retriever.prior_weight == 1.0 and retriever.prior("text->image") is not None
+    query = "A red circle."
+    hits = retriever.search("text", "image", [query], k=5)[0]
+    # brute force: the connector's cosine plus the prior's, over every stored image
+    text_enc, image_store = load_encoder("minilm"), LatentStore.open(out / "stores" / "image-efficientnet-lite0")
+    prior = build_label_priors({"text": "minilm", "image": "efficientnet-lite0"})["image"]
+    pooled_q = text_enc.encode([text_enc.load_item(query)]).pooled
+    with torch.no_grad():
+        q = F.normalize(retriever.connector("text->image", pooled_q, tasks=("contrastive",)).contrastive.float(), dim=-1)
+        keys = F.normalize(retriever.connector.embed_target("text->image", image_store.pooled()).float(), dim=-1)
+    expected = (q @ keys.t() + prior.pair_scores("text->image", pooled_q, image_store.pooled()))[0]
+    top = expected.topk(5).indices.tolist()
+    assert [h.id for h in hits] == [image_store.ids[i] for i in top]
+    assert retriever.index("text->image").record["prior_weight"] == 1.0

@@ -66,6 +66,11 @@ class LabelPrior:
         src, tgt = parse_direction(direction)
         return self.pair_scores(direction, data.latents[src][pairs.src_rows], data.latents[tgt][pairs.tgt_rows])
 
+    def side(self, modality: str, pooled: torch.Tensor) -> torch.Tensor:
+        """One side of :meth:`pair_scores`: unit vectors in text space for ``modality``'s pooled latents
+        (the text latents themselves, or the bridge of the other modality's)."""
+        return F.normalize(pooled.float(), dim=-1) if modality == self.text else self.bridge(pooled)
+
     def to(self, device: torch.device | str) -> LabelPrior:
         head = LabelHead(self.head.weight.to(device), self.head.bias.to(device), self.head.names)
         return LabelPrior(self.modality, self.text, head, self.label_vectors.to(device))
@@ -83,15 +88,17 @@ def build_label_priors(encoders: dict[str, str], text: str = "text", prompt: str
 
     if text not in encoders:
         return {}
-    heads = {}
-    for modality, name in encoders.items():
-        if modality != text and (head := load_encoder(name).label_head()) is not None:
-            heads[modality] = head
-    if not heads:
+    return label_priors({m: load_encoder(name) for m, name in encoders.items()}, text, prompt)
+
+
+def label_priors(encoders: dict[str, Any], text: str = "text", prompt: str = PROMPT) -> dict[str, LabelPrior]:
+    """:func:`build_label_priors` from loaded encoders (modality -> :class:`FrozenEncoder`)."""
+    if text not in encoders:
         return {}
-    encoder = load_encoder(encoders[text])
+    heads = {m: head for m, enc in encoders.items() if m != text and (head := enc.label_head()) is not None}
     priors = {}
     for modality, head in heads.items():
+        encoder = encoders[text]
         vectors = encoder.encode([encoder.load_item(prompt.format(n)) for n in head.names]).pooled.float()
         priors[modality] = LabelPrior(modality, text, head, F.normalize(vectors, dim=-1))
     return priors

@@ -80,6 +80,14 @@ class Retriever:
         self._records: dict[str, dict[str, Any]] | None = None
         self._ids: set[str] | None = None
         self._lock = threading.RLock()  # one model call at a time: torch already uses every core per call
+        # A connector trained on top of the label prior (omnimoe.align.prior, prior_weight > 0) is scored as
+        # trained: cos(learned) + w * cos(prior). The index holds [key, prior side] and a query is
+        # [query, w * prior side], so one inner product gives exactly that sum.
+        prior = read_json(self.run / "prior.json") if (self.run / "prior.json").is_file() else {}
+        self.prior_weight = float(prior.get("prior_weight") or 0.0)
+        self.prior_modalities: dict[str, str] = dict(prior.get("modalities") or {})  # modality -> its text modality
+        self.prior_prompt = prior.get("prompt")
+        self._priors: dict[str, Any] | None = None
 
     # -- what is here ---------------------------------------------------------------------------------
     @property
@@ -115,10 +123,29 @@ class Retriever:
         raise QueryError(f"no direction from a {kind} query to {target!r} in this run (directions: {self.directions()})")
 
     # -- indexes --------------------------------------------------------------------------------------
+    def prior(self, direction: str) -> Any:
+        """The label prior this connector was trained on top of for ``direction``, or None."""
+        if not self.prior_weight or not any({m, t} == set(direction.split("->")) for m, t in self.prior_modalities.items()):
+            return None
+        with self._lock:
+            if self._priors is None:
+                from omnimoe.align.prior import PROMPT, label_priors
+
+                needed = {m for pair in self.prior_modalities.items() for m in pair if m in self.stores}
+                by_text: dict[str, Any] = {}
+                for modality, text in self.prior_modalities.items():
+                    if {modality, text} <= needed:
+                        by_text.update(label_priors({modality: self.encoder(modality), text: self.encoder(text)}, text, self.prior_prompt or PROMPT))
+                self._priors = by_text
+            from omnimoe.align.prior import prior_for
+
+            return prior_for(self._priors, direction)
+
     def _record(self, direction: str) -> dict[str, Any]:
         store = self.stores[direction.split("->")[1]]
         return {"method": self.method, "connector": self.connector_hash, "direction": direction,
-                "encoder": store.index.get("encoder"), "weights_hash": store.index.get("weights_hash")}  # fmt: skip
+                "encoder": store.index.get("encoder"), "weights_hash": store.index.get("weights_hash"),
+                "prior_weight": self.prior_weight if self.prior(direction) is not None else 0.0}  # fmt: skip
 
     def index_folder(self, direction: str) -> Path:
         """``<index_root>/<src>-to-<tgt>`` for the exact flat index, ``...-to-<tgt>.<kind>`` for the others
@@ -133,7 +160,10 @@ class Retriever:
         if rows is not None:
             pooled = pooled[rows]
         parts = [self.connector.embed_target(direction, pooled[i : i + self.batch_size]).float() for i in range(0, len(pooled), self.batch_size)]
-        return torch.cat(parts) if parts else torch.zeros(0, 1)
+        keys = torch.cat(parts) if parts else torch.zeros(0, 1)
+        if (prior := self.prior(direction)) is not None and len(keys):
+            keys = torch.cat([F.normalize(keys, dim=-1), prior.side(direction.split("->")[1], pooled)], dim=1)
+        return keys
 
     def index(self, direction: str) -> VectorIndex:
         """The index of ``direction``'s target side: loaded, built, or extended with new store items."""
@@ -197,7 +227,8 @@ class Retriever:
 
     @torch.no_grad()
     def embed(self, source: str, target: str, items: list[Any]) -> torch.Tensor:
-        """Queries (texts or file paths) -> unit vectors in the ``source->target`` contrastive space."""
+        """Queries (texts or file paths) -> unit vectors in the ``source->target`` contrastive space (with the
+        label prior's side appended, weighted, when the connector was trained on top of it)."""
         from omnimoe.encoders.base import BadInput
 
         direction = direction_name(source, target)
@@ -216,7 +247,10 @@ class Retriever:
                 q = self.connector(direction, out.tokens, out.mask, tasks=("contrastive",)).contrastive
             else:
                 q = self.connector(direction, out.pooled, tasks=("contrastive",)).contrastive
-        return F.normalize(q.float(), dim=-1)
+            q = F.normalize(q.float(), dim=-1)
+            if (prior := self.prior(direction)) is not None:
+                q = torch.cat([q, self.prior_weight * prior.side(source, out.pooled)], dim=1)
+        return F.normalize(q, dim=-1)
 
     def search(self, source: str, target: str, items: list[Any], k: int = 5) -> list[list[Hit]]:
         """Top-``k`` stored ``target`` items for each query (a batch of texts or paths of ``source``)."""
