@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="10k vectors, 50 queries, 200 HTTP requests (seconds; for tests)")
     p.add_argument("--no-http", action="store_true")
+    p.add_argument("--prior", action="store_true", help="also time each cell with the label prior's half appended (a run trained "
+                   "with prior_weight > 0: index vectors [key, prior side] of 256 + 384 dims), side by side")
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
     if args.quick:
@@ -107,43 +109,59 @@ def index_rows(args: argparse.Namespace) -> list[dict]:
     latents = encoder.encode([encoder.load_item(c) for c in CAPTIONS]).pooled  # real text latents as connector inputs
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
-        vectors = synthetic(n, 256)
-        ids = [f"item{i}" for i in range(n)]
-        probe = synthetic(200, 256, seed=7)  # recall is judged on queries from the items' own distribution
-        exact: list[list[str]] | None = None
-        for method in args.methods.split(","):
-            kind = method.removeprefix("faiss-")
-            if method.startswith("faiss") and not faiss_available():
-                print(f"skip {method}: faiss is not installed")
-                continue
-            if kind == "hnsw" and n > args.hnsw_max:
-                print(f"skip {method} at n={n}: HNSW build time grows past the budget (--hnsw-max {args.hnsw_max})")
-                continue
-            t = time.perf_counter()
-            index = VectorIndex.build(vectors, ids, IndexSpec(kind=kind))  # type: ignore[arg-type]
-            build_s = time.perf_counter() - t
-            reps = args.queries if n < 1_000_000 or kind in ("ivf", "hnsw") else max(20, args.queries // 6)
+        for prior in (False, True) if args.prior else (False,):
+            rows += _cells(args, model, encoder, latents, n, prior)
+    return rows
 
-            def search(i: int) -> None:
-                index.search(model(DIRECTION, latents[i % len(latents) : i % len(latents) + 1], tasks=TASK).contrastive, 10)
 
-            def text_query(i: int) -> None:
-                out = encoder.encode([encoder.load_item(CAPTIONS[i % len(CAPTIONS)])])
-                index.search(model(DIRECTION, out.pooled, tasks=TASK).contrastive, 10)
+def _cells(args: argparse.Namespace, model: AltMoEConnector, encoder, latents: torch.Tensor, n: int, prior: bool) -> list[dict]:
+    """Every index kind at ``n`` stored vectors; with ``prior``, vectors and queries carry the prior's 384 dims."""
+    import torch.nn.functional as F
 
-            found = index.search(probe, 10)[1]
-            if kind in ("flat", "torch") and exact is None:
-                exact = found
-            recall = statistics.fmean(len(set(a) & set(b)) / 10 for a, b in zip(found, exact)) if exact else None
-            for path, fn in (("search", search), ("text-query", text_query)):
-                p50, p99 = percentiles(time_calls(fn, reps))
-                row = {"n": n, "method": method, "path": path, "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "errors": 0,
-                       "queries": reps, "build_s": round(build_s, 2)}  # fmt: skip
-                if kind in ("ivf", "hnsw") and recall is not None:
-                    row["recall@10"] = round(recall, 3)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            del index
+    extra = 384 if prior else 0  # the text side of the label prior (MiniLM's width)
+    vectors = synthetic(n, 256 + extra)
+    ids = [f"item{i}" for i in range(n)]
+    probe = synthetic(200, 256 + extra, seed=7)  # recall is judged on queries from the items' own distribution
+    exact: list[list[str]] | None = None
+    rows = []
+
+    def query(pooled: torch.Tensor) -> torch.Tensor:
+        q = model(DIRECTION, pooled, tasks=TASK).contrastive
+        return torch.cat([F.normalize(q, dim=-1), F.normalize(pooled, dim=-1)], dim=1) if prior else q  # as Retriever.embed
+
+    for method in args.methods.split(","):
+        kind = method.removeprefix("faiss-")
+        if method.startswith("faiss") and not faiss_available():
+            print(f"skip {method}: faiss is not installed")
+            continue
+        if kind == "hnsw" and n > args.hnsw_max:
+            print(f"skip {method} at n={n}: HNSW build time grows past the budget (--hnsw-max {args.hnsw_max})")
+            continue
+        t = time.perf_counter()
+        index = VectorIndex.build(vectors, ids, IndexSpec(kind=kind))  # type: ignore[arg-type]
+        build_s = time.perf_counter() - t
+        reps = args.queries if n < 1_000_000 or kind in ("ivf", "hnsw") else max(20, args.queries // 6)
+
+        def search(i: int) -> None:
+            index.search(query(latents[i % len(latents) : i % len(latents) + 1]), 10)
+
+        def text_query(i: int) -> None:
+            out = encoder.encode([encoder.load_item(CAPTIONS[i % len(CAPTIONS)])])
+            index.search(query(out.pooled), 10)
+
+        found = index.search(probe, 10)[1]
+        if kind in ("flat", "torch") and exact is None:
+            exact = found
+        recall = statistics.fmean(len(set(a) & set(b)) / 10 for a, b in zip(found, exact)) if exact else None
+        for path, fn in (("search", search), ("text-query", text_query)):
+            p50, p99 = percentiles(time_calls(fn, reps))
+            row = {"n": n, "method": method, "path": path, "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "errors": 0,
+                   "queries": reps, "build_s": round(build_s, 2), "prior": prior}  # fmt: skip
+            if kind in ("ivf", "hnsw") and recall is not None:
+                row["recall@10"] = round(recall, 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del index
     return rows
 
 
@@ -238,9 +256,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows += http_rows(args)
     if args.out:
         write_json(args.out, rows)
-    print("\n| n | method | path | p50 ms | p99 ms | errors | recall@10 | coalesce |\n|---|---|---|---|---|---|---|---|")
+    print("\n| n | method | prior | path | p50 ms | p99 ms | errors | recall@10 | coalesce |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']} | {r['method']} | {r['path']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r.get('recall@10', '')} | {r.get('coalesce', '')} |")
+        print(f"| {r['n']} | {r['method']} | {r.get('prior', '')} | {r['path']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r.get('recall@10', '')} | {r.get('coalesce', '')} |")
     return rows
 
 

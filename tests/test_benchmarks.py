@@ -51,3 +51,11 @@ def test_retrieval_benchmark_quick(tmp_path):
     assert [r["coalesce"] for r in http] == [True, False] and all(r["errors"] == 0 and r["requests"] == 200 for r in http)
     assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
     assert all(0.5 <= r["recall@10"] <= 1 for r in rows if "recall@10" in r)
+
+
+@pytest.mark.slow
+def test_retrieval_benchmark_with_the_prior_side_by_side():
+    bench = load("retrieval")
+    rows = bench.run(bench.parse_args(["--quick", "--no-http", "--prior", "--methods", "faiss-flat"]))
+    assert sorted((r["prior"], r["path"]) for r in rows) == [(False, "search"), (False, "text-query"), (True, "search"), (True, "text-query")]
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
