@@ -106,9 +106,12 @@ def test_trained_on_the_prior_and_served_with_it(tmp_path):
 
     manifest = shapes_manifest(tmp_path)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "omnimoe.cli", "align", "--manifest", str(manifest), "--out", str(out), "--methods", "linear",
+    cmd = [sys.executable, "-m", "omnimoe.cli", "align", "--manifest", str(manifest), "--out", "run", "--methods", "linear",
            "--seeds", "0", "--set", "prior_weight=1.0", "--set", "steps=40", "--set", "eval_every=20", "--set", "warmup_steps=5"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)  # a relative --out, as `make demo` gives
+    assert done.returncode == 0, done.stderr[-3000:]
+    stores = json.loads((out / "summary.json").read_text())["stores"]
+    assert stores == {"text": "stores/text-minilm", "image": "stores/image-efficientnet-lite0"}  # relative to the run folder
     assert done.returncode == 0, done.stderr[-3000:]
     prior_file = json.loads((out / "prior.json").read_text())
     assert prior_file["prior_weight"] == 1.0 and prior_file["beta"] == {"linear/seed0": {"text->image": 1.0, "image->text": 1.0}}

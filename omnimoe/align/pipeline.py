@@ -14,6 +14,7 @@ name when the manifest has such a field, else the encoder's modality), e.g.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,15 @@ def expert_load(model: Any, data: AlignmentData, directions: list[str], cfg: Tra
     return load
 
 
+def _relative_to(path: Path, folder: Path) -> str:
+    """``path`` as written in ``folder``'s summary: relative to ``folder`` (readers resolve it there, wherever the
+    run was started from, and the run can move with its stores), absolute when on another drive."""
+    try:
+        return os.path.relpath(Path(path).resolve(), Path(folder).resolve())
+    except ValueError:
+        return str(Path(path).resolve())
+
+
 def _is_rank0() -> bool:
     import torch.distributed as dist
 
@@ -242,6 +252,6 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     for method, load in loads.items():
         plots.append(plot_expert_load(load, out / f"expert_load_{method}.png", title=f"{method}: expert load per direction (test)"))
     write_json(out / "summary.json", {"summary": summary, "manifest": str(Path(cfg.manifest).resolve()), "encoders": cfg.encoders,
-                                      "modalities": list(cfg.encoders), "methods": cfg.methods, "stores": {m: str(p) for m, p in stores.items()}, "directions": directions,
+                                      "modalities": list(cfg.encoders), "methods": cfg.methods, "stores": {m: _relative_to(p, out) for m, p in stores.items()}, "directions": directions,
                                       "train_config": dataclasses.asdict(cfg.train), "plots": [p.name for p in plots]})  # fmt: skip
     return {"rows": rows, "summary": summary, "plots": plots, "directions": directions, "zeroshot": zeroshot}
