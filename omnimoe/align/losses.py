@@ -40,12 +40,12 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, logit_scale: torch.Tensor |
     ka = k if key_all is None else F.normalize(key_all.float(), dim=-1)
     qa = q if query_all is None else F.normalize(query_all.float(), dim=-1)
     labels = torch.arange(len(q), device=q.device) + (offset if key_all is not None or query_all is not None else 0)
-    qk, kq = q @ ka.t(), k @ qa.t()
+    qk, kq = scale * q @ ka.t(), scale * k @ qa.t()  # (scale * q) first: the order the published figures were measured with
     if prior_qk is not None:
-        qk = qk + prior_qk
+        qk = qk + scale * prior_qk
     if prior_kq is not None:
-        kq = kq + prior_kq
-    return (F.cross_entropy(scale * qk, labels) + F.cross_entropy(scale * kq, labels)) / 2
+        kq = kq + scale * prior_kq
+    return (F.cross_entropy(qk, labels) + F.cross_entropy(kq, labels)) / 2
 
 
 def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
