@@ -55,11 +55,8 @@ class LabelPrior:
 
     def pair_scores(self, direction: str, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(Q, N) prior cosines between ``direction``'s source latents (rows) and target latents (columns)."""
-        src, _ = parse_direction(direction)
-        text, other = (source, target) if src == self.text else (target, source)
-        text = F.normalize(text.float(), dim=-1)
-        other = self.bridge(other.to(self.label_vectors.device))
-        return text @ other.t() if src == self.text else other @ text.t()
+        src, tgt = parse_direction(direction)
+        return self.side(src, source) @ self.side(tgt, target).t()
 
     def scores(self, data: AlignmentData, direction: str, pairs: Pairs) -> torch.Tensor:
         """(Q, N) prior scores between ``pairs``' sources (rows) and targets (columns), in the pairs' order."""
@@ -69,6 +66,7 @@ class LabelPrior:
     def side(self, modality: str, pooled: torch.Tensor) -> torch.Tensor:
         """One side of :meth:`pair_scores`: unit vectors in text space for ``modality``'s pooled latents
         (the text latents themselves, or the bridge of the other modality's)."""
+        pooled = pooled.to(self.label_vectors.device)
         return F.normalize(pooled.float(), dim=-1) if modality == self.text else self.bridge(pooled)
 
     def to(self, device: torch.device | str) -> LabelPrior:
@@ -88,7 +86,8 @@ def build_label_priors(encoders: dict[str, str], text: str = "text", prompt: str
 
     if text not in encoders:
         return {}
-    return label_priors({m: load_encoder(name) for m, name in encoders.items()}, text, prompt)
+    loaded = {name: load_encoder(name) for name in dict.fromkeys(encoders.values())}  # each encoder once
+    return label_priors({m: loaded[name] for m, name in encoders.items()}, text, prompt)
 
 
 def label_priors(encoders: dict[str, Any], text: str = "text", prompt: str = PROMPT) -> dict[str, LabelPrior]:
@@ -96,9 +95,8 @@ def label_priors(encoders: dict[str, Any], text: str = "text", prompt: str = PRO
     if text not in encoders:
         return {}
     heads = {m: head for m, enc in encoders.items() if m != text and (head := enc.label_head()) is not None}
-    priors = {}
+    encoder, priors = encoders[text], {}
     for modality, head in heads.items():
-        encoder = encoders[text]
         vectors = encoder.encode([encoder.load_item(prompt.format(n)) for n in head.names]).pooled.float()
         priors[modality] = LabelPrior(modality, text, head, F.normalize(vectors, dim=-1))
     return priors
