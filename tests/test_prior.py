@@ -117,11 +117,33 @@ def test_training_on_top_of_the_prior(setup, tmp_path):
     plain = train(data, directions, TrainConfig(**{**cfg.__dict__, "prior_weight": 0.0}), tmp_path / "plain", progress=False,
                   priors={"image": prior})  # fmt: skip
     assert plain["best_val"] < 0.8  # without the prior 40 steps on 36 pairs learn little
-    with pytest.raises(ValueError, match="pooled inputs"):
-        train(data, directions, TrainConfig(method="moe-alternating", token_inputs=True, prior_weight=1.0), tmp_path / "tok",
-              progress=False, priors={"image": prior})  # fmt: skip
     with pytest.warns(UserWarning, match="no label prior applies"):
         train(data, directions, TrainConfig(**{**cfg.__dict__, "steps": 2}), tmp_path / "none", progress=False, priors={})
+
+
+def test_token_inputs_train_on_top_of_the_prior(setup, tmp_path):
+    """Token inputs feed the connector; the prior still reads the pooled latents of the same (mixed) rows."""
+    import copy
+
+    from omnimoe.align.trainer import load_best, train
+
+    data, prior, _ = setup
+    data = copy.copy(data)  # the module's fixture stays pooled-only
+    g = torch.Generator().manual_seed(3)
+    data.tokens = {}
+    for m, x in data.latents.items():  # 3 tokens per row, the last padding: the masked mean is not the pooled vector
+        noise = torch.randn(len(x), 1, x.shape[1], generator=g)
+        tokens = torch.cat([x[:, None] + noise, x[:, None] - noise, torch.full_like(x[:, None], 50.0)], 1)
+        data.tokens[m] = (tokens, torch.tensor([[True, True, False]]).repeat(len(x), 1))
+    directions = ["text->image", "image->text"]
+    cfg = TrainConfig(method="moe-alternating", steps=20, eval_every=10, warmup_steps=5, batch_size=16, dtype="float32",
+                      token_inputs=True, prior_weight=4.0, hidden_size=32, contrastive_dim=16, num_experts=4, num_experts_per_tok=2)  # fmt: skip
+    result = train(data, directions, cfg, tmp_path / "tok", progress=False, priors={"image": prior})
+    assert result["best_val"] == 1.0  # the perfect prior (weighted to dominate) is in the selection score
+    rows, weights = fused_rows(load_best(cfg, data, directions, tmp_path / "tok"), data, directions, {"image": prior}, cfg)
+    assert weights == {d: 4.0 for d in directions} and all(r["R@1"] == 1.0 for r in rows)
+    plain = train(data, directions, TrainConfig(**{**cfg.__dict__, "prior_weight": 0.0}), tmp_path / "plain", progress=False)
+    assert plain["best_val"] < 0.8
 
 
 def _prior_loss_worker(rank, world, q_all, k_all, prior):

@@ -75,6 +75,18 @@ def test_resume_after_interruption_gives_the_same_result(data, tmp_path):
         train(data, DIRS, small(method="moe-alternating", lr=1e-2), tmp_path / "full", progress=False)
 
 
+def test_a_finished_run_called_again_trains_no_further(data, tmp_path):
+    """Calling train on a finished run's folder (e.g. `omnimoe align` again with more seeds) returns its result;
+    a run that stopped early must not wake up and train on."""
+    cfg = small(method="mlp-alternating", eval_every=10, patience=2, lr=3e-2)
+    first = train(data, DIRS, cfg, tmp_path / "run", progress=False)
+    assert first["stopped_early"]
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert train(data, DIRS, cfg, tmp_path / "run", progress=False) == first
+    again = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert again["step"] == state["step"] < cfg.steps and all(torch.equal(again["model"][k], v) for k, v in state["model"].items())
+
+
 def test_lr_schedule_and_store_writer_checks(tmp_path):
     cfg = small(steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-5)
     assert lr_at(cfg, 0) == pytest.approx(1e-4) and lr_at(cfg, 9) == pytest.approx(1e-3)
@@ -91,16 +103,17 @@ def test_augmentation_keeps_pairs_aligned():
     src = torch.arange(8, dtype=torch.float32).repeat(2, 1).t()  # row i = [i, i]
     tgt = 10 * src
     torch.manual_seed(0)
-    s, t, _ = augment(small(mixup_alpha=0.5), src, tgt, torch.ones(2), torch.Generator().manual_seed(1))
+    s, t, _, _ = augment(small(mixup_alpha=0.5), src, tgt, torch.ones(2), torch.Generator().manual_seed(1))
     torch.testing.assert_close(t, 10 * s)  # source and target mixed with the same weights
     assert not torch.equal(s, src)
-    s2, t2, _ = augment(small(input_noise=0.5, mixup_alpha=0.0), src, tgt, torch.ones(2), torch.Generator().manual_seed(1))
+    s2, t2, _, _ = augment(small(input_noise=0.5, mixup_alpha=0.0), src, tgt, torch.ones(2), torch.Generator().manual_seed(1))
     assert torch.equal(t2, tgt) and 0.2 < (s2 - src).std() < 0.8  # noise only on the source side
     tokens = src[:, None, :].repeat(1, 3, 1)  # (8, 3, 2) token inputs, row i's tokens all = i
     mask = torch.tensor([[1, 1, 0]] * 4 + [[1, 0, 0]] * 4, dtype=torch.bool)
     torch.manual_seed(0)
-    s3, t3, m3 = augment(small(mixup_alpha=0.5), tokens, tgt, torch.ones(2), torch.Generator().manual_seed(1), mask)
+    s3, t3, m3, p3 = augment(small(mixup_alpha=0.5), tokens, tgt, torch.ones(2), torch.Generator().manual_seed(1), mask, src)
     torch.testing.assert_close(t3, 10 * s3[:, 0])  # same weights for every token and the target
+    torch.testing.assert_close(p3, s3[:, 0])  # and for the pooled rows the label prior reads
     assert (m3 >= mask).all() and m3.shape == mask.shape  # the mixed row keeps the tokens of both
 
 

@@ -34,18 +34,21 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, logit_scale: torch.Tensor |
     ``prior_qk`` (B, B_all) and ``prior_kq`` (B, B_all) are fixed scores added to the cosines before scaling
     (local queries against all keys, local keys against all queries): training on top of a prior.
     """
-    q = F.normalize(query.float(), dim=-1)
-    k = F.normalize(key.float(), dim=-1)
-    scale = logit_scale if isinstance(logit_scale, torch.Tensor) else torch.tensor(logit_scale)
-    ka = k if key_all is None else F.normalize(key_all.float(), dim=-1)
-    qa = q if query_all is None else F.normalize(query_all.float(), dim=-1)
-    labels = torch.arange(len(q), device=q.device) + (offset if key_all is not None or query_all is not None else 0)
-    qk, kq = scale * q @ ka.t(), scale * k @ qa.t()  # (scale * q) first: the order the published figures were measured with
-    if prior_qk is not None:
-        qk = qk + scale * prior_qk
-    if prior_kq is not None:
-        kq = kq + scale * prior_kq
-    return (F.cross_entropy(qk, labels) + F.cross_entropy(kq, labels)) / 2
+    # In float32 even under autocast: at a logit scale of 20, bf16 logits are rounded in steps of up to
+    # 0.125, which made results hinge on the order of operations (docs/results.md). The matmul is tiny.
+    with torch.autocast(query.device.type, enabled=False):
+        q = F.normalize(query.float(), dim=-1)
+        k = F.normalize(key.float(), dim=-1)
+        scale = logit_scale.float() if isinstance(logit_scale, torch.Tensor) else torch.tensor(float(logit_scale))
+        ka = k if key_all is None else F.normalize(key_all.float(), dim=-1)
+        qa = q if query_all is None else F.normalize(query_all.float(), dim=-1)
+        labels = torch.arange(len(q), device=q.device) + (offset if key_all is not None or query_all is not None else 0)
+        qk, kq = scale * (q @ ka.t()), scale * (k @ qa.t())
+        if prior_qk is not None:
+            qk = qk + scale * prior_qk.float()
+        if prior_kq is not None:
+            kq = kq + scale * prior_kq.float()
+        return (F.cross_entropy(qk, labels) + F.cross_entropy(kq, labels)) / 2
 
 
 def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:

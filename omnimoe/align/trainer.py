@@ -69,7 +69,7 @@ class TrainConfig:
     mixup_alpha: float = 0.4  # > 0: FuseMix-style mixup, source and target mixed with the same Beta(a, a) weight
     input_noise: float = 0.0  # > 0: Gaussian noise on source latents, as a fraction of each feature's std
     # > 0: learn on top of the label prior (omnimoe.align.prior) where one applies: its cosine times this weight
-    # is added to the InfoNCE logits, and to the score used for early stopping and at test (pooled inputs only)
+    # is added to the InfoNCE logits, and to the score used for early stopping and at test
     prior_weight: float = 0.0
     eval_every: int = 25
     patience: int = 10  # evaluations without improvement before stopping
@@ -160,9 +160,12 @@ def weight_decay_at(cfg: TrainConfig, step: int) -> float:
 
 
 def augment(cfg: TrainConfig, source: torch.Tensor, target: torch.Tensor, std: torch.Tensor, gen: torch.Generator,
-            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+            mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
     """Mixup of whole pairs (a mixed pair stays a positive pair) and noise on the source side. Token inputs
-    (B, L, D) mix position by position, and the mixed row keeps the tokens of both."""
+    (B, L, D) mix position by position, and the mixed row keeps the tokens of both. ``pooled`` (B, D), the
+    pooled latents of token inputs' rows, is mixed with the same weights (the label prior reads it).
+    Returns (source, target, mask, pooled)."""
     if cfg.mixup_alpha > 0:
         lam = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha).sample((len(source), 1))
         perm = torch.randperm(len(source), generator=gen)
@@ -171,9 +174,11 @@ def augment(cfg: TrainConfig, source: torch.Tensor, target: torch.Tensor, std: t
         target = lam * target + (1 - lam) * target[perm]
         if mask is not None:
             mask = mask | mask[perm]
+        if pooled is not None:
+            pooled = lam * pooled + (1 - lam) * pooled[perm]
     if cfg.input_noise > 0:
         source = source + torch.randn(source.shape, generator=gen) * std * cfg.input_noise
-    return source, target, mask
+    return source, target, mask, pooled
 
 
 def inputs(cfg: TrainConfig, data: AlignmentData, modality: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -269,8 +274,6 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = schedule_for(cfg, directions)
     priors = priors if cfg.prior_weight > 0 else None
-    if priors and cfg.token_inputs and cfg.method != "linear":
-        raise ValueError("prior_weight > 0 needs pooled inputs (the prior reads pooled latents); set token_inputs=false or prior_weight=0")
     if cfg.prior_weight > 0 and not any(prior_for(priors, d) for d in directions):
         warnings.warn(f"prior_weight={cfg.prior_weight} but no label prior applies to {directions}: training without it", stacklevel=2)
     device_priors = {m: p.to(device) for m, p in (priors or {}).items()}
@@ -304,7 +307,7 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
     writer = _tensorboard(out / "tb") if rank == 0 else None
     pending: dict[str, list[float]] = {}
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", disable=not progress or rank != 0, dynamic_ncols=True)
-    stopped_early = False
+    stopped_early = bad_evals >= cfg.patience  # a finished run that stopped early stays stopped when called again
     # ``step`` counts direction-batches (one direction's batch through the model): an alternating optimizer
     # step advances it by 1, a joint one by the number of directions. Budgets (steps, warm-up, evaluation)
     # are therefore equal in data and compute across schedules.
@@ -324,7 +327,9 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
                 pick = torch.randint(len(pairs), (min(cfg.batch_size, len(pairs)),), generator=batch_gen)
                 source, mask = inputs(cfg, data, src, pairs.src_rows[pick])
                 target = data.latents[tgt][pairs.tgt_rows[pick]]
-                source, target, mask = augment(cfg, source, target, feature_std[src], batch_gen, mask)
+                pooled = data.latents[src][pairs.src_rows[pick]] if mask is not None else None  # for the prior
+                source, target, mask, pooled = augment(cfg, source, target, feature_std[src], batch_gen, mask, pooled)
+                pooled = source if pooled is None else pooled
                 source, target = source.to(device, non_blocking=True), target.to(device, non_blocking=True)
                 mask = None if mask is None else mask.to(device)
                 o, keys, logit_scale = step_module(d, source, target, mask)
@@ -334,8 +339,8 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
                 prior_qk = prior_kq = None
                 if (prior := prior_for(device_priors, d)) is not None:  # the fixed prior scores of this batch
                     with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                        source_all, target_all = gather_rows(source.float())[0], gather_rows(target.float())[0]
-                        prior_qk = cfg.prior_weight * prior.pair_scores(d, source, target_all)
+                        source_all, target_all = gather_rows(pooled.float())[0], gather_rows(target.float())[0]
+                        prior_qk = cfg.prior_weight * prior.pair_scores(d, pooled, target_all)
                         prior_kq = cfg.prior_weight * prior.pair_scores(d, source_all, target).t()
                 con = info_nce(o.contrastive, keys, logit_scale, key_all=keys_all, query_all=queries_all, offset=offset,
                                prior_qk=prior_qk, prior_kq=prior_kq)  # fmt: skip
