@@ -107,7 +107,8 @@ def test_training_on_top_of_the_prior(setup, tmp_path):
 
     data, prior, _ = setup
     directions = ["text->image", "image->text"]
-    cfg = TrainConfig(method="linear", steps=40, eval_every=20, warmup_steps=5, batch_size=16, dtype="float32", prior_weight=1.0)
+    cfg = TrainConfig(method="linear", steps=40, eval_every=20, warmup_steps=5, batch_size=16, dtype="float32", prior_weight=1.0,
+                      select_on="R@1")
     result = train(data, directions, cfg, tmp_path / "with", progress=False, priors={"image": prior})
     assert result["best_val"] == 1.0  # judged by learned + prior: the prior alone is perfect here
     from omnimoe.align.trainer import load_best
@@ -137,7 +138,7 @@ def test_token_inputs_train_on_top_of_the_prior(setup, tmp_path):
         data.tokens[m] = (tokens, torch.tensor([[True, True, False]]).repeat(len(x), 1))
     directions = ["text->image", "image->text"]
     cfg = TrainConfig(method="moe-alternating", steps=20, eval_every=10, warmup_steps=5, batch_size=16, dtype="float32",
-                      token_inputs=True, prior_weight=4.0, hidden_size=32, contrastive_dim=16, num_experts=4, num_experts_per_tok=2)  # fmt: skip
+                      select_on="R@1", token_inputs=True, prior_weight=4.0, hidden_size=32, contrastive_dim=16, num_experts=4, num_experts_per_tok=2)  # fmt: skip
     result = train(data, directions, cfg, tmp_path / "tok", progress=False, priors={"image": prior})
     assert result["best_val"] == 1.0  # the perfect prior (weighted to dominate) is in the selection score
     rows, weights = fused_rows(load_best(cfg, data, directions, tmp_path / "tok"), data, directions, {"image": prior}, cfg)

@@ -33,7 +33,7 @@ def data(tmp_path_factory):
 
 def small(**kw):
     base = dict(steps=150, batch_size=64, eval_every=50, warmup_steps=10, hidden_size=32, contrastive_dim=16, num_experts=4,
-                num_experts_per_tok=2, dropout=0.0, dtype="float32", lr=3e-3)  # fmt: skip
+                num_experts_per_tok=2, dropout=0.0, dtype="float32", lr=3e-3, select_on="R@1")  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
 
@@ -87,6 +87,26 @@ def test_a_finished_run_called_again_trains_no_further(data, tmp_path):
     assert again["step"] == state["step"] < cfg.steps and all(torch.equal(again["model"][k], v) for k, v in state["model"].items())
 
 
+def test_selection_score_reads_the_judged_head_and_metric():
+    from omnimoe.align.trainer import selection_score
+
+    rows = [{"query": "text", "target": "image", "head": "contrastive", "R@1": 0.1, "R@5": 0.4, "R@10": 0.7},
+            {"query": "text", "target": "image", "head": "contrastive+prior", "R@1": 0.3, "R@5": 0.6, "R@10": 0.9},
+            {"query": "image", "target": "text", "head": "contrastive", "R@1": 0.2, "R@5": 0.5, "R@10": 0.5},
+            {"query": "image", "target": "text", "head": "regression", "R@1": 0.9, "R@5": 0.9, "R@10": 0.9}]  # fmt: skip
+    assert selection_score(rows) == pytest.approx((0.3 + 0.2) / 2)  # +prior where present, never regression
+    assert selection_score(rows, "R@10") == pytest.approx((0.9 + 0.5) / 2)
+    assert selection_score(rows, "mean") == pytest.approx((0.6 + 0.4) / 2)
+    with pytest.raises(ValueError, match="select_on"):
+        selection_score(rows, "R@3")
+
+
+def test_bad_select_on_fails_before_training(data, tmp_path):
+    with pytest.raises(ValueError, match="select_on must be one of"):
+        train(data, DIRS, small(select_on="R@3"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
 def test_lr_schedule_and_store_writer_checks(tmp_path):
     cfg = small(steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-5)
     assert lr_at(cfg, 0) == pytest.approx(1e-4) and lr_at(cfg, 9) == pytest.approx(1e-3)
@@ -133,7 +153,7 @@ def _train_script(tmp_path, data, config: str, distributed: bool = False):
     return script, [str(data.manifest_path), str(folder / "a"), str(folder / "b")]
 
 
-SMALL = ("batch_size=32, eval_every=50, warmup_steps=10, hidden_size=32, contrastive_dim=16, num_experts=4, "
+SMALL = ("select_on='R@1', batch_size=32, eval_every=50, warmup_steps=10, hidden_size=32, contrastive_dim=16, num_experts=4, "
          "num_experts_per_tok=2, dtype='float32', lr=3e-3")
 
 

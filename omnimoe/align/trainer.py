@@ -73,6 +73,7 @@ class TrainConfig:
     prior_weight: float = 0.0
     eval_every: int = 25
     patience: int = 10  # evaluations without improvement before stopping
+    select_on: str = "mean"  # validation score for early stopping and the best checkpoint: R@1, R@5, R@10, mean (of the three)
     dtype: str = "auto"
     device: str = "auto"  # auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU; or cpu, cuda, cuda:1
     seed: int = 0
@@ -237,14 +238,21 @@ def mean_r1(rows: list[dict[str, Any]], head: str = "contrastive") -> float:
     return sum(vals) / len(vals) if vals else 0.0
 
 
-def selection_r1(rows: list[dict[str, Any]]) -> float:
-    """Mean R@1 over directions of the score a run is judged by: ``contrastive+prior`` where a direction has
-    it (a connector trained on top of the prior), else ``contrastive``."""
+SELECT_ON = ("R@1", "R@5", "R@10", "mean")
+
+
+def selection_score(rows: list[dict[str, Any]], select_on: str = "R@1") -> float:
+    """Mean over directions of the recall a run is judged by (``select_on``: R@1, R@5, R@10, or ``mean`` of
+    the three), on the score it is judged by: ``contrastive+prior`` where a direction has it (a connector
+    trained on top of the prior), else ``contrastive``."""
+    if select_on not in SELECT_ON:
+        raise ValueError(f"select_on must be one of {SELECT_ON}, got {select_on!r}")
+    keys = ("R@1", "R@5", "R@10") if select_on == "mean" else (select_on,)
     best: dict[tuple[str, str], float] = {}
     for r in rows:
         key = (r["query"], r["target"])
         if r["head"] == "contrastive+prior" or (r["head"] == "contrastive" and key not in best):
-            best[key] = r["R@1"]
+            best[key] = sum(r[k] for k in keys) / len(keys)
     return sum(best.values()) / len(best) if best else 0.0
 
 
@@ -259,6 +267,7 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
     ``stop_at_step`` ends the run early without finishing (used to test resumption).
     """
     out = Path(out)
+    selection_score([], cfg.select_on)  # a bad select_on fails now, not at the first evaluation
     out.mkdir(parents=True, exist_ok=True)
     rank, world = _distributed()
     device = resolve_device(cfg.device)
@@ -369,11 +378,13 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
             rows = evaluate(model, data, directions, "val", cfg=cfg)
             if priors:
                 rows += fused_rows(model, data, directions, priors, cfg, split="val")[0]
-            val = selection_r1(rows)
-            history.append({"step": step, "loss": loss.item(), "val_mean_r1": val, "lr": lr_at(cfg, step - 1), "losses": logs})
+            val = selection_score(rows, cfg.select_on)
+            history.append({"step": step, "loss": loss.item(), "val_score": val, "val_mean_r1": selection_score(rows),
+                            "lr": lr_at(cfg, step - 1), "losses": logs})  # fmt: skip
             schedule.update({f"{r['query']}->{r['target']}": r["R@1"] for r in rows if r["head"] == "contrastive"})
             if writer is not None:
-                writer.add_scalar("val/mean_R@1", val, step)
+                writer.add_scalar("val/score", val, step)
+                writer.add_scalar("val/mean_R@1", history[-1]["val_mean_r1"], step)
                 for r in rows:
                     writer.add_scalar(f"val/{r['head']}/{r['query']}->{r['target']}/R@1", r["R@1"], step)
                 writer.flush()
