@@ -338,8 +338,8 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
                 target = data.latents[tgt][pairs.tgt_rows[pick]]
                 pooled = data.latents[src][pairs.src_rows[pick]] if mask is not None else None  # for the prior
                 source, target, mask, pooled = augment(cfg, source, target, feature_std[src], batch_gen, mask, pooled)
-                pooled = source if pooled is None else pooled
                 source, target = source.to(device, non_blocking=True), target.to(device, non_blocking=True)
+                pooled = source if pooled is None else pooled.to(device, non_blocking=True)  # on the device, like what it is gathered with
                 mask = None if mask is None else mask.to(device)
                 o, keys, logit_scale = step_module(d, source, target, mask)
                 # Negatives from every rank: the ranks' mean loss is the loss of one big batch.
