@@ -59,3 +59,26 @@ def test_retrieval_benchmark_with_the_prior_side_by_side():
     rows = bench.run(bench.parse_args(["--quick", "--no-http", "--prior", "--methods", "faiss-flat"]))
     assert sorted((r["prior"], r["path"]) for r in rows) == [(False, "search"), (False, "text-query"), (True, "search"), (True, "text-query")]
     assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
+
+
+def test_align_loss_benchmark_quick(tmp_path):
+    bench = load("align_loss")
+    out = tmp_path / "loss.json"
+    rows = bench.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
+    assert [r["batch"] for r in rows] == [128, 256] and all(r["bf16_logits_ms"] > 0 and r["float32_logits_ms"] > 0 for r in rows)
+
+
+def test_float32_logits_differ_from_bf16_logits_only_by_rounding():
+    """The switch the benchmark compares is real: under bf16 autocast the two losses differ, slightly."""
+    import torch
+
+    from omnimoe.align.losses import info_nce
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    exact = info_nce(q, k, 20.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32, bf16 = info_nce(q, k, 20.0), info_nce(q, k, 20.0, float32_logits=False)
+    assert fp32.dtype == torch.float32 and torch.allclose(fp32, exact, atol=1e-5)
+    assert not torch.equal(bf16, exact) and torch.allclose(bf16, exact, rtol=0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -23,7 +24,7 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smoot
 
 def info_nce(query: torch.Tensor, key: torch.Tensor, logit_scale: torch.Tensor | float, key_all: torch.Tensor | None = None,
              query_all: torch.Tensor | None = None, offset: int = 0, prior_qk: torch.Tensor | None = None,
-             prior_kq: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+             prior_kq: torch.Tensor | None = None, float32_logits: bool = True) -> torch.Tensor:  # fmt: skip
     """Symmetric InfoNCE between L2-normalised ``query`` (B, d) and ``key`` (B, d); row i matches row i.
 
     Under data parallelism pass every rank's rows as ``key_all`` and ``query_all`` (see :func:`gather_rows`),
@@ -35,8 +36,9 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, logit_scale: torch.Tensor |
     (local queries against all keys, local keys against all queries): training on top of a prior.
     """
     # In float32 even under autocast: at a logit scale of 20, bf16 logits are rounded in steps of up to
-    # 0.125, which made results hinge on the order of operations (docs/results.md). The matmul is tiny.
-    with torch.autocast(query.device.type, enabled=False):
+    # 0.125, which made results hinge on the order of operations (docs/results.md). ``float32_logits=False``
+    # leaves autocast in charge (the behaviour before; benchmarks/align_loss.py compares the two).
+    with torch.autocast(query.device.type, enabled=False) if float32_logits else contextlib.nullcontext():
         q = F.normalize(query.float(), dim=-1)
         k = F.normalize(key.float(), dim=-1)
         scale = logit_scale.float() if isinstance(logit_scale, torch.Tensor) else torch.tensor(float(logit_scale))
