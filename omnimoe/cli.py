@@ -349,8 +349,11 @@ def mllm_eval(
     data: Path = typer.Option(..., help="Held-out task file (LLaVA-style JSON with task/answer fields)."),
     out: Optional[Path] = typer.Option(None, help="Write eval.json here (default: beside the model)."),
     limit: int = typer.Option(0, help="Score only the first N records (0: all)."),
+    control: bool = typer.Option(True, "--control/--no-control", help="Also score every record with another record's media "
+                                 "(the media-swap control: swapped score and seeing gain per task)."),
 ) -> None:
-    """Score a trained model on a task file: accuracy (closed questions), token F1 (open), spread across tasks."""
+    """Score a trained model on a task file: accuracy (closed questions), token F1 (open), spread across tasks,
+    and the media-swap control."""
     from omnimoe.mllm.evaluate import evaluate_folder
     from omnimoe.mllm.train import load_stage
 
@@ -359,7 +362,7 @@ def mllm_eval(
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     cfg.eval_data, cfg.eval_limit = str(data), limit
-    summary = evaluate_folder(m, tok, cfg, out or (model if model.is_dir() else model.parent))
+    summary = evaluate_folder(m, tok, cfg, out or (model if model.is_dir() else model.parent), control=control)
     typer.echo(json.dumps(summary, indent=1))
 
 
@@ -409,12 +412,14 @@ def mllm_demo(
     out: Path = typer.Option(Path("runs/unimoe"), help="Output folder (tasks, stages, results, plots)."),
     quick: bool = typer.Option(False, help="Smoke-test size: a few records per task and a few steps per stage."),
     set_: List[str] = typer.Option([], "--set", help="Dotted override for every stage's recipe (e.g. --set steps=50)."),
+    seed: int = typer.Option(0, help="Seed of every stage (the tasks and the held-out split stay the same)."),
 ) -> None:
     """Uni-MoE on the embedded defaults: Gemma-3-270M + EfficientNet-Lite0 + Whisper-tiny on Tux Paint tasks;
-    stages 1-3, a dense equal-active comparison, per-task scores after every stage, expert-load plots."""
+    stages 1-3, a dense equal-active comparison, per-task scores after every stage with the media-swap
+    control, blind and probe-ceiling rows, chat answers on held-out stamps, expert-load plots."""
     from omnimoe.demos.unimoe import format_table, run_unimoe_demo
 
-    result = run_unimoe_demo(out, quick=quick, overrides=list(set_))
+    result = run_unimoe_demo(out, quick=quick, overrides=list(set_), seed=seed)
     typer.echo(format_table(result))
     typer.echo(f"\nresults: {out / 'results.json'}; plots: " + ", ".join(result["plots"]))
 

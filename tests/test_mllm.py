@@ -178,3 +178,31 @@ def test_connectors_shapes_and_pooling():
     torch.testing.assert_close(q(changed, mask)[0][1], out[1])
     with pytest.raises(ValueError, match="connector kind"):
         ConnectorSpec("conv", 8, 16)
+
+
+def test_soft_tokens_start_at_the_text_embedding_scale():
+    """Connectors end in an RMS norm whose gain starts at the LM's embedding RMS: soft tokens enter the LM at
+    the scale of its (Gemma-scaled) text embeddings, not ten times smaller; the gain trains."""
+    from omnimoe.mllm.connectors import embedding_rms
+    from omnimoe.mllm.llm import add_placeholders, load_llm
+    from omnimoe.mllm.train import MLLMTrainConfig, connector_specs
+
+    llm, tok = load_llm("tiny:gemma3", tiny_hidden=64)
+    ids = add_placeholders(llm, tok, ["image", "audio"])
+    text = llm.get_input_embeddings()(torch.arange(300))
+    rms = embedding_rms(llm)
+    assert abs(rms - float(text.pow(2).mean(-1).sqrt().median())) < 0.05 * rms
+    assert rms > 3 * float(llm.get_input_embeddings().weight[:300].pow(2).mean(-1).sqrt().median())  # Gemma scales by sqrt(width)
+    cfg = MLLMTrainConfig(llm="tiny:gemma3", connectors={"image": {"kind": "mlp"}, "audio": {"kind": "qformer", "num_queries": 3, "num_heads": 4}})
+    specs = connector_specs(cfg, {"image": 20, "audio": 12}, 64, ["image", "audio"], rms)
+    model = MultimodalLLM(llm, specs, ids)
+    for m, d in (("image", 20), ("audio", 12)):
+        soft, mask = model.connectors[m](torch.randn(2, 5, d) * 0.01, torch.ones(2, 5, dtype=torch.bool))
+        torch.testing.assert_close(soft.pow(2).mean(-1).sqrt(), torch.full(soft.shape[:2], rms), rtol=1e-3, atol=1e-3)
+        gain = next(p for n, p in model.connectors[m].named_parameters() if n.endswith("gain"))
+        soft.sum().backward()
+        assert gain.grad is not None and gain.grad.abs().sum() > 0
+    raw = connector_specs(MLLMTrainConfig(connectors={"image": {"norm": False}}), {"image": 20}, 64, ["image"], rms)["image"]
+    assert raw.out_scale == 0.0 and not any(n.endswith("gain") for n, _ in MLPConnector(raw).named_parameters())
+    with pytest.raises(ValueError, match="out_scale"):
+        ConnectorSpec("mlp", 8, 16, out_scale=-1.0)

@@ -20,8 +20,22 @@ def test_unimoe_demo_quick(tmp_path):
     for model in ("blind (most frequent answer)", "stage1 (connectors)", "stage3 moe", "stage3 dense-equal-active"):
         got = {r["task"] for r in rows if r["model"] == model}
         assert got == tasks, (model, got)
-    assert all(0.0 <= r["score"] <= 1.0 and r["n"] > 0 for r in rows)
-    assert "| stage3 moe |" in done.stdout and "spread" in done.stdout
+    held_out = json.loads((tmp_path / "tasks" / "test.json").read_text())
+    per_task = {t: sum(r["task"] == t for r in held_out) for t in tasks}
+    for r in rows:
+        assert {"model", "stage", "task", "score", "n", "swapped", "seed"} <= set(r) and r["seed"] == 0, r
+        if r["stage"] == "3":  # every held-out record, each also scored with swapped media
+            assert r["n"] == per_task[r["task"]] and r["swapped"] is not None
+            assert abs(r["seeing_gain"] - (r["score"] - r["swapped"])) < 1e-9
+    yesno = next(r for r in rows if r["model"] == "stage3 moe" and r["task"] == "image-yesno")
+    assert abs(sum(yesno["replies"].values()) - 1) < 1e-9 and set(yesno["replies"]) <= {"yes", "no", "none"}
+    probe = {r["task"]: r for r in rows if r["model"].startswith("probe ceiling")}
+    assert set(probe) == {"image-category", "image-yesno"} and all(r["n"] == per_task[t] for t, r in probe.items())
+    blind = {r["task"]: r for r in rows if r["model"].startswith("blind")}
+    assert all(r["swapped"] == r["score"] for r in blind.values())
+    chats = json.loads((tmp_path / "chat.json").read_text())
+    assert len(chats) == 2 and all(c["answer"] and c["caption"] and Path(c["image"]).is_file() for c in chats)
+    assert "| stage3 moe |" in done.stdout and "spread" in done.stdout and "swapped" in done.stdout
     config = json.loads((tmp_path / "stage3-moe" / "model" / "config.json").read_text())
     sources = next(iter(config["expert_sources"].values()))
     assert sources[0] == "base:gemma3-270m" and sorted(s.split(":")[1] for s in sources[1:]) == ["image", "sound", "speech"]
@@ -29,3 +43,4 @@ def test_unimoe_demo_quick(tmp_path):
     load = json.loads((tmp_path / "stage3-moe" / "expert_load.json").read_text())
     assert set(load) == {"image", "speech", "sound"} and all(abs(sum(v) - 1) < 1e-5 for g in load.values() for v in g.values())
     assert (tmp_path / "scores.png").stat().st_size > 1000 and (tmp_path / "expert_load.png").stat().st_size > 1000
+    assert (tmp_path / "chat.png").stat().st_size > 1000

@@ -54,8 +54,7 @@ def stages(tasks, tmp_path_factory):
 def test_chat_template_masks_everything_but_the_answers():
     llm, tok = load_llm("tiny:llama")
     ids = add_placeholders(llm, tok, ["image"])
-    template = template_for(tok)
-    assert template.name == "gemma"  # the tiny tokenizer has Gemma's turn markers
+    template = template_for(tok, "gemma")
     turns = [("system", "Be brief."), ("user", "<image>\nWhat is this?"), ("assistant", "A koala."), ("user", "Sure?"), ("assistant", "Yes.")]
     enc = encode_turns(turns, tok, template, ids, {"image": [5]})
     assert enc.input_ids.count(ids["image"]) == 5 and len(enc.input_ids) == len(enc.labels)
@@ -68,6 +67,68 @@ def test_chat_template_masks_everything_but_the_answers():
     with pytest.raises(ValueError, match="more <image> placeholders"):
         encode_turns([("user", "<image><image>"), ("assistant", "x")], tok, template, ids, {"image": [5]})
     assert TEMPLATES["vicuna"].suffix("</s>") == "</s>"
+
+
+def test_a_base_tokenizer_gets_the_plain_format_ending_in_eos():
+    """No chat template (a base LM, as the packaged Gemma): USER/ASSISTANT text, loss on the answer and on
+    <eos> only, although the vocabulary has Gemma's turn markers; a tokenizer with its own template gets it."""
+    llm, tok = load_llm("tiny:llama")
+    assert "<start_of_turn>" in tok.get_vocab() and not tok.chat_template
+    ids = add_placeholders(llm, tok, ["image"])
+    template = template_for(tok)
+    assert template.name == "vicuna"
+    enc = encode_turns([("user", "<image>\nWhat is this?"), ("assistant", "A koala.")], tok, template, ids, {"image": [3]})
+    learnt = [t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
+    assert tok.decode(learnt) == "A koala.<eos>" and learnt[-1] == tok.eos_token_id
+    assert tok.decode(enc.input_ids) == "<bos>USER: " + "<image>" * 3 + "\nWhat is this? ASSISTANT: A koala.<eos>"
+    assert enc.input_ids.index(learnt[0]) == len(enc.input_ids) - len(learnt)  # the answer is the end of the text
+    from omnimoe.mllm.evaluate import stop_ids
+
+    assert stop_ids(tok) == [tok.eos_token_id]
+    tok.chat_template = "{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}"
+    assert template_for(tok).name == "gemma" and tok.convert_tokens_to_ids("<end_of_turn>") in stop_ids(tok)
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}"
+    assert template_for(tok).name == "chatml"
+
+
+def test_generation_stops_at_the_end_marker(tasks):
+    """A tiny LM fitted on one answer (loss on the answer and <eos>) says exactly that answer and stops:
+    the evaluation's decoded reply has nothing after the end marker, though max_new_tokens leaves room."""
+    from omnimoe.mllm.evaluate import answer
+
+    cfg = MLLMTrainConfig(stage=1, data=str(tasks / "stage1.json"), **TINY)
+    features = MediaFeatures.build([tasks / "stage1.json"], cfg.encoders, tasks / "features", progress=False)
+    from omnimoe.mllm.train import base_model
+
+    model, tok = base_model(cfg, ["image", "audio"], features.dims())
+    recs = [r for r in json.loads((tasks / "stage1.json").read_text()) if r["task"] == "caption-image"][:1]
+    one = tasks / "one.json"
+    one.write_text(json.dumps([{**recs[0], "conversations": [recs[0]["conversations"][0], {"from": "gpt", "value": "A koala."}],
+                                "answer": "A koala."}]))  # fmt: skip
+    template = template_for(tok)
+    data = ConversationData(one, features, tok, template, model.config.placeholder_ids, lambda m, n: model.connectors[m].num_tokens(n))
+    batch = data.collate([0], 0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(150):
+        opt.zero_grad()
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
+        out.loss.backward()
+        opt.step()
+    assert out.lm_loss.item() < 0.05
+    gen = ConversationData(one, features, tok, template, model.config.placeholder_ids, lambda m, n: model.connectors[m].num_tokens(n),
+                           generation=True)  # fmt: skip
+    rows = answer(model, tok, gen, max_new_tokens=40, progress=False)
+    assert rows[0]["prediction"] == "A koala." and rows[0]["score"] == 1.0
+    ids = model.generate(gen.collate([0], 0)["input_ids"], media=gen.collate([0], 0)["media"], max_new_tokens=40, do_sample=False,
+                         pad_token_id=0, eos_token_id=stop_ids_of(tok))  # fmt: skip
+    assert ids[0].tolist().index(tok.eos_token_id) == len(tok("A koala.", add_special_tokens=False).input_ids)
+
+
+def stop_ids_of(tok):
+    from omnimoe.mllm.evaluate import stop_ids
+
+    return stop_ids(tok)
 
 
 def test_bad_records_are_reported_with_index_and_reason(tmp_path, tasks):
@@ -230,3 +291,50 @@ def test_chat_and_eval_from_the_command_line(stages, tasks, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert len(rows) == 4 and all(0.0 <= r["score"] <= 1.0 for r in rows)
+
+
+def test_media_swap_control_separates_seeing_from_guessing(tasks):
+    """A model that reads its answer off the image scores 1.0 on its own records and loses it all when each
+    record gets another record's image; the swap is a derangement within each task, same modality."""
+    from omnimoe.mllm.evaluate import evaluate, swap_media
+    from omnimoe.mllm.train import base_model
+
+    records = json.loads((tasks / "stage3.json").read_text())
+    by_answer = {}
+    for r in records:
+        if r["task"] == "image-category":
+            by_answer.setdefault(r["answer"], r)
+    picked = list(by_answer.values())[:4]
+    assert len(picked) == 4
+    swapped = swap_media(picked, seed=0)
+    assert [r["id"] for r in swapped] == [r["id"] for r in picked]
+    assert all(s["image"] != r["image"] and s["answer"] == r["answer"] for s, r in zip(swapped, picked))
+    assert sorted(s["image"] for s in swapped) == sorted(r["image"] for r in picked)  # a permutation of the same media
+    mixed = picked + [r for r in records if r["task"] == "speech-what"][:3]
+    assert all(("audio" in s) == ("audio" in r) for s, r in zip(swap_media(mixed), mixed))  # modality kept
+    assert swap_media(picked, seed=0) == swapped  # fixed
+    (tasks / "four.json").write_text(json.dumps(picked))
+    (tasks / "four-swapped.json").write_text(json.dumps(swapped))
+
+    cfg = MLLMTrainConfig(stage=1, data=str(tasks / "four.json"), **TINY)
+    features = MediaFeatures.build([tasks / "four.json"], cfg.encoders, tasks / "features", progress=False)
+    model, tok = base_model(cfg, ["image"], features.dims())
+    template = template_for(tok)
+
+    def load(name, generation):
+        return ConversationData(tasks / name, features, tok, template, model.config.placeholder_ids,
+                                lambda m, n: model.connectors[m].num_tokens(n), generation=generation)  # fmt: skip
+
+    batch = load("four.json", False).collate([0, 1, 2, 3], 0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(300):
+        opt.zero_grad()
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
+        out.loss.backward()
+        opt.step()
+    result = evaluate(model, tok, load("four.json", True), load("four-swapped.json", True), max_new_tokens=8, progress=False)
+    info = result["summary"]["tasks"]["image-category"]
+    assert info["mean"] == 1.0 and info["swapped"] == 0.0 and info["seeing_gain"] == 1.0 and info["n_swapped"] == 4
+    assert all(r["swapped_prediction"] != r["prediction"] for r in result["rows"])
+    assert info["replies"] == {r["answer"]: 0.25 for r in picked}  # each reply names its own record's category

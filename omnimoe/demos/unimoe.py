@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from omnimoe.io import write_json
 from omnimoe.mllm.train import MLLMTrainConfig, features_for, load_stage, run_stage
 
-FULL = {"steps1": 300, "steps2": 30, "steps3": 80, "eval_per_task": 24, "max_per_task": 0}
-QUICK = {"steps1": 2, "steps2": 2, "steps3": 2, "eval_per_task": 2, "max_per_task": 4}
+FULL = {"steps1": 300, "steps2": 30, "steps3": 80, "eval_per_task": 0, "max_per_task": 0}
+QUICK = {"steps1": 2, "steps2": 2, "steps3": 2, "eval_per_task": 0, "max_per_task": 4}
 
 
 def _recipe(stage: int, tasks: Path, **extra: Any) -> dict[str, Any]:
-    return {"stage": stage, "llm": "gemma3-270m", "batch_size": 8, "warmup_steps": 5, "save_every": 10, "log_every": 5,
+    return {"stage": stage, "llm": "gemma3-270m", "template": "auto", "batch_size": 8, "warmup_steps": 5, "save_every": 10, "log_every": 5,
             "connectors": {"image": {"kind": "mlp", "max_tokens": 16}, "audio": {"kind": "mlp", "max_tokens": 16}},
             "moe": {"layers": "every:2", "num_experts_per_tok": 2, "router_aux_loss_coef": 0.01},
             "eval_data": str(tasks / "test-eval.json"), "eval_max_new_tokens": 12, "eval_batch_size": 8, **extra}  # fmt: skip
@@ -37,23 +38,27 @@ def _config(data: dict[str, Any], overrides: list[str]) -> MLLMTrainConfig:
 
 
 def eval_subset(tasks: Path, per_task: int, seed: int = 0) -> Path:
-    """At most ``per_task`` held-out records of each task (generation on a CPU is the slow part)."""
+    """``test-eval.json``: at most ``per_task`` held-out records of each task (0: every record)."""
     records = json.loads((tasks / "test.json").read_text())
     by_task: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_task.setdefault(r["task"], []).append(r)
     rng = random.Random(seed)
-    picked = [r for _, rs in sorted(by_task.items()) for r in sorted(rng.sample(rs, min(per_task, len(rs))), key=lambda r: r["id"])]
+    picked = [r for _, rs in sorted(by_task.items())
+              for r in sorted(rng.sample(rs, min(per_task or len(rs), len(rs))), key=lambda r: r["id"])]  # fmt: skip
     path = tasks / "test-eval.json"
     write_json(path, picked)
     return path
 
 
-def blind_rows(tasks: Path) -> list[dict[str, Any]]:
-    """The media-blind reference: every held-out record answered with its task's most frequent training
-    answer. A model that scores no better has not learned to use the image or the audio."""
-    from collections import Counter
+BLIND = "blind (most frequent answer)"
+PROBE = "probe ceiling (frozen pooled features)"
 
+
+def blind_rows(tasks: Path, seed: int = 0) -> list[dict[str, Any]]:
+    """The media-blind reference: every held-out record answered with its task's most frequent training
+    answer. A model that scores no better has not learned to use the image or the audio. It ignores the
+    media, so its swapped-media score is its score."""
     from omnimoe.mllm.metrics import score, summarise
 
     answers: dict[str, Counter] = {}
@@ -63,32 +68,97 @@ def blind_rows(tasks: Path) -> list[dict[str, Any]]:
                 answers.setdefault(r["task"], Counter())[r["answer"]] += 1
     scored = [{"task": r["task"], "group": r["group"], "score": score(r, answers[r["task"]].most_common(1)[0][0])}
               for r in json.loads((tasks / "test-eval.json").read_text()) if r["task"] in answers]  # fmt: skip
-    return _rows("-", "blind (most frequent answer)", summarise(scored))
+    summary = summarise(scored)
+    for info in summary["tasks"].values():
+        info["swapped"], info["seeing_gain"] = info["mean"], 0.0
+    return _rows("-", BLIND, summary, seed)
 
 
-def _rows(stage: str, model: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"stage": stage, "model": model, "task": t, "group": v["group"], "score": v["mean"], "n": v["n"]} for t, v in summary.get("tasks", {}).items()]
+def _phrase(record: dict[str, Any]) -> str:
+    text = record["conversations"][0]["value"]
+    return text.split("Is this ", 1)[-1].split("? Answer yes or no.", 1)[0]
 
 
-def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+def probe_rows(tasks: Path, features: Any, model: Any, tokenizer: Any, seed: int = 0) -> list[dict[str, Any]]:
+    """The probe ceiling of each closed task (:mod:`omnimoe.mllm.probe`) on the held-out records of
+    ``test-eval.json``, trained on ``stage3.json``; ``swapped``: the same probe on the media-swapped records."""
+    import torch
+
+    from omnimoe.mllm.data import MediaFeatures
+    from omnimoe.mllm.evaluate import swap_media
+    from omnimoe.mllm.probe import category_probe, yesno_probe
+
+    train = json.loads((tasks / "stage3.json").read_text())
+    test = json.loads((tasks / "test-eval.json").read_text())
+    root = tasks.resolve()
+
+    def pooled(recs: list[dict[str, Any]]) -> torch.Tensor:
+        return torch.stack([features.item("image", [MediaFeatures.key(features.root, root, r["image"])]).float().mean(0) for r in recs])
+
+    table = model.llm.get_input_embeddings()
+
+    @torch.no_grad()
+    def phrases(recs: list[dict[str, Any]]) -> torch.Tensor:
+        ids = [tokenizer(_phrase(r), add_special_tokens=False).input_ids or [0] for r in recs]
+        return torch.stack([table(torch.tensor(i)).float().mean(0) for i in ids])
+
+    rows = []
+    for task in ("image-category", "image-yesno"):
+        tr = [r for r in train if r["task"] == task]
+        te = [r for r in test if r["task"] == task]
+        if not tr or not te:
+            continue
+        te_swap = {r["id"]: r for r in swap_media(te, seed)}
+        sw = [te_swap.get(r["id"], r) for r in te]
+        groups = [r["source_id"] for r in tr]
+        if task == "image-category":
+            fit = lambda x: category_probe(pooled(tr), [r["answer"] for r in tr], x, [r["answer"] for r in te], groups, seed)  # noqa: E731
+            res, ctl = fit(pooled(te)), fit(pooled(sw))
+        else:
+            truth = lambda recs: [r["answer"].lower().startswith("yes") for r in recs]  # noqa: E731
+            fit = lambda x: yesno_probe(pooled(tr), phrases(tr), truth(tr), x, phrases(te), truth(te), groups, seed)  # noqa: E731
+            res, ctl = fit(pooled(te)), fit(pooled(sw))
+        rows.append({"stage": "-", "model": PROBE, "task": task, "group": "image", "score": res["score"], "n": res["n"],
+                     "swapped": ctl["score"], "seeing_gain": res["score"] - ctl["score"], "seed": seed,
+                     "weight_decay": res["weight_decay"]})  # fmt: skip
+    return rows
+
+
+def _rows(stage: str, model: str, summary: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:
+    rows = []
+    for t, v in summary.get("tasks", {}).items():
+        row = {"stage": stage, "model": model, "task": t, "group": v["group"], "score": v["mean"], "n": v["n"],
+               "swapped": v.get("swapped"), "seeing_gain": v.get("seeing_gain"), "seed": seed}  # fmt: skip
+        if "replies" in v:
+            row["replies"] = v["replies"]
+        rows.append(row)
+    return rows
+
+
+def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] | None = None, progress: bool = True,
+                    seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Every stage, both stage-3 models, every held-out record scored with its own and with swapped media,
+    the blind and probe-ceiling rows, chat answers on held-out stamps, plots. ``seed`` seeds every stage
+    (the task files and the held-out split stay those of seed 0, so seeds compare on the same records)."""
     from omnimoe.data.tuxpaint import build_tuxpaint_manifest
     from omnimoe.mllm.evaluate import evaluate_folder, expert_load_by_group
     from omnimoe.mllm.tasks import build_tuxpaint_tasks
 
     out = Path(out)
     size = QUICK if quick else FULL
-    overrides = list(overrides or [])
+    overrides = [f"seed={seed}", *(overrides or [])]
     manifest, _ = build_tuxpaint_manifest(out / "data")
     tasks = out / "tasks"
     counts = build_tuxpaint_tasks(manifest, tasks, max_per_task=size["max_per_task"] or None)
     eval_subset(tasks, size["eval_per_task"])
-    rows: list[dict[str, Any]] = blind_rows(tasks)
+    rows: list[dict[str, Any]] = blind_rows(tasks, seed)
     summaries: dict[str, Any] = {}
 
     s1 = _config(_recipe(1, tasks, data=str(tasks / "stage1.json"), steps=size["steps1"]), overrides)
     r1 = run_stage(s1, out / "stage1", progress)
+    rows += probe_rows(tasks, features_for(s1, [tasks / "stage3.json", tasks / "test-eval.json"], False), r1["model"], r1["tokenizer"], seed)
     summaries["stage1"] = evaluate_folder(r1["model"], r1["tokenizer"], s1, out / "stage1", progress)
-    rows += _rows("1", "stage1 (connectors)", summaries["stage1"])
+    rows += _rows("1", "stage1 (connectors)", summaries["stage1"], seed)
     del r1
 
     s2 = _config(_recipe(2, tasks, data=str(tasks / "stage3.json"), init=str(out / "stage1"), steps=size["steps2"]), overrides)
@@ -99,17 +169,17 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
         write_json(tasks / f"test-eval-{group}.json", subset)
         cfg.eval_data = str(tasks / f"test-eval-{group}.json")
         summaries[f"stage2-{group}"] = evaluate_folder(model, tok, cfg, out / "stage2" / group, progress)
-        rows += _rows("2", f"stage2 {group} FFN", summaries[f"stage2-{group}"])
+        rows += _rows("2", f"stage2 {group} FFN", summaries[f"stage2-{group}"], seed)
     experts = {g: str(out / "stage2" / g) for g in r2["groups"]}
 
-    loads, expert_names = {}, []
+    loads, expert_names, chats = {}, [], []
     for name, dense in (("moe", False), ("dense-equal-active", True)):
         cfg = _config(_recipe(3, tasks, data=str(tasks / "stage3.json"), init=str(out / "stage1"), experts=experts, dense=dense,
                               steps=size["steps3"]), overrides)  # fmt: skip
         folder = out / f"stage3-{name}"
         r3 = run_stage(cfg, folder, progress)
         summaries[f"stage3-{name}"] = evaluate_folder(r3["model"], r3["tokenizer"], cfg, folder, progress)
-        rows += _rows("3", f"stage3 {name}", summaries[f"stage3-{name}"])
+        rows += _rows("3", f"stage3 {name}", summaries[f"stage3-{name}"], seed)
         if not dense:
             from omnimoe.mllm.data import ConversationData, template_for
 
@@ -118,13 +188,66 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
             loads = expert_load_by_group(model, data)
             expert_names = [src.split(":")[1] if src.startswith("stage2:") else "base" for src in next(iter(model.config.expert_sources.values()), [])]
             write_json(folder / "expert_load.json", loads)
-        del r3
+            del r3
+            chats = chat_examples(folder, tasks, 2 if quick else 10, seed=0)
+            write_json(out / "chat.json", chats)
+        else:
+            del r3
     spread = {k: v.get("spread") for k, v in summaries.items()}
-    result = {"rows": rows, "summaries": summaries, "spread": spread, "counts": counts["files"], "quick": quick, "plots": []}
+    result = {"rows": rows, "summaries": summaries, "spread": spread, "counts": counts["files"], "quick": quick, "seed": seed,
+              "chat": chats, "plots": []}  # fmt: skip
     write_json(out / "results.json", rows)
     write_json(out / "summary.json", {k: v for k, v in result.items() if k != "rows"})
-    result["plots"] = _plots(out, rows, loads, expert_names)
+    result["plots"] = _plots(out, rows, loads, expert_names) + ([_chat_sheet(out, chats)] if chats else [])
     return result
+
+
+def chat_examples(model_dir: Path, tasks: Path, count: int = 10, seed: int = 0, question: str = "What is this?") -> list[dict[str, Any]]:
+    """``omnimoe mllm chat --image <stamp> "What is this?"`` on ``count`` held-out stamps drawn at random
+    (fixed seed), through the live encoder as a user runs it: ``{image, answer, caption, category}``."""
+    from omnimoe.mllm.chat import ChatSession
+    from omnimoe.mllm.metrics import token_f1
+
+    test = [r for r in json.loads((tasks / "test.json").read_text()) if r["task"] == "image-category"]
+    captions = {r["source_id"]: r["answer"] for r in json.loads((tasks / "test.json").read_text()) if r["task"] == "image-what"}
+    picked = random.Random(f"{seed}:chat").sample(test, min(count, len(test)))
+    session = ChatSession(model_dir)
+    rows = []
+    for r in picked:
+        path = (tasks / r["image"]).resolve()
+        reply = session.ask(question, images=[str(path)], max_new_tokens=16)
+        caption = captions.get(r["source_id"], "")
+        rows.append({"id": r["source_id"], "image": str(path), "question": question, "answer": reply, "caption": caption,
+                     "category": r["answer"], "token_f1": token_f1(reply, caption)})  # fmt: skip
+    return rows
+
+
+def _chat_sheet(out: Path, chats: list[dict[str, Any]]) -> str:
+    """``chat.png``: each held-out stamp with the model's answer to "What is this?" and the true caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from omnimoe.encoders.media import read_image
+
+    cols = min(5, len(chats))
+    rows_ = (len(chats) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_, cols, figsize=(2.6 * cols, 3.0 * rows_), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, c in zip(axes.flat, chats):
+        try:
+            ax.imshow(read_image(c["image"]))
+        except Exception:  # a picture that cannot be shown still gets its text
+            pass
+        ax.set_title(f"model: {c['answer'][:28]}\ntrue: {c['caption'][:28]}", fontsize=7)
+    fig.suptitle('Held-out stamps: "What is this?" (stage-3 MoE model)', fontsize=9)
+    fig.tight_layout()
+    path = out / "chat.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def _plots(out: Path, rows: list[dict[str, Any]], loads: dict[str, dict[int, list[float]]], expert_names: list[str] | None = None) -> list[str]:
@@ -144,9 +267,13 @@ def _plots(out: Path, rows: list[dict[str, Any]], loads: dict[str, dict[int, lis
     for j, m in enumerate(models):
         vals = [next((r["score"] for r in rows if r["model"] == m and r["task"] == t), np.nan) for t in task_names]
         ax.bar(np.arange(len(task_names)) + j * width, vals, width, label=m)
+        swapped = [next((r.get("swapped") for r in rows if r["model"] == m and r["task"] == t), None) for t in task_names]
+        xs = [x for x, v in zip(np.arange(len(task_names)) + j * width, swapped) if v is not None]
+        ax.scatter(xs, [v for v in swapped if v is not None], marker="_", s=60, color="black", zorder=3,
+                   label="swapped media" if j == 0 else None)  # fmt: skip
     ax.set_xticks(np.arange(len(task_names)) + 0.4 - width / 2, task_names, rotation=20)
     ax.set_ylabel("score (accuracy / token F1)")
-    ax.set_title("Held-out Tux Paint tasks after each stage")
+    ax.set_title("Held-out Tux Paint tasks after each stage (black: the same records with swapped media)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "scores.png", dpi=120)
@@ -176,13 +303,24 @@ def _plots(out: Path, rows: list[dict[str, Any]], loads: dict[str, dict[int, lis
 
 
 def format_table(result: dict[str, Any]) -> str:
+    """Per task: score (swapped-media score); yes/no with its share of "yes" replies; spread across tasks."""
     rows = result["rows"]
     tasks = sorted({r["task"] for r in rows})
     models = list(dict.fromkeys(r["model"] for r in rows))
-    lines = ["| model | " + " | ".join(tasks) + " | spread (max-min) |", "|---" * (len(tasks) + 2) + "|"]
+    lines = ["score (swapped-media score) per task; image-yesno also [share of yes replies]", "",
+             "| model | " + " | ".join(tasks) + " | spread (max-min) |", "|---" * (len(tasks) + 2) + "|"]  # fmt: skip
+
+    def cell(r: dict[str, Any]) -> str:
+        text = f"{r['score']:.3f}"
+        if r.get("swapped") is not None:
+            text += f" ({r['swapped']:.3f})"
+        if "yes" in (r.get("replies") or {}):
+            text += f" [{r['replies']['yes']:.2f}]"
+        return text
+
     for m in models:
-        got = {r["task"]: r["score"] for r in rows if r["model"] == m}
-        vals = [got[t] for t in tasks if t in got]
+        got = {r["task"]: r for r in rows if r["model"] == m}
+        vals = [got[t]["score"] for t in tasks if t in got]
         spread = f"{max(vals) - min(vals):.3f}" if len(vals) > 1 else "-"
-        lines.append(f"| {m} | " + " | ".join(f"{got[t]:.3f}" if t in got else "-" for t in tasks) + f" | {spread} |")
+        lines.append(f"| {m} | " + " | ".join(cell(got[t]) if t in got else "-" for t in tasks) + f" | {spread} |")
     return "\n".join(lines)

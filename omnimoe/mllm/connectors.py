@@ -7,6 +7,12 @@
 
 ``video`` is frames through the image encoder, averaged over time before the connector (Uni-MoE), so a
 video connector is an image-shaped connector fed with the mean of its frames' token states.
+
+Soft tokens must sit at the scale of the LM's own input embeddings: a fresh connector's outputs are about
+ten times smaller than Gemma's (scaled) text embeddings, and the LM then reads them as near-silence. With
+``out_scale > 0`` every connector ends in :class:`SoftTokenNorm`: each soft token RMS-normalised, times a
+learnable per-channel gain that starts at ``out_scale`` (the trainers set it to the RMS of the LM's text
+embeddings, :func:`embedding_rms`).
 """
 
 from __future__ import annotations
@@ -29,12 +35,44 @@ class ConnectorSpec:
     num_layers: int = 2  # qformer
     num_heads: int = 8  # qformer
     dropout: float = 0.0
+    out_scale: float = 0.0  # > 0: soft tokens RMS-normalised, gain started here (the LM's embedding RMS); 0: raw
 
     def __post_init__(self) -> None:
         if self.kind not in ("mlp", "qformer"):
             raise ValueError(f"connector kind {self.kind!r}: choose 'mlp' or 'qformer'")
         if self.in_dim <= 0 or self.out_dim <= 0:
             raise ValueError(f"connector needs in_dim and out_dim > 0, got {self.in_dim}, {self.out_dim}")
+        if not self.out_scale >= 0:
+            raise ValueError(f"connector out_scale must be >= 0 (0: no output norm), got {self.out_scale}")
+
+
+class SoftTokenNorm(nn.Module):
+    """RMS norm over the last dimension with a learnable gain started at ``scale`` (computed in float32)."""
+
+    def __init__(self, dim: int, scale: float, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.full((dim,), float(scale)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * self.gain.float()).to(x.dtype)
+
+
+def output_norm(spec: ConnectorSpec) -> nn.Module:
+    return SoftTokenNorm(spec.out_dim, spec.out_scale) if spec.out_scale > 0 else nn.Identity()
+
+
+@torch.no_grad()
+def embedding_rms(llm: nn.Module, sample: int = 8192) -> float:
+    """The median RMS of the LM's input embeddings (as the LM computes them: Gemma's scaling included), over
+    ``sample`` token ids spread evenly across the vocabulary: the scale soft tokens should have."""
+    table = llm.get_input_embeddings()
+    vocab = table.weight.shape[0]
+    ids = torch.linspace(0, vocab - 1, min(sample, vocab)).long().to(table.weight.device)
+    rms = table(ids).float().pow(2).mean(-1).sqrt()
+    return float(rms.median())
 
 
 def _pool_tokens(tokens: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,13 +99,14 @@ class MLPConnector(nn.Module):
         self.spec = spec
         hidden = spec.hidden_dim or spec.out_dim
         self.net = nn.Sequential(nn.Linear(spec.in_dim, hidden), nn.GELU(), nn.Dropout(spec.dropout), nn.Linear(hidden, spec.out_dim))
+        self.norm = output_norm(spec)
 
     def num_tokens(self, encoder_tokens: int) -> int:
         return min(encoder_tokens, self.spec.max_tokens) if self.spec.max_tokens > 0 else encoder_tokens
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, mask = _pool_tokens(tokens, mask, self.spec.max_tokens)
-        return self.net(tokens), mask
+        return self.norm(self.net(tokens)), mask
 
 
 class QFormerBlock(nn.Module):
@@ -97,6 +136,7 @@ class QFormerConnector(nn.Module):
         self.blocks = nn.ModuleList(QFormerBlock(width, spec.num_heads, spec.dropout) for _ in range(spec.num_layers))
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, spec.out_dim)
+        self.out_norm = output_norm(spec)
 
     def num_tokens(self, encoder_tokens: int) -> int:
         return self.spec.num_queries
@@ -107,7 +147,7 @@ class QFormerConnector(nn.Module):
         pad = ~mask.bool()
         for block in self.blocks:
             q = block(q, kv, pad)
-        out = self.out(self.norm(q))
+        out = self.out_norm(self.out(self.norm(q)))
         return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
 
 

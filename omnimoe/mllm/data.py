@@ -183,15 +183,22 @@ TEMPLATES = {
 
 
 def template_for(tokenizer: Any, name: str = "auto") -> ChatTemplate:
-    """A named template, or (``auto``) the one whose turn markers the tokenizer knows."""
+    """A named template, or (``auto``) the tokenizer's own format when it has a chat template (its turn
+    markers tell which), else ``vicuna``: plain ``USER:``/``ASSISTANT:`` text whose answers end with the
+    tokenizer's end-of-sequence token. A base (not instruction-tuned) LM already predicts ``<eos>`` at the end
+    of a text, while it has never learnt to emit turn markers such as Gemma's ``<end_of_turn>`` (loss on
+    them swamps the answer's), so a base model gets the plain format even when its vocabulary has markers."""
     if name != "auto":
         if name not in TEMPLATES:
             raise ValueError(f"chat template {name!r}: choose auto or one of {', '.join(TEMPLATES)}")
         return TEMPLATES[name]
-    vocab = tokenizer.get_vocab()
-    for marker, key in (("<start_of_turn>", "gemma"), ("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3")):
-        if marker in vocab:
-            return TEMPLATES[key]
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # several named templates: the default one
+        own = own.get("default") or next(iter(own.values()), None)
+    if isinstance(own, str) and own.strip():
+        for marker, key in (("<start_of_turn>", "gemma"), ("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3")):
+            if marker in own:
+                return TEMPLATES[key]
     return TEMPLATES["vicuna"]
 
 

@@ -1,9 +1,19 @@
 """Held-out evaluation of a Uni-MoE model: greedy answers to every record of a task file, scored by task
 (accuracy for closed questions, token F1 for open ones; :mod:`omnimoe.mllm.metrics`), summarised per task
-and group with the spread across tasks; and expert load per modality group per MoE layer."""
+and group with the spread across tasks; and expert load per modality group per MoE layer.
+
+Telling seeing from guessing: every record is also answered with its media swapped for another record's of
+the same task (:func:`swap_media`, a fixed derangement). A model that uses its media loses score under the
+swap; one that guesses from the question does not. Each task's summary carries ``swapped`` (the score on
+the swapped records) and ``seeing_gain`` (score - swapped), and closed tasks carry ``replies``: the share of
+answers naming each choice (``None``: no choice named), so a constant answer shows.
+"""
 
 from __future__ import annotations
 
+import json
+import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from omnimoe.mllm.data import ConversationData, MediaBatch, template_for
-from omnimoe.mllm.metrics import score, summarise
+from omnimoe.mllm.metrics import resolve_choice, score, summarise, task_kind
 from omnimoe.mllm.model import MultimodalLLM, causal_lm
 from omnimoe.mllm.moe_llm import expert_load, set_token_mask
 
@@ -54,11 +64,70 @@ def answer(model: MultimodalLLM, tokenizer: Any, data: ConversationData, batch_s
     return rows
 
 
-def evaluate(model: MultimodalLLM, tokenizer: Any, data: ConversationData, **kwargs: Any) -> dict[str, Any]:
-    """``{"summary": per task / group means and spreads, "rows": per record}``."""
+MEDIA_FIELDS = ("image", "audio", "voice", "video")
+
+
+def swap_media(records: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """The records with their media swapped: within each task, in a seeded order, record i takes the media of
+    record i+1 (a cyclic shift: nobody keeps its own, the modality stays the same). Questions and answers
+    stay; ``swapped_from`` names the record whose media it now holds. A task with one record cannot be
+    swapped and is left out."""
+    by_task: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_task.setdefault(str(r.get("task", "")), []).append(i)
+    out: list[dict[str, Any] | None] = [None] * len(records)
+    for task, idx in sorted(by_task.items()):
+        if len(idx) < 2:
+            continue
+        order = list(idx)
+        random.Random(f"{seed}:swap:{task}").shuffle(order)
+        for a, b in zip(order, order[1:] + order[:1]):
+            rec, donor = dict(records[a]), records[b]
+            fields = [f for f in MEDIA_FIELDS if f in rec or f in donor]
+            for f in fields:
+                rec.pop(f, None)
+                if f in donor:
+                    rec[f] = donor[f]
+            rec["swapped_from"] = donor.get("id", b)
+            out[a] = rec
+    return [r for r in out if r is not None]
+
+
+def reply_shares(rows: list[dict[str, Any]], records: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per closed task: the share of predictions naming each choice (``"none"``: no single choice named)."""
+    counts: dict[str, Counter] = {}
+    for row in rows:
+        rec = records.get(row["id"])
+        if rec is None or task_kind(rec) != "closed" or not rec.get("choices"):
+            continue
+        chosen = resolve_choice(row["prediction"], rec["choices"])
+        counts.setdefault(row["task"], Counter())[chosen if chosen is not None else "none"] += 1
+    return {t: {k: v / sum(c.values()) for k, v in sorted(c.items())} for t, c in sorted(counts.items())}
+
+
+def evaluate(model: MultimodalLLM, tokenizer: Any, data: ConversationData, swapped: ConversationData | None = None,
+             **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    """``{"summary": per task / group means and spreads, "rows": per record}``. With ``swapped`` (the same
+    records with their media swapped, :func:`swap_media`), every task also gets ``swapped`` and
+    ``seeing_gain``, and each row its ``swapped_score`` and ``swapped_prediction``."""
     rows = answer(model, tokenizer, data, **kwargs)
     scored = [r for r in rows if "score" in r]
-    return {"summary": summarise(scored) if scored else {}, "rows": rows}
+    summary = summarise(scored) if scored else {}
+    records = {ex.sample.id: ex.sample.record for ex in data.examples}
+    for task, shares in reply_shares(rows, records).items():
+        summary["tasks"][task]["replies"] = shares
+    if swapped is not None and scored:
+        control = {r["id"]: r for r in answer(model, tokenizer, swapped, **kwargs) if "score" in r}
+        for row in rows:
+            if row["id"] in control:
+                row["swapped_score"], row["swapped_prediction"] = control[row["id"]]["score"], control[row["id"]]["prediction"]
+        for task, info in summary["tasks"].items():
+            pairs = [(r["score"], r["swapped_score"]) for r in scored if r["task"] == task and "swapped_score" in r]
+            if pairs:  # the same record set for both numbers
+                info["swapped"] = sum(b for _, b in pairs) / len(pairs)
+                info["seeing_gain"] = sum(a - b for a, b in pairs) / len(pairs)
+                info["n_swapped"] = len(pairs)
+    return {"summary": summary, "rows": rows}
 
 
 @torch.no_grad()
@@ -83,17 +152,32 @@ def expert_load_by_group(model: MultimodalLLM, data: ConversationData, batch_siz
     return result
 
 
-def evaluate_folder(model: MultimodalLLM, tokenizer: Any, cfg: Any, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Score ``cfg.eval_data`` (a recipe's held-out file) and write ``out/eval.json``; returns the summary."""
+def evaluate_folder(model: MultimodalLLM, tokenizer: Any, cfg: Any, out: str | Path, progress: bool = True, control: bool = True) -> dict[str, Any]:
+    """Score ``cfg.eval_data`` (a recipe's held-out file) and write ``out/eval.json``; returns the summary.
+    ``control``: also score the media-swap control (written beside the data as ``<name>-swapped.json``)."""
     from omnimoe.io import write_json
     from omnimoe.mllm.data import report_bad
     from omnimoe.mllm.train import features_for
 
-    features = features_for(cfg, [Path(cfg.eval_data)], progress)
-    data = ConversationData(Path(cfg.eval_data), features, tokenizer, template_for(tokenizer, cfg.template), model.config.placeholder_ids,
-                            lambda m, n: model.connectors[m].num_tokens(n), cfg.max_len, generation=True)  # fmt: skip
+    path = Path(cfg.eval_data)
+    files = [path]
+    swap_path = path.with_name(path.stem + "-swapped.json")
+    if control:
+        records = json.loads(path.read_text())
+        if cfg.eval_limit:
+            records = records[: cfg.eval_limit]
+        write_json(swap_path, swap_media(records, cfg.seed))
+        files.append(swap_path)
+    features = features_for(cfg, files, progress)
+
+    def load(p: Path) -> ConversationData:
+        return ConversationData(p, features, tokenizer, template_for(tokenizer, cfg.template), model.config.placeholder_ids,
+                                lambda m, n: model.connectors[m].num_tokens(n), cfg.max_len, generation=True)  # fmt: skip
+
+    data = load(path)
     report_bad(cfg.eval_data, data.bad)
-    result = evaluate(model, tokenizer, data, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens, limit=cfg.eval_limit,
-                      template=cfg.template, progress=progress)  # fmt: skip
+    swapped = load(swap_path) if control else None
+    result = evaluate(model, tokenizer, data, swapped, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
+                      limit=cfg.eval_limit, template=cfg.template, progress=progress)  # fmt: skip
     write_json(Path(out) / "eval.json", result)
     return result["summary"]

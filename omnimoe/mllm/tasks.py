@@ -2,8 +2,10 @@
 
 ``build_tuxpaint_tasks(manifest, out)`` writes into ``out/``:
 
-* ``stage1.json``: alignment pairs from the train split (image -> caption, speech -> transcription,
-  sound effect -> the stamp's caption), tasks ``caption-image``, ``transcribe-speech``, ``caption-sound``;
+* ``stage1.json``: what the media show, from the train split: alignment pairs (image -> caption, speech ->
+  transcription, sound effect -> the stamp's caption; tasks ``caption-image``, ``transcribe-speech``,
+  ``caption-sound``) and the instruction questions (category, "what is this", yes/no), shuffled, so the
+  connectors learn to carry the content every later question asks about;
 * ``stage2-image.json``, ``stage2-speech.json``, ``stage2-sound.json``: the instruction tasks of one
   modality group each (train split);
 * ``stage3.json``: every train instruction record of every group, shuffled with the seed;
@@ -202,7 +204,9 @@ def build_tuxpaint_tasks(manifest: Path, out: Path, seed: int = 0, max_per_task:
     train = _split_tasks(by_split["train"], media, "train", INSTRUCT_TASKS, categories, seed, max_per_task)
     test = _split_tasks(by_split["test"], media, "test", INSTRUCT_TASKS, categories, seed, max_per_task)
 
-    files: dict[str, list[dict[str, Any]]] = {"stage1.json": [r for t in ALIGN_TASKS for r in train_align[t]]}
+    stage1 = [r for t in ALIGN_TASKS for r in train_align[t]] + [r for t in INSTRUCT_TASKS for r in train[t]]
+    random.Random(f"{seed}:stage1").shuffle(stage1)
+    files: dict[str, list[dict[str, Any]]] = {"stage1.json": stage1}
     for group in GROUPS:
         files[f"stage2-{group}.json"] = [r for t in INSTRUCT_TASKS if TASKS[t]["group"] == group for r in train[t]]
     mixed = [r for t in INSTRUCT_TASKS for r in train[t]]

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from omnimoe.config import from_dict
 from omnimoe.io import atomic_path, read_json, write_json
-from omnimoe.mllm.connectors import ConnectorSpec
+from omnimoe.mllm.connectors import ConnectorSpec, embedding_rms
 from omnimoe.mllm.data import ConversationData, MediaFeatures, read_conversations, report_bad, template_for
 from omnimoe.mllm.llm import add_placeholders, load_llm
 from omnimoe.mllm.model import MultimodalLLM, causal_lm
@@ -50,6 +50,7 @@ class ConnectorRecipe:
     num_layers: int = 2
     num_heads: int = 8
     dropout: float = 0.0
+    norm: bool = True  # soft tokens RMS-normalised to the LM's text-embedding scale (learnable gain)
 
 
 @dataclass
@@ -136,11 +137,14 @@ def _rel(path: Path, start: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
 
 
-def connector_specs(cfg: MLLMTrainConfig, dims: dict[str, int], width: int, modalities: list[str]) -> dict[str, ConnectorSpec]:
+def connector_specs(cfg: MLLMTrainConfig, dims: dict[str, int], width: int, modalities: list[str],
+                    embed_rms: float = 1.0) -> dict[str, ConnectorSpec]:  # fmt: skip
+    """The connectors of ``modalities``; those whose recipe has ``norm`` end at the LM's ``embed_rms``."""
     specs = {}
     for m in modalities:
-        recipe = from_dict(ConnectorRecipe, dict(cfg.connectors.get(m, {})), prefix=f"connectors.{m}.")
-        specs[m] = ConnectorSpec(in_dim=dims[m], out_dim=width, **dataclasses.asdict(recipe))
+        recipe = dataclasses.asdict(from_dict(ConnectorRecipe, dict(cfg.connectors.get(m, {})), prefix=f"connectors.{m}."))
+        scale = embed_rms if recipe.pop("norm") else 0.0
+        specs[m] = ConnectorSpec(in_dim=dims[m], out_dim=width, out_scale=scale, **recipe)
     return specs
 
 
@@ -156,7 +160,8 @@ def base_model(cfg: MLLMTrainConfig, modalities: list[str], dims: dict[str, int]
     ids = add_placeholders(llm, tokenizer, modalities)
     width = causal_lm(llm).get_input_embeddings().weight.shape[1]
     torch.manual_seed(cfg.seed)
-    return MultimodalLLM(llm, connector_specs(cfg, dims, width, modalities), ids), tokenizer
+    specs = connector_specs(cfg, dims, width, modalities, embedding_rms(causal_lm(llm)))
+    return MultimodalLLM(llm, specs, ids), tokenizer
 
 
 def _stage_modalities(dims: dict[str, int], cfg: MLLMTrainConfig) -> list[str]:
@@ -521,6 +526,8 @@ def load_stage(folder: str | Path) -> tuple[MultimodalLLM, Any, MLLMTrainConfig]
     for m in s1["modalities"]:
         first = next(k for k in state if k.startswith(f"{m}."))
         dims[m] = _connector_in_dim(state, m, first)
+        normed = any(k.startswith(f"{m}.") and k.endswith("norm.gain") for k in state)  # saved before soft-token norms: none
+        cfg.connectors = {**cfg.connectors, m: {**dict(cfg.connectors.get(m, {})), "norm": normed}}
     model, tokenizer = base_model(cfg, s1["modalities"], dims)
     model.connectors.load_state_dict(state)
     if info["stage"] == 2:
