@@ -88,12 +88,18 @@ def probe_rows(tasks: Path, features: Any, model: Any, tokenizer: Any, seed: int
     from omnimoe.mllm.evaluate import swap_media
     from omnimoe.mllm.probe import category_probe, yesno_probe
 
-    train = json.loads((tasks / "stage3.json").read_text())
-    test = json.loads((tasks / "test-eval.json").read_text())
     root = tasks.resolve()
 
+    def key(r: dict[str, Any]) -> str:
+        return MediaFeatures.key(features.root, root, r["image"])
+
+    def usable(name: str) -> list[dict[str, Any]]:  # records whose image was encoded (the evaluation drops the others too)
+        return [r for r in json.loads((tasks / name).read_text()) if "image" in r and features.problem("image", key(r)) is None]
+
+    train, test = usable("stage3.json"), usable("test-eval.json")
+
     def pooled(recs: list[dict[str, Any]]) -> torch.Tensor:
-        return torch.stack([features.item("image", [MediaFeatures.key(features.root, root, r["image"])]).float().mean(0) for r in recs])
+        return torch.stack([features.item("image", [key(r)]).float().mean(0) for r in recs])
 
     table = model.llm.get_input_embeddings()
 
@@ -168,7 +174,8 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
         subset = [r for r in json.loads((tasks / "test-eval.json").read_text()) if r["group"] == group]
         write_json(tasks / f"test-eval-{group}.json", subset)
         cfg.eval_data = str(tasks / f"test-eval-{group}.json")
-        summaries[f"stage2-{group}"] = evaluate_folder(model, tok, cfg, out / "stage2" / group, progress)
+        # each group's FFN scored on its group's records (no swap control: stage 2 only feeds the experts)
+        summaries[f"stage2-{group}"] = evaluate_folder(model, tok, cfg, out / "stage2" / group, progress, control=False)
         rows += _rows("2", f"stage2 {group} FFN", summaries[f"stage2-{group}"], seed)
     experts = {g: str(out / "stage2" / g) for g in r2["groups"]}
 
@@ -323,4 +330,63 @@ def format_table(result: dict[str, Any]) -> str:
         vals = [got[t]["score"] for t in tasks if t in got]
         spread = f"{max(vals) - min(vals):.3f}" if len(vals) > 1 else "-"
         lines.append(f"| {m} | " + " | ".join(cell(got[t]) if t in got else "-" for t in tasks) + f" | {spread} |")
+    return "\n".join(lines)
+
+
+def aggregate_seeds(runs: list[Path]) -> dict[str, Any]:
+    """Mean and spread over seeds of every (model, task) row of several demo runs (``results.json`` each),
+    and for each model the spread across tasks of its mean scores, raw and, for tasks with a probe ceiling,
+    as a fraction of that ceiling (``score / ceiling``): Uni-MoE's performance bias across modalities."""
+    import statistics
+
+    rows = [r for run in runs for r in json.loads((Path(run) / "results.json").read_text())]
+    cells: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in rows:
+        cell = cells.setdefault((r["model"], r["task"]), {"score": [], "swapped": [], "yes": [], "seed": []})
+        cell["score"].append(r["score"])
+        cell["seed"].append(r.get("seed", 0))
+        if r.get("swapped") is not None:
+            cell["swapped"].append(r["swapped"])
+        if "yes" in (r.get("replies") or {}):
+            cell["yes"].append(r["replies"]["yes"])
+
+    def ms(v: list[float]) -> dict[str, float] | None:
+        return {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0, "n": len(v)} if v else None
+
+    table = {f"{m} | {t}": {"model": m, "task": t, "score": ms(c["score"]), "swapped": ms(c["swapped"]), "yes_share": ms(c["yes"]),
+                            "seeds": sorted(set(c["seed"]))} for (m, t), c in cells.items()}  # fmt: skip
+    ceilings = {c["task"]: c["score"]["mean"] for c in table.values() if c["model"] == PROBE}
+    spread = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        means = {c["task"]: c["score"]["mean"] for c in table.values() if c["model"] == model}
+        if len(means) < 2:
+            continue
+        rel = [means[t] / ceilings[t] for t in means if t in ceilings and ceilings[t] > 0]
+        spread[model] = {"max_min": max(means.values()) - min(means.values()), "std": statistics.pstdev(means.values()),
+                         "relative_to_ceiling": {"max_min": max(rel) - min(rel), "std": statistics.pstdev(rel)} if len(rel) > 1 else None}  # fmt: skip
+    return {"cells": table, "spread": spread, "runs": [str(r) for r in runs]}
+
+
+def format_seeds(agg: dict[str, Any]) -> str:
+    """Markdown: mean ± std over seeds per task, swapped-media score in brackets, yes share for yes/no."""
+    cells = agg["cells"].values()
+    tasks = sorted({c["task"] for c in cells})
+    models = list(dict.fromkeys(c["model"] for c in cells))
+    lines = ["| model | seeds | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 2) + "|"]
+    for m in models:
+        got = {c["task"]: c for c in cells if c["model"] == m}
+        seeds = max((len(c["seeds"]) for c in got.values()), default=0)
+        out = []
+        for t in tasks:
+            c = got.get(t)
+            if c is None:
+                out.append("-")
+                continue
+            text = f"{c['score']['mean']:.3f} ± {c['score']['std']:.3f}"
+            if c["swapped"] and m != BLIND:
+                text += f" ({c['swapped']['mean']:.3f})"
+            if c["yes_share"]:
+                text += f" [yes {c['yes_share']['mean']:.2f}]"
+            out.append(text)
+        lines.append(f"| {m} | {seeds} | " + " | ".join(out) + " |")
     return "\n".join(lines)

@@ -42,18 +42,21 @@ def _media(batch: dict[str, Any], device: torch.device) -> dict[str, MediaBatch]
 
 @torch.no_grad()
 def answer(model: MultimodalLLM, tokenizer: Any, data: ConversationData, batch_size: int = 16, max_new_tokens: int = 24,
-           limit: int = 0, template: str = "auto", progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
-    """Greedy answers for the (generation-encoded) records: ``{"id", "task", "group", "prediction", "score"}``."""
+           limit: int = 0, template: str = "auto", progress: bool = True, dtype: torch.dtype | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Greedy answers for the (generation-encoded) records: ``{"id", "task", "group", "prediction", "score"}``.
+    ``dtype``: autocast dtype of the forward passes (None: float32; the trainers pass their training dtype)."""
     model.eval()
     device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype not in (None, torch.float32))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = list(range(len(data)))[: limit or None]
     rows = []
     for start in tqdm(range(0, len(order), batch_size), desc="evaluate", disable=not progress, dynamic_ncols=True):
         batch = data.collate(order[start : start + batch_size], pad, left_pad=True)
-        out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), _media(batch, device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=stop_ids(tokenizer, template))  # fmt: skip
+        with autocast:
+            out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), _media(batch, device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                 eos_token_id=stop_ids(tokenizer, template))  # fmt: skip
         for ex, ids in zip(batch["examples"], out):
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
             rec = ex.sample.record
@@ -177,7 +180,10 @@ def evaluate_folder(model: MultimodalLLM, tokenizer: Any, cfg: Any, out: str | P
     data = load(path)
     report_bad(cfg.eval_data, data.bad)
     swapped = load(swap_path) if control else None
+    from omnimoe.mllm.train import _autocast_dtype
+
+    dtype = _autocast_dtype(cfg.dtype, next(model.parameters()).device)  # the recipe's dtype: bf16 where it is fast
     result = evaluate(model, tokenizer, data, swapped, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
-                      limit=cfg.eval_limit, template=cfg.template, progress=progress)  # fmt: skip
+                      limit=cfg.eval_limit, template=cfg.template, progress=progress, dtype=dtype)  # fmt: skip
     write_json(Path(out) / "eval.json", result)
     return result["summary"]
