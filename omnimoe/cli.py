@@ -424,6 +424,29 @@ def mllm_demo(
     typer.echo(f"\nresults: {out / 'results.json'}; plots: " + ", ".join(result["plots"]))
 
 
+@mllm_app.command("seeds")
+def mllm_seeds(
+    runs: List[Path] = typer.Argument(..., help="Demo output folders (one per seed), each with results.json."),
+    out: Optional[Path] = typer.Option(None, help="Also write the aggregate as JSON here."),
+) -> None:
+    """Mean ± std over seeds of every model and task of several `omnimoe mllm demo` runs, with the swapped-media
+    score, the share of "yes" replies and each model's spread across tasks (raw and relative to the probe ceiling)."""
+    from omnimoe.demos.unimoe import aggregate_seeds, format_seeds
+    from omnimoe.io import write_json
+
+    missing = [str(r) for r in runs if not (r / "results.json").is_file()]
+    if missing:
+        _fail(f"no results.json in {', '.join(missing)} (run `omnimoe mllm demo --out <folder>` first)")
+    agg = aggregate_seeds(runs)
+    typer.echo(format_seeds(agg))
+    for model, sp in agg["spread"].items():
+        rel = sp["relative_to_ceiling"]
+        typer.echo(f"spread across tasks, {model}: max-min {sp['max_min']:.3f}, std {sp['std']:.3f}"
+                   + (f"; score/ceiling max-min {rel['max_min']:.3f}, std {rel['std']:.3f}" if rel else ""))  # fmt: skip
+    if out is not None:
+        write_json(out, agg)
+
+
 @app.command()
 def info(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Versions and what this machine can run (bf16 speed-up, grouped_mm, threads)."""

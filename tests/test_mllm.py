@@ -133,6 +133,27 @@ def test_loss_on_labelled_positions_equals_the_full_lm_loss(family):
     assert out.tokens == int((masked[:, 1:] != IGNORE_INDEX).sum())
 
 
+def test_loss_per_sample_weighs_every_record_alike():
+    """loss_per="sample": the mean over rows of each row's own mean token loss (the HF loss of each row
+    alone), so a short answer weighs as much as a long one; rows without labels are left out."""
+    model = build_mllm("llama")
+    ids, attention, labels, media = spliced_batch(model)
+    masked = labels.masked_fill(model._placeholder_mask(ids), IGNORE_INDEX)
+    assert len({int((row[1:] != IGNORE_INDEX).sum()) for row in masked}) > 1  # rows with different answer lengths
+    embeds = model.embed(ids, media)
+    per_row = [model.llm(inputs_embeds=embeds[i : i + 1], attention_mask=attention[i : i + 1], labels=masked[i : i + 1]).loss
+               for i in range(len(ids))]  # fmt: skip
+    out = model(ids, attention, labels, media, loss_per="sample")
+    torch.testing.assert_close(out.lm_loss, torch.stack(per_row).mean())
+    assert not torch.allclose(out.lm_loss, model(ids, attention, labels, media).lm_loss)
+    labels_one_empty = labels.clone()
+    labels_one_empty[0] = IGNORE_INDEX
+    out = model(ids, attention, labels_one_empty, media, loss_per="sample")
+    torch.testing.assert_close(out.lm_loss, torch.stack(per_row[1:]).mean())
+    with pytest.raises(ValueError, match="loss_per"):
+        model(ids, attention, labels, media, loss_per="word")
+
+
 def test_padding_is_not_routed():
     model = build_mllm()
     ids, attention, labels, media = spliced_batch(model)

@@ -20,12 +20,12 @@ from typing import Any
 from omnimoe.io import write_json
 from omnimoe.mllm.train import MLLMTrainConfig, features_for, load_stage, run_stage
 
-FULL = {"steps1": 300, "steps2": 30, "steps3": 80, "eval_per_task": 0, "max_per_task": 0}
+FULL = {"steps1": 500, "steps2": 30, "steps3": 100, "eval_per_task": 0, "max_per_task": 0}
 QUICK = {"steps1": 2, "steps2": 2, "steps3": 2, "eval_per_task": 0, "max_per_task": 4}
 
 
 def _recipe(stage: int, tasks: Path, **extra: Any) -> dict[str, Any]:
-    return {"stage": stage, "llm": "gemma3-270m", "template": "auto", "batch_size": 8, "warmup_steps": 5, "save_every": 10, "log_every": 5,
+    return {"stage": stage, "llm": "gemma3-270m", "template": "auto", "batch_size": 8, "warmup_steps": 10, "save_every": 25, "log_every": 10,
             "connectors": {"image": {"kind": "mlp", "max_tokens": 16}, "audio": {"kind": "mlp", "max_tokens": 16}},
             "moe": {"layers": "every:2", "num_experts_per_tok": 2, "router_aux_loss_coef": 0.01},
             "eval_data": str(tasks / "test-eval.json"), "eval_max_new_tokens": 12, "eval_batch_size": 8, **extra}  # fmt: skip

@@ -139,11 +139,15 @@ class MultimodalLLM(nn.Module):
         return embeds
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                media: dict[str, MediaBatch] | None = None, **kwargs: Any) -> Any:  # fmt: skip
+                media: dict[str, MediaBatch] | None = None, loss_per: str = "token", **kwargs: Any) -> Any:  # fmt: skip
         """With ``labels``: a dict with ``loss`` = LM loss + MoE router losses (also ``lm_loss`` and
         ``router_loss`` apart). Only labelled positions go through the LM head (answers are a few tokens,
         and Gemma's head has 262k rows), so no full ``logits`` come back. Without labels: the LM output.
-        Placeholder positions never carry loss."""
+        Placeholder positions never carry loss. ``loss_per``: ``token`` averages over every labelled token of
+        the batch (long answers weigh more); ``sample`` averages each row's tokens first, then the rows, so a
+        one-word answer counts as much as a caption."""
+        if loss_per not in ("token", "sample"):
+            raise ValueError(f"loss_per must be 'token' or 'sample', got {loss_per!r}")
         set_token_mask(self.llm, attention_mask)
         embeds = self.embed(input_ids, media)
         try:
@@ -158,7 +162,16 @@ class MultimodalLLM(nn.Module):
             cap = getattr(lm.config, "final_logit_softcapping", None)
             if cap:
                 logits = torch.tanh(logits / cap) * cap
-            lm_loss = F.cross_entropy(logits.float(), targets[keep]) if keep.any() else hidden.sum() * 0.0
+            if not keep.any():
+                lm_loss = hidden.sum() * 0.0
+            elif loss_per == "token":
+                lm_loss = F.cross_entropy(logits.float(), targets[keep])
+            else:
+                per_token = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+                counts = keep.sum(1)  # labelled tokens per row
+                row_of = torch.arange(len(keep), device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+                weights = 1.0 / (counts[row_of].float() * int((counts > 0).sum()))
+                lm_loss = (per_token * weights).sum()
             aux = router_loss(self.llm).to(lm_loss.device)
             return MLLMOutput(lm_loss + aux, lm_loss, aux, int(keep.sum()))
         finally:

@@ -92,6 +92,7 @@ class MLLMTrainConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    loss_per: str = "token"  # token: mean over every answer token of a batch | sample: each record's answer weighs the same
     grouped_batches: bool = True
     max_len: int = 512
     seed: int = 0
@@ -269,7 +270,8 @@ def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[s
             batch = data.collate(order[pos * world + rank], pad_id)  # rank r takes every world-th batch
             media = {m: dataclasses.replace(b, tokens=b.tokens.to(device), mask=b.mask.to(device)) for m, b in batch["media"].items()}
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                res = module(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), media)
+                res = module(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), media,
+                             loss_per=cfg.loss_per)  # fmt: skip
             (res.loss / cfg.grad_accum).backward()
             total += res.lm_loss.item() / cfg.grad_accum
             tokens += res.tokens
