@@ -228,3 +228,18 @@ def test_soft_tokens_start_at_the_text_embedding_scale():
     assert raw.out_scale == 0.0 and not any(n.endswith("gain") for n, _ in MLPConnector(raw).named_parameters())
     with pytest.raises(ValueError, match="out_scale"):
         ConnectorSpec("mlp", 8, 16, out_scale=-1.0)
+
+
+def test_global_token_is_the_mlp_of_the_whole_item():
+    """global_token: one more soft token first, the MLP of the mean of the item's real encoder tokens
+    (padding excluded), then the pooled regional tokens as before."""
+    spec = ConnectorSpec("mlp", in_dim=8, out_dim=16, max_tokens=5, global_token=True)
+    mlp = MLPConnector(spec)
+    tokens, mask = torch.randn(2, 12, 8), torch.tensor([[1] * 12, [1] * 3 + [0] * 9], dtype=torch.bool)
+    out, m = mlp(tokens, mask)
+    assert m.sum(1).tolist() == [6, 4] == [mlp.num_tokens(12), mlp.num_tokens(3)]
+    torch.testing.assert_close(out[1, 0], mlp.net(tokens[1, :3].mean(0)))
+    torch.testing.assert_close(out[0, 0], mlp.net(tokens[0].mean(0)))
+    plain = MLPConnector(ConnectorSpec("mlp", in_dim=8, out_dim=16, max_tokens=5))
+    plain.load_state_dict(mlp.state_dict())
+    torch.testing.assert_close(out[:, 1:][m[:, 1:]], plain(tokens, mask)[0][plain(tokens, mask)[1]])

@@ -2,6 +2,8 @@
 
 * ``mlp``: LLaVA-1.5 / Uni-MoE's image projector, two linear layers with GELU, one soft token per encoder
   token (``max_tokens`` > 0 first average-pools long sequences down to that many, e.g. Whisper's 1500 frames);
+  ``global_token`` puts one more first: the same MLP on the mean of all the item's tokens (the pooled
+  feature a linear probe reads; a per-token MLP on regional tokens never sees the whole item);
 * ``qformer``: a fixed number of learnable queries cross-attending to the encoder states (Uni-MoE's speech
   and audio aligners, BLIP-2's Q-Former), then a linear map to the LLM width.
 
@@ -36,6 +38,7 @@ class ConnectorSpec:
     num_heads: int = 8  # qformer
     dropout: float = 0.0
     out_scale: float = 0.0  # > 0: soft tokens RMS-normalised, gain started here (the LM's embedding RMS); 0: raw
+    global_token: bool = False  # mlp: one more soft token first, from the mean of all the item's encoder tokens
 
     def __post_init__(self) -> None:
         if self.kind not in ("mlp", "qformer"):
@@ -102,10 +105,15 @@ class MLPConnector(nn.Module):
         self.norm = output_norm(spec)
 
     def num_tokens(self, encoder_tokens: int) -> int:
-        return min(encoder_tokens, self.spec.max_tokens) if self.spec.max_tokens > 0 else encoder_tokens
+        n = min(encoder_tokens, self.spec.max_tokens) if self.spec.max_tokens > 0 else encoder_tokens
+        return n + int(self.spec.global_token and encoder_tokens > 0)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        whole = (tokens * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # (N, D): the pooled item
         tokens, mask = _pool_tokens(tokens, mask, self.spec.max_tokens)
+        if self.spec.global_token:
+            tokens = torch.cat([whole.unsqueeze(1).to(tokens.dtype), tokens], 1)
+            mask = torch.cat([mask.any(1, keepdim=True), mask], 1)
         return self.norm(self.net(tokens)), mask
 
 

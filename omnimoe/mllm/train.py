@@ -51,6 +51,7 @@ class ConnectorRecipe:
     num_heads: int = 8
     dropout: float = 0.0
     norm: bool = True  # soft tokens RMS-normalised to the LM's text-embedding scale (learnable gain)
+    global_token: bool = False  # mlp: one more soft token from the mean of the item's encoder tokens
 
 
 @dataclass
