@@ -215,17 +215,18 @@ def chat_examples(model_dir: Path, tasks: Path, count: int = 10, seed: int = 0, 
     from omnimoe.mllm.chat import ChatSession
     from omnimoe.mllm.metrics import token_f1
 
-    test = [r for r in json.loads((tasks / "test.json").read_text()) if r["task"] == "image-category"]
-    captions = {r["source_id"]: r["answer"] for r in json.loads((tasks / "test.json").read_text()) if r["task"] == "image-what"}
+    held_out = json.loads((tasks / "test.json").read_text())
+    test = [r for r in held_out if r["task"] == "image-what"]  # the stamps with their captions as answers
+    categories = {r["source_id"]: r["answer"] for r in held_out if r["task"] == "image-category"}
     picked = random.Random(f"{seed}:chat").sample(test, min(count, len(test)))
     session = ChatSession(model_dir)
     rows = []
     for r in picked:
         path = (tasks / r["image"]).resolve()
         reply = session.ask(question, images=[str(path)], max_new_tokens=16)
-        caption = captions.get(r["source_id"], "")
+        caption = r["answer"]
         rows.append({"id": r["source_id"], "image": str(path), "question": question, "answer": reply, "caption": caption,
-                     "category": r["answer"], "token_f1": token_f1(reply, caption)})  # fmt: skip
+                     "category": categories.get(r["source_id"]), "token_f1": token_f1(reply, caption)})  # fmt: skip
     return rows
 
 
