@@ -27,9 +27,10 @@ def test_category_probe_reads_what_the_features_hold():
     groups = [str(i) for i in range(300)]
     res = category_probe(xtr, ytr, xte, yte, groups)
     assert res["score"] > 0.9 and res["n"] == 100 and res["weight_decay"] > 0
-    shuffled = category_probe(xtr, ytr, xte[torch.randperm(100, generator=torch.Generator().manual_seed(0))], yte, groups)
-    assert shuffled["score"] < 0.45  # features of other rows: near chance (0.2)
-    assert category_probe(xtr, ytr, xte, yte, groups) == res  # seeded
+    shuffled = xte[torch.randperm(100, generator=torch.Generator().manual_seed(0))]
+    with_control = category_probe(xtr, ytr, xte, yte, groups, control_x=shuffled)
+    assert with_control["control"] < 0.45  # features of other rows: near chance (0.2)
+    assert {k: v for k, v in with_control.items() if k != "control"} == res  # seeded; the control changes nothing else
 
 
 def test_yesno_probe_learns_a_match_between_media_and_phrase():

@@ -94,7 +94,7 @@ def test_a_base_tokenizer_gets_the_plain_format_ending_in_eos():
 def test_generation_stops_at_the_end_marker(tasks):
     """A tiny LM fitted on one answer (loss on the answer and <eos>) says exactly that answer and stops:
     the evaluation's decoded reply has nothing after the end marker, though max_new_tokens leaves room."""
-    from omnimoe.mllm.evaluate import answer
+    from omnimoe.mllm.evaluate import answer, stop_ids
 
     cfg = MLLMTrainConfig(stage=1, data=str(tasks / "stage1.json"), **TINY)
     features = MediaFeatures.build([tasks / "stage1.json"], cfg.encoders, tasks / "features", progress=False)
@@ -108,27 +108,26 @@ def test_generation_stops_at_the_end_marker(tasks):
     template = template_for(tok)
     data = ConversationData(one, features, tok, template, model.config.placeholder_ids, lambda m, n: model.connectors[m].num_tokens(n))
     batch = data.collate([0], 0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(150):
-        opt.zero_grad()
-        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
-        out.loss.backward()
-        opt.step()
-    assert out.lm_loss.item() < 0.05
+    assert _overfit(model, batch, 150) < 0.05
     gen = ConversationData(one, features, tok, template, model.config.placeholder_ids, lambda m, n: model.connectors[m].num_tokens(n),
                            generation=True)  # fmt: skip
     rows = answer(model, tok, gen, max_new_tokens=40, progress=False)
     assert rows[0]["prediction"] == "A koala." and rows[0]["score"] == 1.0
     ids = model.generate(gen.collate([0], 0)["input_ids"], media=gen.collate([0], 0)["media"], max_new_tokens=40, do_sample=False,
-                         pad_token_id=0, eos_token_id=stop_ids_of(tok))  # fmt: skip
+                         pad_token_id=0, eos_token_id=stop_ids(tok))  # fmt: skip
     assert ids[0].tolist().index(tok.eos_token_id) == len(tok("A koala.", add_special_tokens=False).input_ids)
 
 
-def stop_ids_of(tok):
-    from omnimoe.mllm.evaluate import stop_ids
-
-    return stop_ids(tok)
+def _overfit(model, batch, steps):
+    """Adam on every weight of a tiny model over one batch; the last LM loss."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
+        out.loss.backward()
+        opt.step()
+    return out.lm_loss.item()
 
 
 def test_bad_records_are_reported_with_index_and_reason(tmp_path, tasks):
@@ -326,14 +325,7 @@ def test_media_swap_control_separates_seeing_from_guessing(tasks):
                                 lambda m, n: model.connectors[m].num_tokens(n), generation=generation)  # fmt: skip
 
     batch = load("four.json", False).collate(list(range(len(picked))), 0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    for _ in range(300):
-        opt.zero_grad()
-        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"])
-        out.loss.backward()
-        opt.step()
-    assert out.lm_loss.item() < 0.05, out.lm_loss.item()
+    assert _overfit(model, batch, 300) < 0.05
     result = evaluate(model, tok, load("four.json", True), load("four-swapped.json", True), max_new_tokens=16, progress=False)
     info = result["summary"]["tasks"]["image-category"]
     assert info["mean"] == 1.0 and info["swapped"] == 0.0 and info["seeing_gain"] == 1.0 and info["n_swapped"] == len(picked)

@@ -118,14 +118,13 @@ def probe_rows(tasks: Path, features: Any, model: Any, tokenizer: Any, seed: int
         sw = [te_swap.get(r["id"], r) for r in te]
         groups = [r["source_id"] for r in tr]
         if task == "image-category":
-            fit = lambda x: category_probe(pooled(tr), [r["answer"] for r in tr], x, [r["answer"] for r in te], groups, seed)  # noqa: E731
-            res, ctl = fit(pooled(te)), fit(pooled(sw))
+            res = category_probe(pooled(tr), [r["answer"] for r in tr], pooled(te), [r["answer"] for r in te], groups, seed,
+                                 control_x=pooled(sw))  # fmt: skip
         else:
-            truth = lambda recs: [r["answer"].lower().startswith("yes") for r in recs]  # noqa: E731
-            fit = lambda x: yesno_probe(pooled(tr), phrases(tr), truth(tr), x, phrases(te), truth(te), groups, seed)  # noqa: E731
-            res, ctl = fit(pooled(te)), fit(pooled(sw))
+            yes = [[r["answer"].lower().startswith("yes") for r in recs] for recs in (tr, te)]
+            res = yesno_probe(pooled(tr), phrases(tr), yes[0], pooled(te), phrases(te), yes[1], groups, seed, control_x=pooled(sw))
         rows.append({"stage": "-", "model": PROBE, "task": task, "group": "image", "score": res["score"], "n": res["n"],
-                     "swapped": ctl["score"], "seeing_gain": res["score"] - ctl["score"], "seed": seed,
+                     "swapped": res["control"], "seeing_gain": res["score"] - res["control"], "seed": seed,
                      "weight_decay": res["weight_decay"]})  # fmt: skip
     return rows
 

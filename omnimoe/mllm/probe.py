@@ -85,26 +85,37 @@ def _choose_and_fit(make: Callable[[], torch.nn.Module], xs_train: tuple[torch.T
     return _fit(make, xs_train, y, best, steps, seed), best
 
 
+def _accuracy(pred: list[Any], truth: list[Any]) -> float:
+    return sum(p == t for p, t in zip(pred, truth)) / len(truth)
+
+
 def category_probe(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, test_y: list[str], groups: list[str],
-                   seed: int = 0, steps: int = 200) -> dict[str, Any]:  # fmt: skip
-    """Multinomial logistic regression: accuracy on the test rows, the chosen L2 weight, n."""
+                   seed: int = 0, steps: int = 200, control_x: torch.Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+    """Multinomial logistic regression: accuracy on the test rows, the chosen L2 weight, n; with
+    ``control_x`` (e.g. the test rows' swapped media) also ``control``, the same probe's accuracy on those."""
     classes = sorted(set(train_y))
     idx = {c: i for i, c in enumerate(classes)}
     y = torch.tensor([idx[c] for c in train_y])
-    xtr, xte = _standardise(train_x.float(), test_x.float())
+    xtr, xte, *xc = _standardise(train_x.float(), test_x.float(), *([] if control_x is None else [control_x.float()]))
     model, wd = _choose_and_fit(lambda: _Linear(xtr.shape[1], len(classes)), (xtr,), y, groups, seed, steps)
+    out = {"n": len(test_y), "weight_decay": wd}
     with torch.no_grad():
-        pred = [classes[i] for i in model(xte).argmax(-1).tolist()]
-    return {"score": sum(p == t for p, t in zip(pred, test_y)) / len(test_y), "n": len(test_y), "weight_decay": wd}
+        for name, x in (("score", xte), *(("control", c) for c in xc)):
+            out[name] = _accuracy([classes[i] for i in model(x).argmax(-1).tolist()], test_y)
+    return out
 
 
 def yesno_probe(train_x: torch.Tensor, train_t: torch.Tensor, train_y: list[bool], test_x: torch.Tensor, test_t: torch.Tensor,
-                test_y: list[bool], groups: list[str], seed: int = 0, rank: int = 32, steps: int = 200) -> dict[str, Any]:  # fmt: skip
-    """Bilinear logistic regression between media features ``x`` and phrase features ``t``: test accuracy."""
-    xtr, xte = _standardise(train_x.float(), test_x.float())
+                test_y: list[bool], groups: list[str], seed: int = 0, rank: int = 32, steps: int = 200,
+                control_x: torch.Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+    """Bilinear logistic regression between media features ``x`` and phrase features ``t``: test accuracy
+    (and ``control``: the accuracy with ``control_x`` in place of the test media, same phrases)."""
+    xtr, xte, *xc = _standardise(train_x.float(), test_x.float(), *([] if control_x is None else [control_x.float()]))
     ttr, tte = _standardise(train_t.float(), test_t.float())
     y = torch.tensor([int(v) for v in train_y])
     model, wd = _choose_and_fit(lambda: _Bilinear(xtr.shape[1], ttr.shape[1], rank), (xtr, ttr), y, groups, seed, steps)
+    out = {"n": len(test_y), "weight_decay": wd}
     with torch.no_grad():
-        pred = model(xte, tte).argmax(-1).tolist()
-    return {"score": sum(bool(p) == t for p, t in zip(pred, test_y)) / len(test_y), "n": len(test_y), "weight_decay": wd}
+        for name, x in (("score", xte), *(("control", c) for c in xc)):
+            out[name] = _accuracy([bool(p) for p in model(x, tte).argmax(-1).tolist()], test_y)
+    return out
