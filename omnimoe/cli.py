@@ -392,6 +392,7 @@ def mllm_tasks(
     manifest: Optional[Path] = typer.Option(None, help="A Tux Paint manifest (default: fetch Tux Paint and write one beside OUT)."),
     max_per_task: int = typer.Option(0, help="Cap each task per split (0: no cap)."),
     eval_per_task: int = typer.Option(24, help="Records per task in test-eval.json (generation is the slow part on a CPU)."),
+    val_fraction: float = typer.Option(0.0, help="Share of train captions moved to val.json (choose recipes there, not on test)."),
     seed: int = typer.Option(0),
 ) -> None:
     """Build the Tux Paint instruction tasks (image, speech and sound questions) as LLaVA-style JSON."""
@@ -402,7 +403,11 @@ def mllm_tasks(
 
     if manifest is None:
         manifest, _ = build_tuxpaint_manifest(out.parent / "data")
-    files = build_tuxpaint_tasks(manifest, out, seed=seed, max_per_task=max_per_task or None)["files"]
+    try:
+        files = build_tuxpaint_tasks(manifest, out, seed=seed, max_per_task=max_per_task or None,
+                                     val_fraction=val_fraction)["files"]
+    except ValueError as exc:
+        _fail(str(exc))
     eval_subset(out, eval_per_task, seed)
     typer.echo(json.dumps(files, indent=1))
 
@@ -413,13 +418,17 @@ def mllm_demo(
     quick: bool = typer.Option(False, help="Smoke-test size: a few records per task and a few steps per stage."),
     set_: List[str] = typer.Option([], "--set", help="Dotted override for every stage's recipe (e.g. --set steps=50)."),
     seed: int = typer.Option(0, help="Seed of every stage (the tasks and the held-out split stay the same)."),
+    held_out: str = typer.Option("test", help="Split scored: test (report) or val (choose a recipe: a fifth of train held out)."),
 ) -> None:
     """Uni-MoE on the embedded defaults: Gemma-3-270M + EfficientNet-Lite0 + Whisper-tiny on Tux Paint tasks;
     stages 1-3, a dense equal-active comparison, per-task scores after every stage with the media-swap
     control, blind and probe-ceiling rows, chat answers on held-out stamps, expert-load plots."""
     from omnimoe.demos.unimoe import format_table, run_unimoe_demo
 
-    result = run_unimoe_demo(out, quick=quick, overrides=list(set_), seed=seed)
+    try:
+        result = run_unimoe_demo(out, quick=quick, overrides=list(set_), seed=seed, held_out=held_out)
+    except ValueError as exc:
+        _fail(str(exc))
     typer.echo(format_table(result))
     typer.echo(f"\nresults: {out / 'results.json'}; plots: " + ", ".join(result["plots"]))
 

@@ -252,6 +252,72 @@ def test_a_killed_stage_resumes_to_the_same_weights(tasks, tmp_path):
         run_stage(other, tmp_path / "cut", progress=False)
 
 
+def test_prealign_points_soft_tokens_at_the_answers_embeddings(tasks, tmp_path):
+    """Pre-alignment (no LM forward) makes each item's soft tokens point at the LM's embeddings of its own
+    answers (captions, categories), more than at other items' answers; yes/no answers are never targets. In
+    stage 1 it runs before the LM steps, is recorded, and a resumed run does not redo it."""
+    import torch.nn.functional as F
+
+    from omnimoe.mllm.model import causal_lm
+    from omnimoe.mllm.prealign import PrealignRecipe, prealign, prealign_targets
+    from omnimoe.mllm.train import base_model
+
+    cfg = MLLMTrainConfig(stage=1, data=str(tasks / "stage1.json"), **TINY)
+    features = MediaFeatures.build([tasks / "stage1.json"], cfg.encoders, tasks / "features", progress=False)
+    model, tok = base_model(cfg, ["image", "audio"], features.dims())
+    data = ConversationData(tasks / "stage1.json", features, tok, template_for(tok), model.config.placeholder_ids,
+                            lambda m, n: model.connectors[m].num_tokens(n))  # fmt: skip
+    emb = causal_lm(model.llm).get_input_embeddings()
+    recipe = PrealignRecipe(steps=80, batch_size=8, tasks=["caption-image", "image-category"])
+    items, target, _ = prealign_targets(data, tok, emb, recipe.tasks)["image"]
+    records = json.loads((tasks / "stage1.json").read_text())
+    used = {r["image"] for r in records if r["task"] in recipe.tasks}
+    assert len(items) == len(used) >= 3 and set(prealign_targets(data, tok, emb, recipe.tasks)) == {"image"}
+    answers = {r["answer"] for r in records if r["task"] in recipe.tasks}
+    assert "Yes." not in answers and "No." not in answers
+    # one item asked for its caption and its category: the target is the sum of both answers' unit directions
+    from omnimoe.mllm.prealign import _answer_direction
+
+    cap = next(r for r in records if r["task"] == "caption-image")
+    two = tasks / "two.json"
+    two.write_text(json.dumps([cap, {**cap, "id": "x", "task": "image-category", "answer": "animals",
+                                     "conversations": [cap["conversations"][0], {"from": "gpt", "value": "animals"}]}]))  # fmt: skip
+    pair = ConversationData(two, features, tok, template_for(tok), model.config.placeholder_ids, lambda m, n: model.connectors[m].num_tokens(n))
+    (one,), summed, _ = prealign_targets(pair, tok, emb, recipe.tasks)["image"]
+    expected = _answer_direction(cap["answer"], tok, emb) + _answer_direction("animals", tok, emb)
+    torch.testing.assert_close(summed[0], expected)
+    assert one in [list(k) for k in items] and len({tuple(k) for k in items}) == len(items)  # one target per item
+
+    def alignment():
+        with torch.no_grad():
+            from omnimoe.mllm.data import pad_items
+
+            batch = pad_items([features.item("image", k) for k in items])
+            soft, mask = model.connectors["image"](batch.tokens, batch.mask)
+            cos = F.cosine_similarity(soft.mean(1, keepdim=True), F.normalize(target, dim=-1).unsqueeze(0), dim=-1)  # (item, target)
+            own = cos.diagonal()
+            return float(own.mean()), float((own.unsqueeze(1) - cos).sum() / (len(items) * (len(items) - 1)))
+
+    before, margin_before = alignment()
+    info = prealign(model.connectors, data, tok, emb, recipe, progress=False)
+    after, margin = alignment()
+    assert info["items"] == {"image": len(items)} and info["history"][-1]["loss"] < info["history"][0]["loss"]
+    assert after > before + 0.3 and margin > max(0.05, margin_before + 0.05), (before, after, margin_before, margin)
+    with pytest.raises(ValueError, match="no record of tasks"):
+        prealign(model.connectors, data, tok, emb, PrealignRecipe(steps=1, tasks=["no-such-task"]), progress=False)
+
+    staged = MLLMTrainConfig(stage=1, data=str(tasks / "stage1.json"), **{**TINY, "prealign": {"steps": 20, "batch_size": 4}})
+    assert run_stage(staged, tmp_path / "s1", progress=False, stop_at_step=2) == {"interrupted_at": 2}
+    first = json.loads((tmp_path / "s1" / "prealign.json").read_text())
+    (tmp_path / "s1" / "prealign.json").write_text(json.dumps({**first, "marker": 1}))
+    info = json.loads(json.dumps(run_stage(staged, tmp_path / "s1", progress=False)["prealign"]))
+    assert info["marker"] == 1 and len(info["history"]) == 1 and set(info["items"]) == {"image", "audio"}  # not redone on resume
+    with pytest.raises(ValueError, match="prealign"):
+        MLLMTrainConfig(stage=1, prealign={"steps": 5, "batch_size": 1})
+    with pytest.raises(ValueError, match="prealign.stepz"):
+        MLLMTrainConfig(stage=1, prealign={"stepz": 5})
+
+
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900, **kw)

@@ -157,6 +157,32 @@ def test_deterministic_seeded_and_capped(manifest, built, tmp_path):
     assert (tmp_path / "capped2" / "test.json").read_bytes() == (tmp_path / "capped" / "test.json").read_bytes()
 
 
+def test_validation_split(manifest, built, tmp_path):
+    """val.json: a grouped share of the train captions, asked the test questions, and in no training file."""
+    _, counts, files = built
+    assert "val.json" not in counts["files"] and not (built[0] / "val.json").exists()
+    out = tmp_path / "val"
+    with_val = build_tuxpaint_tasks(manifest[0], out, seed=0, val_fraction=0.2)
+    val = json.loads((out / "val.json").read_text())
+    assert with_val["files"]["val.json"] == len(val) > 0
+    assert {r["task"] for r in val} == set(INSTRUCT_TASKS)
+    val_items = {r["source_id"] for r in val}
+    captions = {normalise_caption(r["answer"]) for r in val if r["task"] == "image-what"}
+    for name in TRAIN_FILES:
+        train = json.loads((out / name).read_text())
+        assert not val_items & {r["source_id"] for r in train}, name
+        assert not captions & {normalise_caption(r["answer"]) for r in train if r["task"] in ("image-what", "caption-image")}
+    # carved from train only: the test split is untouched; train + val = the train split without val
+    assert (out / "test.json").read_bytes() == (built[0] / "test.json").read_bytes()
+    n_train = {r["source_id"] for r in files["stage3.json"]}
+    assert {r["source_id"] for r in json.loads((out / "stage3.json").read_text())} | val_items == n_train
+    share = with_val["tasks"]["val"]["image-category"] / counts["tasks"]["train"]["image-category"]
+    assert 0.12 < share < 0.28, share
+    assert build_tuxpaint_tasks(manifest[0], tmp_path / "again", seed=0, val_fraction=0.2) == with_val
+    with pytest.raises(ValueError, match="val_fraction"):
+        build_tuxpaint_tasks(manifest[0], tmp_path / "bad", val_fraction=1.0)
+
+
 def test_noun_phrase():
     assert noun_phrase("A koala.") == "a koala"
     assert noun_phrase("An owl.") == "an owl"

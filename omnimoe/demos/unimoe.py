@@ -20,8 +20,9 @@ from typing import Any
 from omnimoe.io import write_json
 from omnimoe.mllm.train import MLLMTrainConfig, features_for, load_stage, run_stage
 
-FULL = {"steps1": 500, "steps2": 30, "steps3": 100, "eval_per_task": 0, "max_per_task": 0}
-QUICK = {"steps1": 2, "steps2": 2, "steps3": 2, "eval_per_task": 0, "max_per_task": 4}
+FULL = {"prealign": 600, "steps1": 500, "steps2": 30, "steps3": 100, "eval_per_task": 0, "max_per_task": 0}
+VAL_FRACTION = 0.2  # held_out="val": the share of train captions held out for choosing recipes
+QUICK = {"prealign": 5, "steps1": 2, "steps2": 2, "steps3": 2, "eval_per_task": 0, "max_per_task": 4}
 
 
 def _recipe(stage: int, tasks: Path, **extra: Any) -> dict[str, Any]:
@@ -37,16 +38,16 @@ def _config(data: dict[str, Any], overrides: list[str]) -> MLLMTrainConfig:
     return from_dict(MLLMTrainConfig, apply_overrides(data, overrides))
 
 
-def eval_subset(tasks: Path, per_task: int, seed: int = 0) -> Path:
-    """``test-eval.json``: at most ``per_task`` held-out records of each task (0: every record)."""
-    records = json.loads((tasks / "test.json").read_text())
+def eval_subset(tasks: Path, per_task: int, seed: int = 0, split: str = "test") -> Path:
+    """``<split>-eval.json``: at most ``per_task`` records of each task of ``<split>.json`` (0: every record)."""
+    records = json.loads((tasks / f"{split}.json").read_text())
     by_task: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_task.setdefault(r["task"], []).append(r)
     rng = random.Random(seed)
     picked = [r for _, rs in sorted(by_task.items())
               for r in sorted(rng.sample(rs, min(per_task or len(rs), len(rs))), key=lambda r: r["id"])]  # fmt: skip
-    path = tasks / "test-eval.json"
+    path = tasks / f"{split}-eval.json"
     write_json(path, picked)
     return path
 
@@ -55,7 +56,7 @@ BLIND = "blind (most frequent answer)"
 PROBE = "probe ceiling (frozen pooled features)"
 
 
-def blind_rows(tasks: Path, seed: int = 0) -> list[dict[str, Any]]:
+def blind_rows(tasks: Path, seed: int = 0, split: str = "test") -> list[dict[str, Any]]:
     """The media-blind reference: every held-out record answered with its task's most frequent training
     answer. A model that scores no better has not learned to use the image or the audio. It ignores the
     media, so its swapped-media score is its score."""
@@ -67,7 +68,7 @@ def blind_rows(tasks: Path, seed: int = 0) -> list[dict[str, Any]]:
             for r in json.loads((tasks / name).read_text()):
                 answers.setdefault(r["task"], Counter())[r["answer"]] += 1
     scored = [{"task": r["task"], "group": r["group"], "score": score(r, answers[r["task"]].most_common(1)[0][0])}
-              for r in json.loads((tasks / "test-eval.json").read_text()) if r["task"] in answers]  # fmt: skip
+              for r in json.loads((tasks / f"{split}-eval.json").read_text()) if r["task"] in answers]  # fmt: skip
     summary = summarise(scored)
     for info in summary["tasks"].values():
         info["swapped"], info["seeing_gain"] = info["mean"], 0.0
@@ -79,9 +80,9 @@ def _phrase(record: dict[str, Any]) -> str:
     return text.split("Is this ", 1)[-1].split("? Answer yes or no.", 1)[0]
 
 
-def probe_rows(tasks: Path, features: Any, model: Any, tokenizer: Any, seed: int = 0) -> list[dict[str, Any]]:
+def probe_rows(tasks: Path, features: Any, model: Any, tokenizer: Any, seed: int = 0, split: str = "test") -> list[dict[str, Any]]:
     """The probe ceiling of each closed task (:mod:`omnimoe.mllm.probe`) on the held-out records of
-    ``test-eval.json``, trained on ``stage3.json``; ``swapped``: the same probe on the media-swapped records."""
+    ``<split>-eval.json``, trained on ``stage3.json``; ``swapped``: the same probe on the media-swapped records."""
     import torch
 
     from omnimoe.mllm.data import MediaFeatures
@@ -96,7 +97,7 @@ def probe_rows(tasks: Path, features: Any, model: Any, tokenizer: Any, seed: int
     def usable(name: str) -> list[dict[str, Any]]:  # records whose image was encoded (the evaluation drops the others too)
         return [r for r in json.loads((tasks / name).read_text()) if "image" in r and features.problem("image", key(r)) is None]
 
-    train, test = usable("stage3.json"), usable("test-eval.json")
+    train, test = usable("stage3.json"), usable(f"{split}-eval.json")
 
     def pooled(recs: list[dict[str, Any]]) -> torch.Tensor:
         return torch.stack([features.item("image", [key(r)]).float().mean(0) for r in recs])
@@ -141,10 +142,12 @@ def _rows(stage: str, model: str, summary: dict[str, Any], seed: int = 0) -> lis
 
 
 def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] | None = None, progress: bool = True,
-                    seed: int = 0) -> dict[str, Any]:  # fmt: skip
+                    seed: int = 0, held_out: str = "test") -> dict[str, Any]:  # fmt: skip
     """Every stage, both stage-3 models, every held-out record scored with its own and with swapped media,
     the blind and probe-ceiling rows, chat answers on held-out stamps, plots. ``seed`` seeds every stage
-    (the task files and the held-out split stay those of seed 0, so seeds compare on the same records)."""
+    (the task files and the held-out split stay those of seed 0, so seeds compare on the same records).
+    ``held_out="val"`` is for choosing a recipe: a fifth of the train captions becomes the validation split
+    (left out of training), scored in place of the test split, which is then never read."""
     from omnimoe.data.tuxpaint import build_tuxpaint_manifest
     from omnimoe.mllm.evaluate import evaluate_folder, expert_load_by_group
     from omnimoe.mllm.tasks import build_tuxpaint_tasks
@@ -152,27 +155,36 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
     out = Path(out)
     size = QUICK if quick else FULL
     overrides = [f"seed={seed}", *(overrides or [])]
-    manifest, _ = build_tuxpaint_manifest(out / "data")
+    if held_out not in ("test", "val"):
+        raise ValueError(f"held_out must be 'test' or 'val', got {held_out!r}")
     tasks = out / "tasks"
-    counts = build_tuxpaint_tasks(manifest, tasks, max_per_task=size["max_per_task"] or None)
-    eval_subset(tasks, size["eval_per_task"])
-    rows: list[dict[str, Any]] = blind_rows(tasks, seed)
+    val_fraction = VAL_FRACTION if held_out == "val" else 0.0
+    if (tasks / "tasks.json").is_file():  # the stages of this folder were trained on those task files
+        before = json.loads((tasks / "tasks.json").read_text())["counts"].get("val_fraction", 0.0)
+        if before != val_fraction:
+            raise ValueError(f"{out} holds a run with held_out={'val' if before else 'test'}; use another output folder")
+    manifest, _ = build_tuxpaint_manifest(out / "data")
+    counts = build_tuxpaint_tasks(manifest, tasks, max_per_task=size["max_per_task"] or None,
+                                  val_fraction=val_fraction)  # fmt: skip
+    evals = eval_subset(tasks, size["eval_per_task"], split=held_out)
+    rows: list[dict[str, Any]] = blind_rows(tasks, seed, held_out)
     summaries: dict[str, Any] = {}
 
-    s1 = _config(_recipe(1, tasks, data=str(tasks / "stage1.json"), steps=size["steps1"]), overrides)
+    s1 = _config(_recipe(1, tasks, eval_data=str(evals), data=str(tasks / "stage1.json"), steps=size["steps1"],
+                         prealign={"steps": size["prealign"]}), overrides)  # fmt: skip
     r1 = run_stage(s1, out / "stage1", progress)
-    rows += probe_rows(tasks, features_for(s1, [tasks / "stage3.json", tasks / "test-eval.json"], False), r1["model"], r1["tokenizer"], seed)
+    rows += probe_rows(tasks, features_for(s1, [tasks / "stage3.json", evals], False), r1["model"], r1["tokenizer"], seed, held_out)
     summaries["stage1"] = evaluate_folder(r1["model"], r1["tokenizer"], s1, out / "stage1", progress)
     rows += _rows("1", "stage1 (connectors)", summaries["stage1"], seed)
     del r1
 
-    s2 = _config(_recipe(2, tasks, data=str(tasks / "stage3.json"), init=str(out / "stage1"), steps=size["steps2"]), overrides)
+    s2 = _config(_recipe(2, tasks, eval_data=str(evals), data=str(tasks / "stage3.json"), init=str(out / "stage1"), steps=size["steps2"]), overrides)
     r2 = run_stage(s2, out / "stage2", progress)
     for group in r2["groups"]:
         model, tok, cfg = load_stage(out / "stage2" / group)
-        subset = [r for r in json.loads((tasks / "test-eval.json").read_text()) if r["group"] == group]
-        write_json(tasks / f"test-eval-{group}.json", subset)
-        cfg.eval_data = str(tasks / f"test-eval-{group}.json")
+        subset = [r for r in json.loads(evals.read_text()) if r["group"] == group]
+        write_json(tasks / f"{held_out}-eval-{group}.json", subset)
+        cfg.eval_data = str(tasks / f"{held_out}-eval-{group}.json")
         # each group's FFN scored on its group's records (no swap control: stage 2 only feeds the experts)
         summaries[f"stage2-{group}"] = evaluate_folder(model, tok, cfg, out / "stage2" / group, progress, control=False)
         rows += _rows("2", f"stage2 {group} FFN", summaries[f"stage2-{group}"], seed)
@@ -180,7 +192,7 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
 
     loads, expert_names, chats = {}, [], []
     for name, dense in (("moe", False), ("dense-equal-active", True)):
-        cfg = _config(_recipe(3, tasks, data=str(tasks / "stage3.json"), init=str(out / "stage1"), experts=experts, dense=dense,
+        cfg = _config(_recipe(3, tasks, eval_data=str(evals), data=str(tasks / "stage3.json"), init=str(out / "stage1"), experts=experts, dense=dense,
                               steps=size["steps3"]), overrides)  # fmt: skip
         folder = out / f"stage3-{name}"
         r3 = run_stage(cfg, folder, progress)
@@ -190,31 +202,32 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
             from omnimoe.mllm.data import ConversationData, template_for
 
             model, tok = r3["model"], r3["tokenizer"]
-            data = ConversationData(tasks / "test-eval.json", features_for(cfg, [tasks / "test-eval.json"], False), tok, template_for(tok, cfg.template), model.config.placeholder_ids, lambda m, n: model.connectors[m].num_tokens(n))  # fmt: skip
+            data = ConversationData(evals, features_for(cfg, [evals], False), tok, template_for(tok, cfg.template), model.config.placeholder_ids, lambda m, n: model.connectors[m].num_tokens(n))  # fmt: skip
             loads = expert_load_by_group(model, data)
             expert_names = [src.split(":")[1] if src.startswith("stage2:") else "base" for src in next(iter(model.config.expert_sources.values()), [])]
             write_json(folder / "expert_load.json", loads)
             del r3
-            chats = chat_examples(folder, tasks, 2 if quick else 10, seed=0)
+            chats = chat_examples(folder, tasks, 2 if quick else 10, seed=0, split=held_out)
             write_json(out / "chat.json", chats)
         else:
             del r3
     spread = {k: v.get("spread") for k, v in summaries.items()}
     result = {"rows": rows, "summaries": summaries, "spread": spread, "counts": counts["files"], "quick": quick, "seed": seed,
-              "chat": chats, "plots": []}  # fmt: skip
+              "held_out": held_out, "chat": chats, "plots": []}  # fmt: skip
     write_json(out / "results.json", rows)
     write_json(out / "summary.json", {k: v for k, v in result.items() if k != "rows"})
     result["plots"] = _plots(out, rows, loads, expert_names) + ([_chat_sheet(out, chats)] if chats else [])
     return result
 
 
-def chat_examples(model_dir: Path, tasks: Path, count: int = 10, seed: int = 0, question: str = "What is this?") -> list[dict[str, Any]]:
+def chat_examples(model_dir: Path, tasks: Path, count: int = 10, seed: int = 0, question: str = "What is this?",
+                  split: str = "test") -> list[dict[str, Any]]:  # fmt: skip
     """``omnimoe mllm chat --image <stamp> "What is this?"`` on ``count`` held-out stamps drawn at random
     (fixed seed), through the live encoder as a user runs it: ``{image, answer, caption, category}``."""
     from omnimoe.mllm.chat import ChatSession
     from omnimoe.mllm.metrics import token_f1
 
-    held_out = json.loads((tasks / "test.json").read_text())
+    held_out = json.loads((tasks / f"{split}.json").read_text())
     test = [r for r in held_out if r["task"] == "image-what"]  # the stamps with their captions as answers
     categories = {r["source_id"]: r["answer"] for r in held_out if r["task"] == "image-category"}
     picked = random.Random(f"{seed}:chat").sample(test, min(count, len(test)))

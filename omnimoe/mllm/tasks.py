@@ -11,6 +11,9 @@
 * ``stage3.json``: every train instruction record of every group, shuffled with the seed;
 * ``test.json``: the instruction tasks on the held-out test split (the manifest's split is grouped by
   caption, so no test caption is ever a train answer);
+* ``val.json`` (only with ``val_fraction > 0`` or a manifest ``val`` split): the instruction tasks on a
+  validation split carved from train, grouped by caption as the test split is, and left out of every training
+  file. Recipes are chosen on it; the test split only reports;
 * ``tasks.json``: what each task is (:data:`TASKS`), the category choices and the counts.
 
 A record (the data contract)::
@@ -38,7 +41,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from omnimoe.data.adapters import normalise_caption
+from omnimoe.data.adapters import grouped_split, normalise_caption
 from omnimoe.data.manifest import read_manifest
 from omnimoe.io import write_json
 
@@ -169,16 +172,20 @@ def _split_tasks(items: list[dict[str, Any]], media: dict[str, dict[str, str]], 
     return out
 
 
-def build_tuxpaint_tasks(manifest: Path, out: Path, seed: int = 0, max_per_task: int | None = None) -> dict[str, Any]:
+def build_tuxpaint_tasks(manifest: Path, out: Path, seed: int = 0, max_per_task: int | None = None,
+                        val_fraction: float = 0.0) -> dict[str, Any]:
     """Write the stage-1/2/3 and test task files (see the module docstring); returns the counts.
 
     Items without a caption are dropped; an item without the media a task needs (no field, or the file is
     missing) is skipped for that task (``no_media`` counts those per split and group). ``max_per_task`` caps
-    each task on each split with a seeded sample.
+    each task on each split with a seeded sample. ``val_fraction`` moves that share of the train captions
+    (grouped, seeded) to a validation split.
     """
     manifest, out = Path(manifest), Path(out)
     if max_per_task is not None and max_per_task < 1:
         raise ValueError(f"max_per_task must be at least 1, got {max_per_task}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     records = [r for r in read_manifest(manifest) if isinstance(r.get("text"), str) and r["text"].strip()]
     if not records:
         raise ValueError(f"{manifest}: no captioned records")
@@ -195,10 +202,17 @@ def build_tuxpaint_tasks(manifest: Path, out: Path, seed: int = 0, max_per_task:
             else:
                 skipped[f"{r['split']}/{group}"] += 1
     categories = sorted({r["category"] for r in records if r.get("category")})
-    by_split = {s: [r for r in records if r["split"] == s] for s in ("train", "test")}
+    def split_of(r: dict[str, Any]) -> str:
+        if r["split"] == "train" and val_fraction > 0:
+            return grouped_split("val:" + normalise_caption(r["text"]), 0.0, val_fraction, seed=seed)
+        return r["split"]
+
+    by_split = {s: [r for r in records if split_of(r) == s] for s in ("train", "val", "test")}
     if not by_split["train"] or not by_split["test"]:
         found = dict(Counter(r["split"] for r in records))
         raise ValueError(f"{manifest}: needs both a train and a test split, found {found}")
+    if val_fraction > 0 and not by_split["val"]:
+        raise ValueError(f"{manifest}: val_fraction={val_fraction} left no validation item")
 
     train_align = _split_tasks(by_split["train"], media, "train", ALIGN_TASKS, categories, seed, max_per_task)
     train = _split_tasks(by_split["train"], media, "train", INSTRUCT_TASKS, categories, seed, max_per_task)
@@ -213,11 +227,16 @@ def build_tuxpaint_tasks(manifest: Path, out: Path, seed: int = 0, max_per_task:
     random.Random(f"{seed}:stage3").shuffle(mixed)
     files["stage3.json"] = mixed
     files["test.json"] = [r for t in INSTRUCT_TASKS for r in test[t]]
+    val: dict[str, list[dict[str, Any]]] = {}
+    if by_split["val"]:
+        val = _split_tasks(by_split["val"], media, "val", INSTRUCT_TASKS, categories, seed, max_per_task)
+        files["val.json"] = [r for t in INSTRUCT_TASKS for r in val[t]]
 
     counts: dict[str, Any] = {
         "files": {name: len(recs) for name, recs in files.items()},
         "tasks": {"train": {t: len(v) for t, v in {**train_align, **train}.items()},
-                  "test": {t: len(v) for t, v in test.items()}},
+                  "test": {t: len(v) for t, v in test.items()},
+                  **({"val": {t: len(v) for t, v in val.items()}} if val else {})},
         "groups": {name: dict(Counter(r["group"] for r in recs)) for name, recs in files.items()},
         "no_media": dict(sorted(skipped.items())),  # "split/group": items without that group's media
         "categories": categories,
@@ -225,6 +244,7 @@ def build_tuxpaint_tasks(manifest: Path, out: Path, seed: int = 0, max_per_task:
                            for s, recs in (("train", train), ("test", test))},
         "seed": seed,
         "max_per_task": max_per_task,
+        "val_fraction": val_fraction,
     }  # fmt: skip
     for name, recs in files.items():
         write_json(out / name, recs)

@@ -1,7 +1,9 @@
 """The three Uni-MoE training stages, one recipe dataclass, one loop.
 
 * **Stage 1** (connector alignment): only the connectors train; the LLM is frozen. Data: caption /
-  transcription pairs. Output ``connectors.safetensors``.
+  transcription pairs and the instruction questions. ``prealign.steps > 0`` first fits the connectors in
+  latent space (``omnimoe.mllm.prealign``: soft tokens onto the LM's embeddings of the answers, no LM
+  forward). Output ``connectors.safetensors``.
 * **Stage 2** (modality-specific experts): for every modality group of the data (``image``, ``speech``...),
   a fresh copy of the LLM trains the FFNs of the layers that will become MoE (connectors from stage 1, frozen)
   on that group's instruction data. Output ``<group>/ffn.safetensors``: the expert candidates.
@@ -39,6 +41,7 @@ from omnimoe.mllm.data import ConversationData, MediaFeatures, read_conversation
 from omnimoe.mllm.llm import add_placeholders, load_llm
 from omnimoe.mllm.model import MultimodalLLM, causal_lm
 from omnimoe.mllm.moe_llm import MoELLMConfig, decoder_layers, select_layers
+from omnimoe.mllm.prealign import PrealignRecipe, prealign
 
 
 @dataclass
@@ -84,6 +87,7 @@ class MLLMTrainConfig:
     dense: bool = False  # stage 3: the dense equal-active baseline instead of the MoE
     expert_parallel: bool = False  # stage 3 under torchrun: shard the experts over the ranks
     lora: LoRARecipe = field(default_factory=LoRARecipe)
+    prealign: PrealignRecipe = field(default_factory=PrealignRecipe)  # stage 1: latent-space connector warm start
     steps: int = 200  # optimizer steps (per group in stage 2)
     batch_size: int = 8
     grad_accum: int = 1
@@ -112,6 +116,8 @@ class MLLMTrainConfig:
             self.moe = from_dict(MoELLMConfig, self.moe, prefix="moe.")
         if isinstance(self.lora, dict):
             self.lora = from_dict(LoRARecipe, self.lora, prefix="lora.")
+        if isinstance(self.prealign, dict):
+            self.prealign = from_dict(PrealignRecipe, self.prealign, prefix="prealign.")
 
 
 # -- building -------------------------------------------------------------------------------------------------
@@ -355,16 +361,26 @@ def _stage1(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
     for p in model.llm.parameters():
         p.requires_grad_(False)
     data = _dataset(cfg, Path(cfg.data), features, model, tokenizer)
+    aligned = None
+    if cfg.prealign.steps and not (out / "state.pt").is_file():  # a resumed run restores the connectors from state.pt
+        torch.manual_seed(cfg.seed)
+        aligned = prealign(model.connectors.to(_device(cfg.device)), data, tokenizer, causal_lm(model.llm).get_input_embeddings(),
+                           cfg.prealign, cfg.seed, progress and _distributed()[0] == 0)  # fmt: skip
+        if _distributed()[0] == 0:
+            write_json(out / "prealign.json", aligned)
     groups = [{"params": list(model.connectors.parameters()), "lr": cfg.connector_lr}]
     result = train_loop(model, data, groups, cfg, out, "stage 1: connectors", progress, stop_at_step, _pad_id(tokenizer))
     if "interrupted_at" in result:
         return result
+    if aligned is None and (out / "prealign.json").is_file():
+        aligned = read_json(out / "prealign.json")
     if _distributed()[0] == 0:
         from safetensors.torch import save_file
 
         with atomic_path(out / "connectors.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in model.connectors.state_dict().items()}, str(tmp))
-    info = {"llm": cfg.llm, "modalities": modalities, "train": result, "bad_records": len(data.bad)}
+    info = {"llm": cfg.llm, "modalities": modalities, "train": result, "bad_records": len(data.bad),
+            **({"prealign": aligned} if aligned is not None else {})}  # fmt: skip
     _write_stage(out, cfg, info)
     return {**info, "model": model, "tokenizer": tokenizer}
 
