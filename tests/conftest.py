@@ -1,4 +1,6 @@
-"""Shared fixtures: the quick demo run (real Tux Paint data, real encoders, trained connectors), made once."""
+"""Shared fixtures: the quick demo run (real Tux Paint data, real encoders, trained connectors), made once;
+the Tux Paint stamps, which a test may skip without only where they cannot be fetched and CI does not
+require them (``OMNIMOE_REQUIRE_DATA=1``: a fetch failure fails the test)."""
 
 import os
 import subprocess
@@ -17,3 +19,15 @@ def demo_run(tmp_path_factory):
                           text=True, cwd=out.parent, env=env, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
+
+
+def require_tuxpaint() -> None:
+    """Fetch the Tux Paint stamps (cached). Only a fetch failure may skip, and not under OMNIMOE_REQUIRE_DATA."""
+    from omnimoe.data.tuxpaint import fetch_tuxpaint
+
+    try:
+        fetch_tuxpaint()
+    except RuntimeError as exc:  # no cache, and no apt-get/dpkg or no archive
+        if os.environ.get("OMNIMOE_REQUIRE_DATA"):
+            pytest.fail(f"Tux Paint cannot be fetched and OMNIMOE_REQUIRE_DATA is set: {exc}")
+        pytest.skip(f"Tux Paint cannot be fetched here: {exc}")

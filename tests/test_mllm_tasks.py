@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import require_tuxpaint
 
 from omnimoe.data.adapters import normalise_caption
 from omnimoe.data.manifest import read_manifest
@@ -22,12 +23,9 @@ TRAIN_FILES = FILES[:-1]
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     """The Tux Paint manifest, built once (spoken captions synthesised when espeak-ng is here)."""
-    from omnimoe.data.tuxpaint import build_tuxpaint_manifest, fetch_tuxpaint
+    from omnimoe.data.tuxpaint import build_tuxpaint_manifest
 
-    try:
-        fetch_tuxpaint()
-    except RuntimeError as exc:  # no cache and no apt: the only reason to skip
-        pytest.skip(f"Tux Paint cannot be fetched here: {exc}")
+    require_tuxpaint()
     espeak = shutil.which("espeak-ng") is not None
     path, stats = build_tuxpaint_manifest(tmp_path_factory.mktemp("tux") / "tux", synthesize_speech=espeak)
     return path, stats
