@@ -304,6 +304,16 @@ def test_prealign_points_soft_tokens_at_the_answers_embeddings(tasks, tmp_path):
             own = cos.diagonal()
             return float(own.mean()), float((own.unsqueeze(1) - cos).sum() / (len(items) * (len(items) - 1)))
 
+    from omnimoe.mllm.prealign import _connector_input
+
+    raw = features.item("image", items[0])
+    once = _connector_input(model.connectors["image"], raw)
+    assert len(raw) > 8 and len(once) == 8  # pooled once up front (max_tokens 8) ...
+    with torch.no_grad():  # ... to exactly what the connector computes from the raw tokens
+        for x in (raw, once):
+            out = model.connectors["image"](x.unsqueeze(0), torch.ones(1, len(x), dtype=torch.bool))[0]
+            torch.testing.assert_close(out, model.connectors["image"](raw.unsqueeze(0), torch.ones(1, len(raw), dtype=torch.bool))[0])
+    assert _connector_input(model.connectors["audio"], raw) is raw  # a Q-Former reads every token
     before, margin_before = alignment()
     info = prealign(model.connectors, data, tok, emb, recipe, progress=False)
     after, margin = alignment()

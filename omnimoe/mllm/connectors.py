@@ -78,7 +78,7 @@ def embedding_rms(llm: nn.Module, sample: int = 8192) -> float:
     return float(rms.median())
 
 
-def _pool_tokens(tokens: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_tokens(tokens: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Average each row's real tokens down to at most ``max_tokens`` (row by row, over its own length, so
     the count, ``min(length, max_tokens)``, does not depend on how the batch was padded)."""
     if max_tokens <= 0 or tokens.shape[1] <= max_tokens:
@@ -110,7 +110,7 @@ class MLPConnector(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         whole = (tokens * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # (N, D): the pooled item
-        tokens, mask = _pool_tokens(tokens, mask, self.spec.max_tokens)
+        tokens, mask = pool_tokens(tokens, mask, self.spec.max_tokens)
         if self.spec.global_token:
             tokens = torch.cat([whole.unsqueeze(1).to(tokens.dtype), tokens], 1)
             mask = torch.cat([mask.any(1, keepdim=True), mask], 1)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from omnimoe.mllm.connectors import pool_tokens
 from omnimoe.mllm.data import ConversationData, pad_items
 
 
@@ -82,6 +83,17 @@ def prealign_targets(data: ConversationData, tokenizer: Any, embedding: nn.Modul
     return {m: (items, torch.stack(t), tids) for m, (items, t, tids) in out.items()}  # type: ignore[misc]
 
 
+def _connector_input(connector: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """An item's encoder tokens, average-pooled once here when the connector would pool them itself on every
+    call (an MLP connector with ``max_tokens`` and no global token: the same numbers, Whisper's 1500 frames
+    read once instead of every step)."""
+    spec = getattr(connector, "spec", None)
+    if spec is None or spec.kind != "mlp" or spec.max_tokens <= 0 or spec.global_token or len(tokens) <= spec.max_tokens:
+        return tokens
+    pooled, _ = pool_tokens(tokens.unsqueeze(0), torch.ones(1, len(tokens), dtype=torch.bool), spec.max_tokens)
+    return pooled[0]
+
+
 def prealign(connectors: nn.ModuleDict, data: ConversationData, tokenizer: Any, embedding: nn.Module, recipe: PrealignRecipe,
              seed: int = 0, progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Fit ``connectors`` to the targets of :func:`prealign_targets` (in place). Returns ``{"items": {modality:
@@ -91,6 +103,7 @@ def prealign(connectors: nn.ModuleDict, data: ConversationData, tokenizer: Any, 
     if not targets:
         raise ValueError(f"prealign: no record of tasks {recipe.tasks} with one media item in {data.path}")
     device = next(connectors.parameters()).device
+    inputs = {m: [_connector_input(connectors[m], data.features.item(m, keys)) for keys in items] for m, (items, _, _) in targets.items()}
     params = [p for m in targets for p in connectors[m].parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     rng = random.Random(seed)
@@ -101,7 +114,7 @@ def prealign(connectors: nn.ModuleDict, data: ConversationData, tokenizer: Any, 
         total = torch.zeros((), device=device)
         for m, (items, target, tids) in targets.items():
             pick = rng.sample(range(len(items)), min(recipe.batch_size, len(items)))
-            batch = pad_items([data.features.item(m, items[i]) for i in pick])
+            batch = pad_items([inputs[m][i] for i in pick])
             soft, mask = connectors[m](batch.tokens.to(device), batch.mask.to(device))
             soft = soft.float()
             y = F.normalize(target[pick].to(device), dim=-1)
