@@ -180,6 +180,16 @@ def test_save_load_round_trip_and_generation(tmp_path, family):
     out = loaded.generate(prompt, media={"image": MediaBatch(media["image"].tokens[1:], media["image"].mask[1:])}, max_new_tokens=5,
                           do_sample=False, pad_token_id=0)  # fmt: skip
     assert out.shape == (1, 5) and out.dtype == torch.long
+    # the same tokens as a hand-written greedy loop: full forward over the prompt and the tokens so far, argmax
+    # of the last position with the placeholders suppressed
+    image = {"image": MediaBatch(media["image"].tokens[1:], media["image"].mask[1:])}
+    seq = prompt.clone()
+    with torch.no_grad():
+        for _ in range(5):
+            logits = loaded(seq, torch.ones_like(seq), media=image).logits[0, -1].float()
+            logits[sorted(loaded.config.placeholder_ids.values())] = float("-inf")
+            seq = torch.cat([seq, logits.argmax().view(1, 1)], 1)
+    assert out[0].tolist() == seq[0, prompt.shape[1] :].tolist()
 
 
 def test_connectors_shapes_and_pooling():
