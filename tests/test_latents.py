@@ -33,22 +33,30 @@ def minilm():
     return load_encoder("minilm", EncoderOptions(batch_size=16))
 
 
+@pytest.fixture(scope="module")
+def minilm_f32():
+    """MiniLM in float32 on every CPU ("auto" picks bf16 where the CPU has AVX512-BF16 or AMX)."""
+    return load_encoder("minilm", EncoderOptions(batch_size=16, dtype="float32"))
+
+
 def text_manifest(folder, n, extra=()):
     recs = [{"id": f"s{i}", "split": "train", "text": t} for i, t in enumerate(captions(n))] + list(extra)
     return write_manifest(folder / "manifest.jsonl", recs)
 
 
-def test_text_store_matches_direct_encoding_and_skips_bad_items(tmp_path, minilm):
+def test_text_store_matches_direct_encoding_and_skips_bad_items(tmp_path, minilm_f32):
     m = text_manifest(tmp_path, 40, extra=[{"id": "empty", "split": "train", "text": "  "}, {"id": "s3", "split": "train", "text": "dup"}])
-    index = extract(m, minilm, tmp_path / "store", shard_size=16, progress=False)
-    store = LatentStore.open(tmp_path / "store", expect={"encoder": "minilm", "weights_hash": minilm.weights_hash})
+    index = extract(m, minilm_f32, tmp_path / "store", shard_size=16, progress=False)
+    expect = {"encoder": "minilm", "weights_hash": minilm_f32.weights_hash, "dtype": "float32"}
+    store = LatentStore.open(tmp_path / "store", expect=expect)
     assert store.info() | {"shards": 3} == store.info()
     assert len(store) == 40 and store.ids == [f"s{i}" for i in range(40)]
     reasons = {s["id"]: s["reason"] for s in store.skipped()}
     assert reasons == {"s3": "duplicate id (line 42)", "empty": "empty caption"}
-    direct = minilm.encode([minilm.load_item(t) for t in captions(40)[:8]]).pooled
-    assert torch.allclose(store.pooled()[:8], direct, atol=2e-2)
-    assert store.pooled().shape == (40, 384) and index["complete"]
+    # every row of the three shards is the encoder's own float32 vector for its id: not rounded, not another row's
+    direct = minilm_f32.encode([minilm_f32.load_item(t) for t in captions(40)]).pooled
+    assert direct.dtype == torch.float32 and store.pooled().shape == (40, 384) and index["complete"]
+    torch.testing.assert_close(store.pooled(), direct, atol=1e-6, rtol=1e-5)
     # memory-mapped, not copied
     assert isinstance(store.shard_pooled(0), np.memmap)
 

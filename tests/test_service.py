@@ -128,16 +128,27 @@ def test_bad_input_gets_clear_4xx(service, tmp_path):
     assert httpx.get(f"{url}/health").json()["status"] == "ok"  # still serving
 
 
-def test_concurrent_load_has_no_errors(service):
+def test_concurrent_answers_equal_the_answers_alone(service):
+    """160 requests from 16 threads, which the service coalesces into shared encoder batches: each must get
+    exactly the answer (ids and scores, in order) that the same request gets when sent alone."""
     url, _, sample, _ = service
-    texts = [sample["text"], "a red fire truck", "a bird", "a musical instrument"]
+    texts = [sample["text"], "a red fire truck", "a bird", "a musical instrument", "a small green frog on a leaf",
+             "a guitar", "an old steam train crossing a bridge at night", "cat"]  # fmt: skip
+    bodies = [{"text": texts[i % 8], "target": ["image", "speech"][i // 8], "k": 3 + i % 5} for i in range(16)]
 
-    def one(i: int) -> int:
-        return httpx.post(f"{url}/search", json={"text": texts[i % 4], "target": ["image", "speech"][i % 2], "k": 5}, timeout=120).status_code
+    def answer(body: dict) -> list[tuple[str, float]]:
+        r = httpx.post(f"{url}/search", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return [(h["id"], h["score"]) for h in r.json()["results"]]
 
+    alone = [answer(b) for b in bodies]  # one at a time: nothing to share a batch with
+    assert len({tuple(a) for a in alone}) == 16  # every request has its own answer, so a mix-up shows
     with ThreadPoolExecutor(16) as pool:
-        codes = list(pool.map(one, range(160)))
-    assert codes == [200] * 160
+        together = list(pool.map(lambda i: answer(bodies[i % 16]), range(160)))
+    for i, got in enumerate(together):
+        want = alone[i % 16]
+        assert [h for h, _ in got] == [h for h, _ in want], (bodies[i % 16], got, want)
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-5), (bodies[i % 16], got, want)
 
 
 def test_web_page_in_headless_chromium(service, tmp_path):
