@@ -71,9 +71,13 @@ def prealign_targets(data: ConversationData, tokenizer: Any, embedding: nn.Modul
         answers.setdefault(items[0], []).extend(replies)
     out: dict[str, tuple[list[list[str]], torch.Tensor, list[int]]] = {}
     ids: dict[tuple[str, ...], int] = {}
+    direction: dict[str, torch.Tensor | None] = {}  # per answer text (a category is the answer of many items)
     for (modality, keys), replies in answers.items():
         unique = sorted(set(replies))
-        dirs = [d for d in (_answer_direction(t, tokenizer, embedding) for t in unique) if d is not None]
+        for t in unique:
+            if t not in direction:
+                direction[t] = _answer_direction(t, tokenizer, embedding)
+        dirs = [d for d in (direction[t] for t in unique) if d is not None]
         if not dirs:
             continue
         items, targets, tids = out.setdefault(modality, ([], [], []))  # type: ignore[arg-type]
@@ -120,7 +124,8 @@ def prealign(connectors: nn.ModuleDict, data: ConversationData, tokenizer: Any, 
             y = F.normalize(target[pick].to(device), dim=-1)
             mean = (soft * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
             logits = F.normalize(mean, dim=-1) @ y.T / recipe.temperature
-            same = torch.tensor([[tids[i] == tids[j] for j in pick] for i in pick], device=device)
+            picked_ids = torch.tensor([tids[i] for i in pick], device=device)
+            same = picked_ids.unsqueeze(0) == picked_ids.unsqueeze(1)
             logits = logits.masked_fill(same & ~torch.eye(len(pick), dtype=torch.bool, device=device), float("-inf"))
             cosine = F.cosine_similarity(soft, y.unsqueeze(1), dim=-1)[mask]
             total = total + F.cross_entropy(logits, torch.arange(len(pick), device=device)) + (1 - cosine).mean()
