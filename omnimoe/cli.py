@@ -452,6 +452,9 @@ def mllm_seeds(
         rel = sp["relative_to_ceiling"]
         typer.echo(f"spread across tasks, {model}: max-min {sp['max_min']:.3f}, std {sp['std']:.3f}"
                    + (f"; score/ceiling max-min {rel['max_min']:.3f}, std {rel['std']:.3f}" if rel else ""))  # fmt: skip
+    for c in agg["chat"]:
+        typer.echo(f"chat, seed {c['seed']}: {c['right_object']}/{c['n']} held-out stamps named right, "
+                   f"{c['right_category']}/{c['n']} named as an object of their category")  # fmt: skip
     if out is not None:
         write_json(out, agg)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from omnimoe.demos.unimoe import BLIND, PROBE, aggregate_seeds
+from omnimoe.demos.unimoe import BLIND, PROBE, aggregate_seeds, grade_chat
 from omnimoe.mllm.probe import category_probe, yesno_probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,3 +87,37 @@ def test_seeds_aggregate_mean_spread_and_ceiling_relative_spread(tmp_path):
     assert json.loads((tmp_path / "agg.json").read_text())["spread"]["stage3 moe"]["max_min"] == pytest.approx(0.4)
     bad = subprocess.run([sys.executable, "-m", "omnimoe.cli", "mllm", "seeds", str(tmp_path / "nowhere")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "nowhere" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
+
+
+def _task_records(split_items, train_items):
+    """image-what and image-category records for (source_id, caption, category) triples."""
+    def recs(items):
+        return [r for sid, cap, cat in items for r in ({"task": "image-what", "source_id": sid, "answer": cap},
+                                                          {"task": "image-category", "source_id": sid, "answer": cat})]  # fmt: skip
+    return recs(split_items), recs(train_items)
+
+
+def test_chat_grading_names_object_and_its_category(tmp_path):
+    held, train = _task_records([("v/bus", "A bus.", "vehicles"), ("h/pen", "A pencil.", "household")],
+                                [("v/truck", "A truck.", "vehicles"), ("a/cat", "A big red cat.", "animals")])
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "test.json").write_text(json.dumps(held))
+    (tasks / "stage3.json").write_text(json.dumps(train))
+    rows = [{"answer": "a TRUCK", "caption": "A bus.", "category": "vehicles"},  # another object of its category
+            {"answer": "A bus!", "caption": "A bus.", "category": "vehicles"},  # its own caption, normalised
+            {"answer": "A big red cat.", "caption": "A pencil.", "category": "household"},  # a known object, wrong category
+            {"answer": "A shiny thing.", "caption": "A pencil.", "category": "household"}]  # names nothing known
+    g = grade_chat(rows, tasks, "test")
+    assert [(r["named"], r["named_category"]) for r in g] == [("A truck.", "vehicles"), ("A bus.", "vehicles"),
+                                                               ("A big red cat.", "animals"), (None, None)]  # fmt: skip
+    assert [r["right_object"] for r in g] == [False, True, False, False]
+    assert [r["right_category"] for r in g] == [True, True, False, False]
+    # the seeds aggregate counts them per run
+    run = _write_run(tmp_path / "s0", 0, 0.6, 0.1)
+    (run / "tasks").mkdir()
+    for name in ("test.json", "stage3.json"):
+        (run / "tasks" / name).write_text((tasks / name).read_text())
+    (run / "chat.json").write_text(json.dumps(rows))
+    (run / "summary.json").write_text(json.dumps({"seed": 0, "held_out": "test"}))
+    assert aggregate_seeds([run])["chat"] == [{"run": str(run), "seed": 0, "n": 4, "right_object": 1, "right_category": 2}]

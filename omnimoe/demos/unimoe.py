@@ -239,7 +239,29 @@ def chat_examples(model_dir: Path, tasks: Path, count: int = 10, seed: int = 0, 
         caption = r["answer"]
         rows.append({"id": r["source_id"], "image": str(path), "question": question, "answer": reply, "caption": caption,
                      "category": categories.get(r["source_id"]), "token_f1": token_f1(reply, caption)})  # fmt: skip
-    return rows
+    return grade_chat(rows, tasks, split)
+
+
+def grade_chat(rows: list[dict[str, Any]], tasks: Path, split: str = "test") -> list[dict[str, Any]]:
+    """Add to each chat row what its reply names: ``named`` (the data set's object whose caption the reply
+    is, after answer normalisation, else None), ``named_category`` (that object's category),
+    ``right_object`` (the reply is the stamp's own caption) and ``right_category`` (the reply names an
+    object of the stamp's category). Objects come from the training files and the held-out split."""
+    from omnimoe.mllm.metrics import normalise_answer
+
+    records = []
+    for name in ("stage1.json", "stage3.json", f"{split}.json"):
+        if (tasks / name).is_file():
+            records += json.loads((tasks / name).read_text())
+    category = {r["source_id"]: r["answer"] for r in records if r["task"] == "image-category"}
+    objects = {normalise_answer(r["answer"]): (r["answer"], category.get(r["source_id"])) for r in records if r["task"] == "image-what"}
+    graded = []
+    for row in rows:
+        named, named_category = objects.get(normalise_answer(row["answer"]), (None, None))
+        graded.append({**row, "named": named, "named_category": named_category,
+                       "right_object": normalise_answer(row["answer"]) == normalise_answer(row["caption"]),
+                       "right_category": named_category is not None and named_category == row["category"]})  # fmt: skip
+    return graded
 
 
 def _chat_sheet(out: Path, chats: list[dict[str, Any]]) -> str:
@@ -261,7 +283,8 @@ def _chat_sheet(out: Path, chats: list[dict[str, Any]]) -> str:
             ax.imshow(read_image(c["image"]))
         except Exception:  # a picture that cannot be shown still gets its text
             pass
-        ax.set_title(f"model: {c['answer'][:28]}\ntrue: {c['caption'][:28]}", fontsize=7)
+        mark = " (right object)" if c.get("right_object") else " (its category)" if c.get("right_category") else ""
+        ax.set_title(f"model: {c['answer'][:28]}{mark}\ntrue: {c['caption'][:28]}", fontsize=7)
     fig.suptitle('Held-out stamps: "What is this?" (stage-3 MoE model)', fontsize=9)
     fig.tight_layout()
     path = out / "chat.png"
@@ -377,7 +400,15 @@ def aggregate_seeds(runs: list[Path]) -> dict[str, Any]:
         rel = [means[t] / ceilings[t] for t in means if t in ceilings and ceilings[t] > 0]
         spread[model] = {"max_min": max(means.values()) - min(means.values()), "std": statistics.pstdev(means.values()),
                          "relative_to_ceiling": {"max_min": max(rel) - min(rel), "std": statistics.pstdev(rel)} if len(rel) > 1 else None}  # fmt: skip
-    return {"cells": table, "spread": spread, "runs": [str(r) for r in runs]}
+    chat = []
+    for run in map(Path, runs):  # chat on held-out stamps, graded here too for runs written before the grading
+        if (run / "chat.json").is_file() and (run / "summary.json").is_file():
+            info = json.loads((run / "summary.json").read_text())
+            graded = grade_chat(json.loads((run / "chat.json").read_text()), run / "tasks", info.get("held_out", "test"))
+            chat.append({"run": str(run), "seed": info.get("seed", 0), "n": len(graded),
+                         "right_object": sum(g["right_object"] for g in graded),
+                         "right_category": sum(g["right_category"] for g in graded)})  # fmt: skip
+    return {"cells": table, "spread": spread, "chat": chat, "runs": [str(r) for r in runs]}
 
 
 def format_seeds(agg: dict[str, Any]) -> str:
