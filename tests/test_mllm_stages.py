@@ -374,6 +374,30 @@ def test_chat_and_eval_from_the_command_line(stages, tasks, tmp_path):
     assert len(rows) == 4 and all(0.0 <= r["score"] <= 1.0 for r in rows)
 
 
+def test_a_resumed_evaluation_reuses_the_same_models_scores_only(stages, tasks, tmp_path, monkeypatch):
+    """eval.json carries a key over the weights, the records and the settings: the same model on the same
+    records is not scored twice; one changed weight, record or setting scores again."""
+    import omnimoe.mllm.evaluate as ev
+    from omnimoe.mllm.train import load_stage
+
+    model, tok, cfg = load_stage(stages["out"] / "s1")
+    cfg.eval_data, cfg.eval_limit = str(tasks / "test.json"), 3
+    first = ev.evaluate_folder(model, tok, cfg, tmp_path, progress=False)
+    calls = []
+    real = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert ev.evaluate_folder(model, tok, cfg, tmp_path, progress=False) == first and calls == []
+    cfg.eval_limit = 2  # another setting
+    ev.evaluate_folder(model, tok, cfg, tmp_path, progress=False)
+    assert calls == [1]
+    with torch.no_grad():  # another weight
+        next(model.connectors.parameters()).view(-1)[0] += 1.0
+    ev.evaluate_folder(model, tok, cfg, tmp_path, progress=False)
+    assert calls == [1, 1]
+    ev.evaluate_folder(model, tok, cfg, tmp_path, progress=False)
+    assert calls == [1, 1]
+
+
 def test_media_swap_control_separates_seeing_from_guessing(tasks):
     """A model that reads its answer off the image scores 1.0 on its own records and loses it all when each
     record gets another record's image; the swap is a derangement within each task, same modality."""

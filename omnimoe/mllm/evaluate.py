@@ -171,6 +171,16 @@ def evaluate_folder(model: MultimodalLLM, tokenizer: Any, cfg: Any, out: str | P
             records = records[: cfg.eval_limit]
         write_json(swap_path, swap_media(records, cfg.seed))
         files.append(swap_path)
+    settings = {"batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.eval_max_new_tokens, "limit": cfg.eval_limit,
+                "template": cfg.template, "dtype": cfg.dtype, "max_len": cfg.max_len, "control": control}  # fmt: skip
+    key = evaluation_key(model, files, settings)
+    done = Path(out) / "eval.json"
+    if done.is_file():  # a resumed run: the same model on the same records scores the same
+        before = json.loads(done.read_text())
+        if before.get("key") == key:
+            if progress:
+                print(f"{done}: this model on these records is scored already; reusing it")
+            return before["summary"]
     features = features_for(cfg, files, progress)
 
     def load(p: Path) -> ConversationData:
@@ -185,5 +195,20 @@ def evaluate_folder(model: MultimodalLLM, tokenizer: Any, cfg: Any, out: str | P
     dtype = _autocast_dtype(cfg.dtype, next(model.parameters()).device)  # the recipe's dtype: bf16 where it is fast
     result = evaluate(model, tokenizer, data, swapped, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
                       limit=cfg.eval_limit, template=cfg.template, progress=progress, dtype=dtype)  # fmt: skip
-    write_json(Path(out) / "eval.json", result)
+    write_json(done, {**result, "key": key})
     return result["summary"]
+
+
+def evaluation_key(model: torch.nn.Module, files: list[Path], settings: dict[str, Any]) -> str:
+    """What decides an evaluation's result: every weight of the model (bytes), the record files and the
+    settings. Equal keys, equal scores: a resumed run reuses the ``eval.json`` that carries its key."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for f in files:
+        h.update(Path(f).read_bytes())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
