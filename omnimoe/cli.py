@@ -31,9 +31,9 @@ def _finish_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @moe_app.command("example")
@@ -188,7 +188,7 @@ def align(
                                      "ImageNet head, bridged into text space) alone and fused with each connector."),
 ) -> None:
     """Extract (reusing stores), train every method with every seed, evaluate on the test split, plot."""
-    from omnimoe.align.pipeline import AlignConfig, markdown_table, parse_encoders, run_align, zero_shot_table
+    from omnimoe.align.pipeline import AlignConfig, markdown_table, parse_encoders, parse_seeds, run_align, zero_shot_table
     from omnimoe.align.trainer import METHODS, TrainConfig
     from omnimoe.data.manifest import ManifestError
     from omnimoe.latents.extract import ExtractionError
@@ -199,7 +199,7 @@ def align(
         cfg = AlignConfig(
             manifest=str(manifest), encoders=parse_encoders(encoders), out=str(out),
             methods=list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()],
-            seeds=[int(x) for x in seeds.split(",") if x.strip()], train=train_cfg, label_prior=label_prior,
+            seeds=parse_seeds(seeds), train=train_cfg, label_prior=label_prior,
         )  # fmt: skip
         result = run_align(cfg)
     except (ConfigError, ManifestError, StoreError, ExtractionError, ValueError, ImportError) as exc:
@@ -228,6 +228,24 @@ def store_info(
     else:
         for k, v in data.items():
             typer.echo(f"{k:>13}: {v}")
+
+
+@store_app.command("verify")
+def store_verify(store: Path = typer.Argument(...)) -> None:
+    """Read every shard of a store and check it against the checksum written with it; exit 1 naming each
+    damaged shard."""
+    from omnimoe.latents.store import LatentStore, StoreError
+
+    try:
+        opened = LatentStore.open(store)
+        damaged = opened.verify()
+        if not damaged:
+            opened.pooled()  # shapes and finite values too
+    except StoreError as exc:
+        _fail(str(exc), code=1)
+    if damaged:
+        _fail("\n".join(damaged), code=1)
+    typer.echo(f"{store}: {len(opened.index['shards'])} shard(s), {len(opened)} rows, every checksum matches")
 
 
 def _retriever(run: Path, method: str, index: str, rebuild: bool = False):

@@ -8,6 +8,8 @@ which key is wrong when it cannot.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -84,6 +86,28 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+_INTERVAL = re.compile(r"^([\[(])\s*(-?inf|[-+0-9.e]+)\s*,\s*(-?inf|[-+0-9.e]+)\s*([\])])$")
+
+
+def check_ranges(cfg: Any, ranges: dict[str, str]) -> None:
+    """Raise :class:`ConfigError` naming the first field of ``cfg`` outside its interval: ``ranges`` maps
+    field names to intervals such as ``"[1, inf)"`` or ``"(0, 1]"``. NaN and infinities never pass; None
+    (an optional value left unset) does; a list is checked item by item. Called from ``__post_init__``, so
+    a config built in Python is checked like one read from YAML or ``--set``."""
+    for name, spec in ranges.items():
+        match = _INTERVAL.match(spec)
+        if match is None:
+            raise ValueError(f"bad interval {spec!r} for {name}")
+        left, lo, hi, right = match.group(1), float(match.group(2)), float(match.group(3)), match.group(4)
+        value = getattr(cfg, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue  # types are checked where the config is read
+            ok = math.isfinite(v) and (v >= lo if left == "[" else v > lo) and (v <= hi if right == "]" else v < hi)
+            if not ok:
+                raise ConfigError(f"{name}: {v!r} is outside the allowed range {spec}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``, checking names and types. Unknown keys are an error."""
     if not isinstance(data, dict):
@@ -101,6 +125,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         raise ConfigError(f"{cls.__name__}: {exc}") from None
+    except ConfigError as exc:  # a value out of range, named by its dotted key
+        raise ConfigError(f"{prefix}{exc}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ into place, so a crash never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -44,9 +45,55 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def _non_finite(obj: Any, where: str = "") -> str | None:
+    """The key path of the first NaN or infinity in ``obj`` (None when every number is finite)."""
+    if isinstance(obj, float) and obj != obj or obj in (float("inf"), float("-inf")):
+        return where or "(top level)"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return None
+
+
 def write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write ``obj`` as JSON. NaN and infinities are refused (they are not JSON, and a result
+    that holds one is not a result): the error names the file and the key."""
+    bad = _non_finite(obj)
+    if bad is not None:
+        raise ValueError(f"{path}: {bad} is not a finite number; not written")
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: str | Path) -> dict[str, Any]:
+    """``{"bytes", "sha256"}`` of a file: written beside data files, checked when they are read."""
+    return {"bytes": Path(path).stat().st_size, "sha256": file_sha256(path)}
+
+
+def check_file(path: str | Path, record: dict[str, Any] | None, full: bool = True) -> str | None:
+    """Why ``path`` no longer matches its ``record`` (missing, another size, other bytes), or None. ``full=False``
+    checks the size only (the fast path on open). A record without a checksum (older files) passes."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path} is missing"
+    if not record:
+        return None
+    if "bytes" in record and path.stat().st_size != record["bytes"]:
+        return f"{path} has {path.stat().st_size} bytes, {record['bytes']} were written"
+    if full and "sha256" in record and file_sha256(path) != record["sha256"]:
+        return f"{path} does not match its checksum (damaged or changed since it was written)"
+    return None
 
 
 def read_json(path: str | Path) -> Any:

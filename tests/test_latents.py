@@ -231,7 +231,7 @@ def test_resume_after_manifest_or_shard_size_change_gives_exactly_the_rows(tmp_p
     # a truncated shard (power loss before fsync existed) is refused on read and redone on resume
     path = tmp_path / "s" / shard_name(0)
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(StoreError, match="truncated"):
+    with pytest.raises(StoreError, match=r"shard-00000.safetensors has \d+ bytes, \d+ were written"):  # the size written in store.json
         LatentStore.open(tmp_path / "s").pooled()
     extract(m, minilm, tmp_path / "s", shard_size=3, progress=False)
     assert ids_of(tmp_path / "s") == [f"s{i}" for i in range(7)]

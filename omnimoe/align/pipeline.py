@@ -29,8 +29,9 @@ from omnimoe.align.prior import build_label_priors, fused_rows, prior_rows
 from omnimoe.align.trainer import METHODS, TrainConfig, evaluate, inputs, load_best, train
 from omnimoe.data.manifest import read_manifest
 from omnimoe.encoders import EncoderOptions
-from omnimoe.io import write_json
+from omnimoe.io import file_sha256, read_json, write_json
 from omnimoe.latents import extract
+from omnimoe.latents.store import LatentStore
 
 
 @dataclass
@@ -62,11 +63,42 @@ def parse_encoders(spec: str) -> dict[str, str]:
     return out
 
 
+def parse_seeds(spec: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; anything else is refused naming ``--seeds``."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ValueError(f"--seeds {spec!r}: expected a comma list of non-negative integers, e.g. 0,1,2")
+    seeds = [int(p) for p in parts]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {spec!r}: a seed is listed twice")
+    return seeds
+
+
 def _field_of(modality: str, encoder_spec: str, manifest_fields: set[str]) -> tuple[str, str | None]:
     encoder, _, field_name = encoder_spec.partition("@")
     if field_name:
         return encoder, field_name
     return encoder, modality if modality in manifest_fields else None
+
+
+FIELD_MODALITY = {"text": "text", "image": "image", "audio": "audio", "sound": "audio"}  # what each manifest field holds
+
+
+def check_encoders(cfg: AlignConfig, fields: set[str]) -> None:
+    """Before any extraction: each modality's field exists in the manifest and holds what its encoder reads."""
+    from omnimoe.encoders.registry import encoder_modality
+
+    for modality, spec in cfg.encoders.items():
+        encoder, field_name = _field_of(modality, spec, fields)
+        reads = encoder_modality(encoder)
+        field_name = field_name or reads  # no field named: the encoder's own modality
+        if field_name is None:
+            continue  # an hf: encoder with no field: its modality is known once it loads
+        if field_name not in fields:
+            raise ValueError(f"--encoders {modality}={spec}: the manifest has no field {field_name!r} (it has {sorted(fields - {'id', 'split', '_line'})})")
+        holds = FIELD_MODALITY.get(field_name)
+        if reads and holds and reads != holds:
+            raise ValueError(f"--encoders {modality}={spec}: {encoder} reads {reads}, but the field {field_name!r} holds {holds}")
 
 
 def extract_all(cfg: AlignConfig, progress: bool = True) -> dict[str, Path]:
@@ -197,18 +229,41 @@ def _category_prompts(cfg: AlignConfig, records: list[dict]) -> tuple[dict[str, 
     return categories, names, encoder.encode([encoder.load_item(p) for p in prompts]).pooled
 
 
+RUN = "run.json"
+
+
+def check_run_identity(out: Path, identity: dict[str, Any]) -> None:
+    """``out/run.json`` records what decides a run folder's connectors (the manifest's bytes, each modality's
+    encoder and weights, the directions, the token inputs). The first run writes it; a later run into the same
+    folder must match it key for key, else it is refused naming what differs: a connector trained on other
+    latents is never resumed or reported under new labels. Keys a run does not know yet are added."""
+    path = out / RUN
+    before = read_json(path) if path.is_file() else {}
+    differs = [f"{k}: {before[k]!r} in {path}, {v!r} now" for k, v in identity.items() if k in before and before[k] != v]
+    if differs:
+        raise ValueError(f"{out} holds a run of other inputs ({'; '.join(differs)}). Use a new --out folder.")
+    if any(k not in before for k in identity) and _is_rank0():
+        write_json(path, {**before, **identity})
+
+
 def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)} or 'all'")
-    stores = extract_all(cfg, progress)
-    data = AlignmentData(cfg.manifest, stores, tokens=cfg.train.token_inputs)
     modalities = list(cfg.encoders)
     directions = cfg.directions or [direction_name(a, b) for a in modalities for b in modalities if a != b]
+    # what the folder's connectors depend on: checked before any extraction, then with the encoders' weights
+    records = read_manifest(cfg.manifest)  # a missing or malformed manifest is named here
+    check_encoders(cfg, {k for r in records for k in r})
+    check_run_identity(out, {"manifest_sha256": file_sha256(cfg.manifest), "encoders": dict(cfg.encoders), "directions": directions,
+                             "token_inputs": cfg.train.token_inputs})  # fmt: skip
+    stores = extract_all(cfg, progress)
+    check_run_identity(out, {"encoder_weights": {m: LatentStore.open(p).index.get("weights_hash") for m, p in stores.items()}})
+    data = AlignmentData(cfg.manifest, stores, tokens=cfg.train.token_inputs)
     rows, curves, loads, zeroshot, betas = [], {}, {}, [], {}
-    prompts = _category_prompts(cfg, read_manifest(cfg.manifest)) if _is_rank0() else None
+    prompts = _category_prompts(cfg, records) if _is_rank0() else None
     priors = {}
     if cfg.label_prior and (_is_rank0() or cfg.train.prior_weight > 0):  # every rank trains with it; rank 0 alone scores it
         priors = build_label_priors({m: _field_of(m, spec, set())[0] for m, spec in cfg.encoders.items()})

@@ -35,9 +35,11 @@ from omnimoe.align.data import AlignmentData, Pairs
 from omnimoe.align.losses import LogitScale, gather_rows, info_nce, regression_loss
 from omnimoe.align.prior import LabelPrior, fused_rows, prior_for
 from omnimoe.align.schedules import DirectionSchedule
+from omnimoe.config import ConfigError, check_ranges
 from omnimoe.encoders.base import resolve_dtype
 from omnimoe.eval.metrics import recall_at_k
 from omnimoe.io import atomic_path, write_json
+from omnimoe.runtime import remove_temporaries, require_finite, tensorboard
 
 Method = Literal["moe-alternating", "moe-joint", "mlp-alternating", "linear"]
 METHODS: tuple[str, ...] = ("linear", "mlp-alternating", "moe-joint", "moe-alternating")
@@ -85,6 +87,19 @@ class TrainConfig:
     dropout: float = 0.5
     router_aux_loss_coef: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"steps": "[1, inf)", "batch_size": "[2, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)",
+                            "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)", "weight_decay_end": "[0, inf)",
+                            "grad_clip": "[0, inf)", "temperature": "(0, inf)", "regression_weight": "[0, inf)",
+                            "contrastive_weight": "[0, inf)", "steps_per_direction": "[1, inf)", "mixup_alpha": "[0, inf)",
+                            "input_noise": "[0, inf)", "prior_weight": "[0, inf)", "eval_every": "[1, inf)", "patience": "[1, inf)",
+                            "seed": "[0, inf)", "hidden_size": "[1, inf)", "contrastive_dim": "[1, inf)", "num_experts": "[1, inf)",
+                            "num_experts_per_tok": "[1, inf)", "dropout": "[0, 1)", "router_aux_loss_coef": "[0, inf)"})  # fmt: skip
+        if self.regression_weight + self.contrastive_weight <= 0:
+            raise ConfigError("regression_weight + contrastive_weight must be > 0 (nothing would be learned)")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(f"num_experts_per_tok: {self.num_experts_per_tok} is more than num_experts ({self.num_experts})")
+
 
 class PairStep(nn.Module):
     """One direction's forward: the query side and the projected target keys, in one ``forward`` so that
@@ -121,15 +136,6 @@ def resolve_device(option: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {option!r}: CUDA is not available on this machine")
     return device
-
-
-def _tensorboard(folder: Path):
-    """A TensorBoard writer (``tensorboard --logdir <out>``), or None where tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(folder))
 
 
 def build_model(cfg: TrainConfig, widths: dict[str, int], directions: list[str]) -> nn.Module:
@@ -299,6 +305,8 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
         train_rows.setdefault(tgt, []).append(p.tgt_rows)
     feature_std = {m: data.latents[m][torch.cat(r).unique()].std(0) for m, r in train_rows.items()}
     state_path = out / "state.pt"
+    if rank == 0:
+        remove_temporaries(out)  # of a run killed mid-write
     step, best, best_step, history, bad_evals = 0, -1.0, -1, [], 0
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False, map_location=device)
@@ -313,7 +321,7 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         step, best, best_step, history, bad_evals = state["step"], state["best"], state["best_step"], state["history"], state["bad_evals"]
     model.train()
-    writer = _tensorboard(out / "tb") if rank == 0 else None
+    writer = tensorboard(out / "tb", step) if rank == 0 else None
     pending: dict[str, list[float]] = {}
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", disable=not progress or rank != 0, dynamic_ncols=True)
     stopped_early = bad_evals >= cfg.patience  # a finished run that stopped early stays stopped when called again
@@ -358,6 +366,7 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
                     part = part + cfg.regression_weight * regression_loss(o.regression, target, cfg.regression_loss)
                 loss = loss + part
                 logs[d] = part.item()
+        require_finite(loss, f"step {step} (directions: " + ", ".join(f"{d} {v:.4g}" for d, v in logs.items()) + ")")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

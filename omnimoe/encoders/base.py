@@ -21,6 +21,8 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from omnimoe.io import file_sha256
+
 Modality = Literal["text", "image", "audio"]
 MODALITIES: tuple[str, ...] = ("text", "image", "audio")
 
@@ -121,11 +123,7 @@ def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
 
 def hash_file(path) -> str:
     """A short fingerprint of a weights file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 @dataclass

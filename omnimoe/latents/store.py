@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnimoe.io import read_json, write_json
+from omnimoe.io import check_file, file_record, read_json, write_json
 
 INDEX = "store.json"
 FORMAT_VERSION = 1
@@ -129,7 +129,7 @@ def rebuild_index(folder: Path, encoder: dict[str, Any] | None = None, extra: di
         if encoder is not None and (why := encoder_matches(meta["encoder"], encoder)):
             raise StoreError(f"{path} was written by a different encoder: {why}. Use a new --out folder or delete the store.")
         encoder = encoder or meta["encoder"]
-        shards.append({"file": path.name, "index": meta["index"], "rows": len(meta["ids"]), "skipped": meta["skipped"]})
+        shards.append({"file": path.name, "index": meta["index"], "rows": len(meta["ids"]), "skipped": meta["skipped"], **file_record(path)})
     index = {"format": FORMAT_VERSION, **(encoder or {}), **(extra or {}), "shards": shards}
     write_json(folder / INDEX, index)
     return index
@@ -161,7 +161,11 @@ class LatentStore:
             path = folder / shard["file"]
             if not path.is_file():
                 raise StoreError(f"{folder}: shard {shard['file']} listed in {INDEX} is missing")
+            if why := check_file(path, shard, full=False):  # the fast path: sizes; `verify` reads every byte
+                raise StoreError(f"{why}. Run `omnimoe store verify {folder}`, then re-extract the store.")
             meta = shard_metadata(path)
+            if len(meta["ids"]) != shard.get("rows", len(meta["ids"])):
+                raise StoreError(f"{path}: {len(meta['ids'])} ids in the shard, {shard['rows']} in {INDEX} (a damaged store: re-extract it)")
             ids.extend(meta["ids"])
             rows.append(len(meta["ids"]))
             files.append(path)
@@ -183,14 +187,32 @@ class LatentStore:
         holds no file open)."""
         return memmap_tensor(self._shard_files[i], "pooled")
 
+    def verify(self) -> list[str]:
+        """Every shard's bytes against the checksum written with it: one line per damaged or changed shard
+        (empty when the store is whole)."""
+        by_file = {s["file"]: s for s in self.index["shards"]}
+        return [why for path in self._shard_files if (why := check_file(path, by_file.get(path.name)))]
+
     def pooled(self) -> torch.Tensor:
-        """All pooled vectors (rows, D) as one float32 tensor in memory."""
+        """All pooled vectors (rows, D) as one float32 tensor in memory. Every shard's checksum is verified
+        as it is read, and a row of NaN or inf is refused with its id: damaged bytes never reach training
+        or an index."""
         if not self._shard_files:
             return torch.zeros(0, self.dim)
+        damaged = self.verify()
+        if damaged:
+            raise StoreError("; ".join(damaged) + ". Re-extract the store.")
         out = np.empty((len(self.ids), self.dim), np.float32)
         start = 0
         for i, n in enumerate(self._shard_rows):
-            out[start : start + n] = self.shard_pooled(i)
+            shard = self.shard_pooled(i)
+            if shard.shape != (n, self.dim):
+                raise StoreError(f"{self._shard_files[i]}: vectors of shape {tuple(shard.shape)}, expected ({n}, {self.dim}) (a damaged shard: re-extract the store)")
+            out[start : start + n] = shard
+            bad = np.flatnonzero(~np.isfinite(out[start : start + n]).all(1))
+            if len(bad):
+                names = [self.ids[start + int(b)] for b in bad[:5]]
+                raise StoreError(f"{self._shard_files[i]}: {len(bad)} row(s) hold NaN or inf, e.g. {names} (a damaged shard: re-extract the store)")
             start += n
         return torch.from_numpy(out)
 
@@ -252,5 +274,6 @@ class LatentStore:
             "field": self.index.get("field"),
             "tokens": self.has_tokens,
             "skipped": len(self.skipped()),
+            "skipped_items": [f"{s.get('id')}: {s.get('reason')}" for s in self.skipped()],
             "complete": self.index.get("complete", False),
         }

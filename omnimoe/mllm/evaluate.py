@@ -204,11 +204,10 @@ def evaluation_key(model: torch.nn.Module, files: list[Path], settings: dict[str
     settings. Equal keys, equal scores: a resumed run reuses the ``eval.json`` that carries its key."""
     import hashlib
 
+    from omnimoe.encoders.base import hash_state_dict
+
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for f in files:
         h.update(Path(f).read_bytes())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(hash_state_dict(model.state_dict()).encode())
     return h.hexdigest()

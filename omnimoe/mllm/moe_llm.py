@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from omnimoe.config import check_ranges
 from omnimoe.moe import MoEConfig, MoELayer
 from omnimoe.moe.layer import MoEOutput
 from omnimoe.moe.upcycle import read_ffn, upcycle_from_ffns, upcycle_sliced
@@ -48,6 +49,10 @@ class MoELLMConfig:
             self.layers = ",".join(str(int(i)) for i in self.layers)
         if self.init not in ("copy", "sliced"):
             raise ValueError(f"init {self.init!r}: choose 'copy' or 'sliced'")
+        check_ranges(self, {"num_experts": "[1, inf)", "num_experts_per_tok": "[1, inf)", "num_shared_experts": "[0, inf)",
+                            "num_null_experts": "[0, inf)", "top_p": "[0, 1]", "router_aux_loss_coef": "[0, inf)",
+                            "router_z_loss_coef": "[0, inf)", "router_jitter_noise": "[0, inf)", "capacity_factor": "(0, inf)",
+                            "noise_std": "[0, inf)"})  # fmt: skip
 
     def routing(self) -> dict[str, Any]:
         """The MoEConfig fields this config sets."""

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from omnimoe.config import check_ranges
+from omnimoe.runtime import require_finite
 from omnimoe.mllm.connectors import pool_tokens
 from omnimoe.mllm.data import ConversationData, pad_items
 
@@ -41,8 +43,7 @@ class PrealignRecipe:
     temperature: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 2 or self.lr <= 0 or self.temperature <= 0:
-            raise ValueError(f"prealign needs steps >= 0, batch_size >= 2, lr > 0 and temperature > 0, got {self}")
+        check_ranges(self, {"steps": "[0, inf)", "batch_size": "[2, inf)", "lr": "(0, inf)", "temperature": "(0, inf)"})
 
 
 @torch.no_grad()
@@ -129,6 +130,7 @@ def prealign(connectors: nn.ModuleDict, data: ConversationData, tokenizer: Any, 
             logits = logits.masked_fill(same & ~torch.eye(len(pick), dtype=torch.bool, device=device), float("-inf"))
             cosine = F.cosine_similarity(soft, y.unsqueeze(1), dim=-1)[mask]
             total = total + F.cross_entropy(logits, torch.arange(len(pick), device=device)) + (1 - cosine).mean()
+        require_finite(total, f"pre-alignment step {step}")
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()

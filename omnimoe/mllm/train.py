@@ -34,8 +34,9 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from omnimoe.config import from_dict
+from omnimoe.config import ConfigError, check_ranges, from_dict
 from omnimoe.io import atomic_path, read_json, write_json
+from omnimoe.runtime import remove_temporaries, require_finite, tensorboard
 from omnimoe.mllm.connectors import ConnectorSpec, embedding_rms
 from omnimoe.mllm.data import ConversationData, MediaFeatures, read_conversations, report_bad, template_for
 from omnimoe.mllm.llm import add_placeholders, load_llm
@@ -56,6 +57,10 @@ class ConnectorRecipe:
     norm: bool = True  # soft tokens RMS-normalised to the LM's text-embedding scale (learnable gain)
     global_token: bool = False  # mlp: one more soft token from the mean of the item's encoder tokens
 
+    def __post_init__(self) -> None:
+        check_ranges(self, {"hidden_dim": "[0, inf)", "max_tokens": "[0, inf)", "num_queries": "[1, inf)", "num_layers": "[1, inf)",
+                            "num_heads": "[1, inf)", "dropout": "[0, 1)"})  # fmt: skip
+
 
 @dataclass
 class LoRARecipe:
@@ -65,6 +70,9 @@ class LoRARecipe:
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     experts: bool = True  # one adapter per expert (and on the dense baseline's FFN)
     merge: bool = True  # fold the adapters into the saved model
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"r": "[1, inf)", "alpha": "(0, inf)", "dropout": "[0, 1)"})
 
 
 @dataclass
@@ -111,7 +119,12 @@ class MLLMTrainConfig:
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
-            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
+            raise ConfigError(f"stage: {self.stage!r} is not one of 1, 2, 3")
+        check_ranges(self, {"tiny_hidden": "[1, inf)", "tiny_layers": "[1, inf)", "steps": "[1, inf)", "batch_size": "[1, inf)",
+                            "grad_accum": "[1, inf)", "lr": "(0, inf)", "connector_lr": "(0, inf)", "weight_decay": "[0, inf)",
+                            "warmup_steps": "[0, inf)", "min_lr_ratio": "[0, 1]", "grad_clip": "[0, inf)", "max_len": "[2, inf)",
+                            "seed": "[0, inf)", "save_every": "[1, inf)", "log_every": "[1, inf)", "eval_batch_size": "[1, inf)",
+                            "eval_max_new_tokens": "[1, inf)", "eval_limit": "[0, inf)"})  # fmt: skip
         if isinstance(self.moe, dict):
             self.moe = from_dict(MoELLMConfig, self.moe, prefix="moe.")
         if isinstance(self.lora, dict):
@@ -203,14 +216,6 @@ def _lr(cfg: MLLMTrainConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(folder))
-
-
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
 
@@ -241,6 +246,8 @@ def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[s
     params = [p for g in groups for p in g["params"]]
     state_path = out / ("state.pt" if not cfg.expert_parallel or world == 1 else f"state-rank{rank}-of-{world}.pt")
     step, history = 0, []
+    if rank == 0:
+        remove_temporaries(out)  # of a run killed mid-write
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["config"] != dataclasses.asdict(cfg) | {"device": state["config"].get("device")}:
@@ -255,7 +262,7 @@ def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[s
     per_epoch = len(data.batches(cfg.batch_size, 0, cfg.seed, cfg.grouped_batches, world)) // world  # steps (of every rank)
     if not per_epoch:
         raise ValueError(f"{data.path}: fewer records than one batch per rank")
-    writer = _tensorboard(out / "tb") if rank == 0 else None
+    writer = tensorboard(out / "tb", step) if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
     model.train()
     running: list[float] = []
@@ -279,6 +286,7 @@ def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[s
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 res = module(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), media,
                              loss_per=cfg.loss_per)  # fmt: skip
+            require_finite(res.loss, f"step {step}, batch of records " + ", ".join(e.sample.id for e in batch["examples"][:8]))
             (res.loss / cfg.grad_accum).backward()
             total += res.lm_loss.item() / cfg.grad_accum
             tokens += res.tokens

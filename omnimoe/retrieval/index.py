@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from omnimoe.config import from_dict
-from omnimoe.io import atomic_path, load_tensors, read_json, save_tensors, write_json
+from omnimoe.io import atomic_path, check_file, file_record, load_tensors, read_json, save_tensors, write_json
 
 Kind = Literal["flat", "ivf", "hnsw", "torch"]
 KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw", "torch")
@@ -194,12 +194,14 @@ class VectorIndex:
         if self.backend == "faiss":
             import faiss
 
-            with atomic_path(folder / "index.faiss") as tmp:
+            data = folder / "index.faiss"
+            with atomic_path(data) as tmp:
                 faiss.write_index(self._faiss if self._faiss is not None else faiss.IndexFlatIP(self.dim), str(tmp))
         else:
-            save_tensors(folder / "vectors.safetensors", {"vectors": self._vectors})
+            data = folder / "vectors.safetensors"
+            save_tensors(data, {"vectors": self._vectors})
         write_json(folder / META, {"format": FORMAT_VERSION, "dim": self.dim, "backend": self.backend, "spec": asdict(self.spec),
-                                   "record": self.record, "ids": self.ids})  # fmt: skip
+                                   "record": self.record, "ids": self.ids, "files": {data.name: file_record(data)}})  # fmt: skip
         return folder
 
     @classmethod
@@ -214,6 +216,9 @@ class VectorIndex:
         for key, want in (expect or {}).items():
             if meta["record"].get(key) != want:
                 raise IndexMismatch(f"{folder} was built for {key}={meta['record'].get(key)!r}, not {want!r}: rebuild it")
+        for name, record in meta.get("files", {}).items():  # written with the index: any changed byte is refused
+            if why := check_file(folder / name, record):
+                raise IndexMismatch(f"{why} (a damaged index: rebuild it)")
         index = cls(meta["dim"], from_dict(IndexSpec, meta["spec"]), meta["record"])
         if meta["backend"] == "faiss":
             if not faiss_available():

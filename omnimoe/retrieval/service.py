@@ -13,12 +13,17 @@ Routes (OpenAPI docs at ``/docs``):
 Only stored items are ever served: a request names an id and a field, never a path. Uploads are bounded
 (``max_upload_bytes``, checked on the raw body before any parsing) and limited to image and audio types;
 bad input gets a 4xx with a message naming the problem.
+
+Every request is logged (logger ``omnimoe.service``: method, path, status, milliseconds), and every 5xx with
+its traceback. ``/docs`` works offline: the Swagger UI files are served from the installed
+``swagger-ui-bundle`` package, not from a CDN.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import mimetypes
 import os
 import socket
@@ -31,11 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from omnimoe.retrieval.retriever import Batcher, QueryError, Retriever
 
+LOG = logging.getLogger("omnimoe.service")
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon-32x32.png": "image/png"}
 IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif", "image/bmp": ".bmp"}
 AUDIO_TYPES = {"audio/wav": ".wav", "audio/x-wav": ".wav", "audio/wave": ".wav", "audio/ogg": ".ogg", "audio/mpeg": ".mp3",
                "audio/flac": ".flac", "audio/x-flac": ".flac", "audio/webm": ".webm", "audio/mp4": ".m4a"}  # fmt: skip
@@ -107,7 +115,35 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
     """The FastAPI application (without the body limit: :func:`asgi_app` adds it)."""
     cfg = cfg or ServiceConfig()
     batcher = Batcher(retriever, max_items=cfg.max_batch) if cfg.coalesce else None
-    app = FastAPI(title="omnimoe retrieval", version="1", description="Cross-modal search through an Alt-MoE connector over pre-stored latents.")
+    app = FastAPI(title="omnimoe retrieval", version="1", description="Cross-modal search through an Alt-MoE connector over pre-stored latents.",
+                  docs_url=None, redoc_url=None)  # /docs below, from local files  # fmt: skip
+
+    @app.middleware("http")
+    async def log_requests(request: Request, call_next: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except _TooLarge:  # a chunked body passed the limit while the route read it (see _BodyLimit)
+            LOG.info("%s %s -> 413 in %.1f ms", request.method, request.url.path, (time.perf_counter() - start) * 1e3)
+            return JSONResponse({"detail": f"request body larger than the upload limit of {cfg.max_upload_bytes} bytes"}, status_code=413)
+        except Exception:  # an unexpected failure: its traceback goes to the log, the client gets a plain 500
+            LOG.exception("%s %s -> 500 after %.1f ms", request.method, request.url.path, (time.perf_counter() - start) * 1e3)
+            return JSONResponse({"detail": "internal error (the service log has the traceback)"}, status_code=500)
+        LOG.info("%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code, (time.perf_counter() - start) * 1e3)
+        return response
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Any:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="omnimoe retrieval: API", swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon-32x32.png")  # fmt: skip
+
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    def docs_assets(name: str) -> Any:
+        if name not in DOCS_ASSETS:
+            raise bad(404, f"no docs asset {name!r}")
+        from swagger_ui_bundle import swagger_ui_path
+
+        return FileResponse(Path(str(swagger_ui_path)) / name, media_type=DOCS_ASSETS[name], headers={"Cache-Control": "max-age=86400"})
 
     def bad(status: int, message: str) -> HTTPException:
         return HTTPException(status_code=status, detail=message)
@@ -121,10 +157,11 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
         return out
 
     def check_k(k: Any) -> int:
-        try:
+        """A JSON integer, or a form field of digits; 2.5, true, "2.0" and "1e3" are refused, not rounded."""
+        if isinstance(k, str) and k.strip().lstrip("+-").isdigit():
             k = int(k)
-        except (TypeError, ValueError):
-            raise bad(422, f"k must be an integer, got {k!r}") from None
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise bad(422, f"k must be an integer, got {k!r}")
         if not 1 <= k <= cfg.max_k:
             raise bad(422, f"k must be between 1 and {cfg.max_k}, got {k}")
         return k
@@ -289,6 +326,11 @@ def serve(retriever: Retriever, cfg: ServiceConfig | None = None) -> None:
     sock.bind((cfg.host, cfg.port))
     sock.listen(2048)  # connections queue from here on, so the printed address works at once
     port = sock.getsockname()[1]
+    if not LOG.handlers:  # one line per request on stderr
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        LOG.addHandler(handler)
+        LOG.setLevel(logging.INFO)
     host = f"[{cfg.host}]" if family == socket.AF_INET6 else cfg.host
     print(f"listening on http://{host}:{port}", flush=True)
     server = uvicorn.Server(uvicorn.Config(asgi_app(retriever, cfg), log_level=os.environ.get("OMNIMOE_LOG_LEVEL", "warning"),
