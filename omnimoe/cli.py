@@ -129,12 +129,17 @@ def data_llava(
 def data_validate(
     manifest: Path = typer.Argument(...),
     no_files: bool = typer.Option(False, "--no-files", help="Skip checking that media files exist."),
+    decode: bool = typer.Option(True, "--decode/--no-decode", help="Read every image and audio file (a corrupt one is a problem)."),
 ) -> None:
-    """Check a manifest: ids, splits, captions, media files. Exit 1 when there are problems."""
+    """Check a manifest: ids, splits, captions, media files (present and decodable). Exit 1 when there are problems."""
     from omnimoe.data.manifest import ManifestError, validate_manifest
+    from omnimoe.encoders.media import read_audio, read_image
+
+    def read(field: str, path: Path) -> None:
+        (read_image if field == "image" else read_audio)(path)  # BadInput (a ValueError) names the file
 
     try:
-        report = validate_manifest(manifest, check_files=not no_files)
+        report = validate_manifest(manifest, check_files=not no_files, decode=read if decode else None)
     except ManifestError as exc:
         _fail(str(exc))
     typer.echo(report.summary())
@@ -329,6 +334,8 @@ def serve(
     from omnimoe.retrieval.service import ServiceConfig, serve as run_service
 
     retriever = _retriever(run, method, index)
+    for problem in retriever.problems():
+        typer.secho(f"warning: {problem}", err=True, fg=typer.colors.YELLOW)
     run_service(retriever, ServiceConfig(host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20), coalesce=coalesce))
 
 

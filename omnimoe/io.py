@@ -46,9 +46,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def _non_finite(obj: Any, where: str = "") -> str | None:
-    """The key path of the first NaN or infinity in ``obj`` (None when every number is finite)."""
-    if isinstance(obj, float) and obj != obj or obj in (float("inf"), float("-inf")):
-        return where or "(top level)"
+    """Where the first NaN or infinity in ``obj`` is, as ``key.path = value`` (None when every number is finite)."""
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return f"{where or '(top level)'} = {obj}"
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for k, v in items:
         found = _non_finite(v, f"{where}.{k}" if where else str(k))
@@ -62,9 +62,25 @@ def write_json(path: str | Path, obj: Any) -> None:
     that holds one is not a result): the error names the file and the key."""
     bad = _non_finite(obj)
     if bad is not None:
-        raise ValueError(f"{path}: {bad} is not a finite number; not written")
+        raise ValueError(f"{path}: {bad} is not a finite number; not written")  # e.g. "rows.1.loss = nan"
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def relative_path(path: str | Path, folder: str | Path) -> str:
+    """``path`` as a file in ``folder`` records it: relative to ``folder`` (readers resolve it there with
+    :func:`resolve_path`, so the folder can be moved or copied with what it points to), absolute when no
+    relative path exists (another drive)."""
+    try:
+        return os.path.relpath(Path(path).resolve(), Path(folder).resolve())
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def resolve_path(folder: str | Path, recorded: str) -> Path:
+    """A path recorded by :func:`relative_path` (or an absolute one, as older files hold), made usable."""
+    path = Path(recorded)
+    return path if path.is_absolute() else Path(folder) / path
 
 
 def file_sha256(path: str | Path) -> str:

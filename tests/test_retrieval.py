@@ -23,11 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def copy_run(run: Path, dst: Path) -> Path:
-    """A private copy of a run whose summary points at its own copies of the stores."""
-    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("runs", "data"))
-    summary = json.loads((dst / "summary.json").read_text())
-    summary["stores"] = {m: str(dst / "stores" / Path(p).name) for m, p in summary["stores"].items()}
-    (dst / "summary.json").write_text(json.dumps(summary))
+    """A private copy of a run (without its training checkpoints): every path inside a run is relative to it,
+    so the copy reads its own stores and manifest."""
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("runs"))
     return dst
 
 
@@ -47,7 +45,7 @@ def test_live_queries_match_the_stored_latents(demo_run):
     ranking computed from the store, for a text, an image and an audio query."""
     run, _ = demo_run
     retriever = Retriever(run)
-    manifest = Path(retriever.stores["image"].index["manifest"])
+    manifest = retriever.stores["image"].manifest
     sample = next(r for r in read_manifest(manifest) if r["id"] in retriever.stores["image"].ids and r["id"] in retriever.stores["speech"].ids)
     cases = [("text", "image", sample["text"]), ("image", "text", str(media_path(manifest, sample["image"]))),
              ("speech", "text", str(media_path(manifest, sample["audio"])))]  # fmt: skip
@@ -105,7 +103,7 @@ def test_new_items_are_added_without_a_rebuild(demo_run, tmp_path):
     index = retriever.index("text->image")
     n = len(index)
     store = retriever.stores["image"]
-    manifest = Path(store.index["manifest"])
+    manifest = store.manifest
     records = read_manifest(manifest)
     extra = [{**r, "id": r["id"] + "-copy", "split": "test"} for r in records if r.get("image")][:2]
     grown = write_manifest(tmp_path / "grown.jsonl", [{**r, "image": str(media_path(manifest, r["image"]))} if r.get("image") else r for r in records + extra])
@@ -133,7 +131,7 @@ def test_search_cli(demo_run, tmp_path):
     assert data["direction"] == "text->image" and [r["rank"] for r in data["results"]] == [1, 2, 3]
     assert all(r["id"] and "text" in r for r in data["results"])
     assert data["results"] == json.loads(omnimoe("search", "A frog.", "--target", "image", "-k", "3", "--run", str(run), "--json").stdout)["results"]
-    manifest = Path(json.loads((run / "summary.json").read_text())["manifest"])
+    manifest = run / json.loads((run / "summary.json").read_text())["manifest"]
     rec = next(r for r in read_manifest(manifest) if r.get("image") and r.get("audio"))
     image = omnimoe("search", "--image", str(media_path(manifest, rec["image"])), "--target", "text", "--run", str(run))
     assert image.returncode == 0 and image.stdout.startswith("image -> text: top 5"), image.stderr[-2000:]

@@ -37,7 +37,7 @@ def service(demo_run):
         if line.startswith("listening on "):
             url = line.split()[-1]
     assert url, "serve did not print its address"
-    manifest = Path(json.loads((run / "summary.json").read_text())["manifest"])
+    manifest = run / json.loads((run / "summary.json").read_text())["manifest"]
     sample = next(r for r in read_manifest(manifest) if r.get("image") and r.get("audio") and r["split"] == "test")
     yield url, run, sample, manifest
     proc.terminate()

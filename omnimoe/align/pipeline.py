@@ -14,7 +14,6 @@ name when the manifest has such a field, else the encoder's modality), e.g.
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from omnimoe.align.prior import build_label_priors, fused_rows, prior_rows
 from omnimoe.align.trainer import METHODS, TrainConfig, evaluate, inputs, load_best, train
 from omnimoe.data.manifest import read_manifest
 from omnimoe.encoders import EncoderOptions
-from omnimoe.io import file_sha256, read_json, write_json
+from omnimoe.io import file_sha256, read_json, relative_path, write_json
 from omnimoe.latents import extract
 from omnimoe.latents.store import LatentStore
 
@@ -170,15 +169,6 @@ def expert_load(model: Any, data: AlignmentData, directions: list[str], cfg: Tra
     return load
 
 
-def _relative_to(path: Path, folder: Path) -> str:
-    """``path`` as written in ``folder``'s summary: relative to ``folder`` (readers resolve it there, wherever the
-    run was started from, and the run can move with its stores), absolute when on another drive."""
-    try:
-        return os.path.relpath(Path(path).resolve(), Path(folder).resolve())
-    except ValueError:
-        return str(Path(path).resolve())
-
-
 def _is_rank0() -> bool:
     import torch.distributed as dist
 
@@ -306,7 +296,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
         plots.append(plot_recall(summary, out / "recall_with_prior.png", head="contrastive+prior"))
     for method, load in loads.items():
         plots.append(plot_expert_load(load, out / f"expert_load_{method}.png", title=f"{method}: expert load per direction (test)"))
-    write_json(out / "summary.json", {"summary": summary, "manifest": str(Path(cfg.manifest).resolve()), "encoders": cfg.encoders,
-                                      "modalities": list(cfg.encoders), "methods": cfg.methods, "stores": {m: _relative_to(p, out) for m, p in stores.items()}, "directions": directions,
+    write_json(out / "summary.json", {"summary": summary, "manifest": relative_path(cfg.manifest, out), "encoders": cfg.encoders,
+                                      "modalities": list(cfg.encoders), "methods": cfg.methods, "stores": {m: relative_path(p, out) for m, p in stores.items()}, "directions": directions,
                                       "train_config": dataclasses.asdict(cfg.train), "plots": [p.name for p in plots]})  # fmt: skip
     return {"rows": rows, "summary": summary, "plots": plots, "directions": directions, "zeroshot": zeroshot}

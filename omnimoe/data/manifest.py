@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from omnimoe.io import atomic_path
 
@@ -92,8 +92,10 @@ def media_path(manifest: str | Path, value: str) -> Path:
     return p if p.is_absolute() else Path(manifest).resolve().parent / p
 
 
-def validate_manifest(path: str | Path, check_files: bool = True) -> ValidationReport:
-    """Check ids (unique), splits, field types, empty captions and (optionally) that media files exist."""
+def validate_manifest(path: str | Path, check_files: bool = True, decode: Callable[[str, Path], None] | None = None) -> ValidationReport:
+    """Check ids (unique), splits, field types, empty captions and (optionally) that media files exist.
+    ``decode(field, path)``, when given, reads each existing media file and raises ``ValueError`` (any
+    subclass) for one that cannot be decoded: the reason becomes that record's problem."""
     records = read_manifest(path)
     report = ValidationReport(samples=len(records))
     seen: dict[str, int] = {}
@@ -129,5 +131,10 @@ def validate_manifest(path: str | Path, check_files: bool = True) -> ValidationR
                 report.problems.append(Problem(n, sid, f, f"expected a relative path string, got {value!r}"))
             elif check_files and not media_path(path, value).is_file():
                 report.problems.append(Problem(n, sid, f, f"missing file {value}"))
+            elif check_files and decode is not None:
+                try:
+                    decode(f, media_path(path, value))
+                except ValueError as exc:
+                    report.problems.append(Problem(n, sid, f, str(exc)))
     report.splits, report.fields = dict(splits), dict(fields)
     return report

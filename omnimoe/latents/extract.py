@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from omnimoe.data.manifest import MEDIA_FIELDS, media_path, read_manifest
 from omnimoe.encoders import BadInput, EncoderOptions, FrozenEncoder, load_encoder
+from omnimoe.io import check_file, read_json, relative_path
 from omnimoe.latents.store import (
     INDEX,
     StoreError,
@@ -117,7 +118,8 @@ def extract(
     _check_existing(out, record)
     n_shards = math.ceil(len(items) / shard_size)
     mine = [i for i in range(n_shards) if i % world == rank]
-    todo = [i for i in mine if not _shard_is_current(out / shard_name(i), items[i * shard_size : (i + 1) * shard_size])]
+    recorded = _recorded_shards(out)
+    todo = [i for i in mine if not _shard_is_current(out / shard_name(i), items[i * shard_size : (i + 1) * shard_size], recorded.get(shard_name(i)))]
     for i in todo:  # leftovers of a killed run (never renamed into place), or a shard that no longer fits
         for stale in [*out.glob(f".{shard_name(i)}.*.tmp"), out / shard_name(i)]:
             stale.unlink(missing_ok=True)
@@ -173,16 +175,27 @@ def extract(
     index = None
     if rank == 0:
         complete = all((out / shard_name(i)).is_file() for i in range(n_shards))
-        index = rebuild_index(out, record, extra={"manifest": str(manifest.resolve()), "complete": complete, "shard_size": shard_size})
+        index = rebuild_index(out, record, extra={"manifest": relative_path(manifest, out), "complete": complete, "shard_size": shard_size})
     if world > 1:
         dist.barrier()  # and the index too, before any rank opens the store
     return index
 
 
-def _shard_is_current(path: Path, chunk: list[Item]) -> bool:
+def _recorded_shards(out: Path) -> dict[str, dict[str, Any]]:
+    """The shard entries (size, checksum) of an existing ``store.json``; none when it is missing or unreadable
+    (it is rebuilt from the shards at the end)."""
+    try:
+        index = read_json(out / INDEX)
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {s["file"]: s for s in index.get("shards", []) if isinstance(s, dict) and "file" in s} if isinstance(index, dict) else {}
+
+
+def _shard_is_current(path: Path, chunk: list[Item], recorded: dict[str, Any] | None = None) -> bool:
     """A shard on disk counts as done only if it holds exactly this chunk: its rows plus its skipped items
-    are the chunk's ids, in order. A changed manifest or shard size, or a damaged file, means redo."""
-    if not path.is_file():
+    are the chunk's ids, in order, and its bytes match the checksum ``store.json`` recorded for it. A changed
+    manifest or shard size, or a damaged file, means redo."""
+    if not path.is_file() or check_file(path, recorded):
         return False
     try:
         meta = shard_metadata(path)
@@ -203,14 +216,23 @@ def _fail_or_skip(item: Item, reason: str, on_error: OnError, skipped: list[dict
 
 def _check_existing(out: Path, record: dict[str, Any]) -> None:
     """Refuse to mix encoders in one folder: an existing store or shard must match this encoder."""
+    index = {}
     if (out / INDEX).is_file():
-        from omnimoe.io import read_json
-
-        if why := encoder_matches(read_json(out / INDEX), record):
+        try:
+            index = read_json(out / INDEX)
+        except ValueError:  # unreadable: rebuilt from the shards, which are checked below
+            index = {}
+    if isinstance(index, dict) and index:
+        if why := encoder_matches(index, record):
             raise StoreError(f"{out} holds latents of another encoder: {why}. Use a new --out folder or delete it.")
-    for path in sorted(out.glob("shard-*.safetensors"))[:1]:
-        if why := encoder_matches(shard_metadata(path)["encoder"], record):
+    for path in sorted(out.glob("shard-*.safetensors")):
+        try:
+            meta = shard_metadata(path)
+        except StoreError:
+            continue  # a damaged shard is redone
+        if why := encoder_matches(meta["encoder"], record):
             raise StoreError(f"{out} holds latents of another encoder: {why}. Use a new --out folder or delete it.")
+        break
 
 
 def _distributed() -> tuple[int, int]:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnimoe.io import check_file, file_record, read_json, write_json
+from omnimoe.io import check_file, file_record, read_json, resolve_path, write_json
 
 INDEX = "store.json"
 FORMAT_VERSION = 1
@@ -151,9 +151,13 @@ class LatentStore:
         folder = Path(folder)
         if not (folder / INDEX).is_file():
             raise StoreError(f"{folder} is not a latent store (no {INDEX}); create one with `omnimoe extract`")
-        index = read_json(folder / INDEX)
-        if index.get("format") != FORMAT_VERSION:
-            raise StoreError(f"{folder}: store format {index.get('format')!r} is not supported (expected {FORMAT_VERSION})")
+        try:
+            index = read_json(folder / INDEX)
+        except ValueError as exc:
+            raise StoreError(f"{exc}; rebuild it from the shards with `omnimoe extract` (same command, same --out)") from None
+        if not isinstance(index, dict) or index.get("format") != FORMAT_VERSION:
+            found = index.get("format") if isinstance(index, dict) else type(index).__name__
+            raise StoreError(f"{folder}: store format {found!r} is not supported (expected {FORMAT_VERSION})")
         if expect and (why := encoder_matches(index, expect)):
             raise StoreError(f"{folder} does not match the encoder: {why}. Re-extract the store.")
         ids, rows, files = [], [], []
@@ -170,6 +174,12 @@ class LatentStore:
             rows.append(len(meta["ids"]))
             files.append(path)
         return cls(folder, index, ids, rows, files)
+
+    @property
+    def manifest(self) -> Path | None:
+        """The manifest the store was extracted from (recorded relative to the store folder), or None."""
+        recorded = self.index.get("manifest")
+        return resolve_path(self.folder, recorded) if recorded else None
 
     @property
     def dim(self) -> int:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from omnimoe.align.connector import direction_name, load_connector
 from omnimoe.data.manifest import MEDIA_FIELDS, media_path, read_manifest
 from omnimoe.encoders.base import hash_state_dict
-from omnimoe.io import read_json
+from omnimoe.io import read_json, resolve_path
 from omnimoe.latents.store import LatentStore
 from omnimoe.retrieval.index import IndexMismatch, IndexSpec, VectorIndex, ids_digest
 
@@ -43,11 +43,6 @@ class Hit:
     id: str
     score: float
     rank: int
-
-
-def _resolve(run: Path, p: str) -> Path:
-    path = Path(p)
-    return path if path.is_absolute() else run / path
 
 
 class Retriever:
@@ -70,7 +65,7 @@ class Retriever:
         self.token_inputs = bool(summary.get("train_config", {}).get("token_inputs")) and method != "linear"
         given = [m for m in summary.get("modalities", []) if m in summary["stores"]]
         order = given + sorted(set(summary["stores"]) - set(given))
-        self.stores = {m: LatentStore.open(_resolve(self.run, summary["stores"][m])) for m in order}  # the run's modality order
+        self.stores = {m: LatentStore.open(resolve_path(self.run, summary["stores"][m])) for m in order}  # the run's modality order
         self.spec = spec or IndexSpec()
         self.index_root = Path(index_root) if index_root else self.run / "index" / method
         self.rebuild = rebuild
@@ -266,12 +261,28 @@ class Retriever:
         return hits, (time.perf_counter() - t) * 1e3
 
     # -- items ----------------------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """What this run cannot show, said at start (``omnimoe serve`` prints it): a manifest that is not where
+        a store says (a run moved or copied without its data), and stored items whose media files are missing.
+        Search still works without them; captions, media and thumbnails do not."""
+        found = []
+        for m, store in self.stores.items():
+            if store.manifest is None or not store.manifest.is_file():
+                found.append(f"the {m} store's manifest {store.manifest} is missing: results will carry ids only, no captions or media "
+                             "(copy or move the data with the run)")  # fmt: skip
+        records = self._manifest_records()
+        missing = [(sid, f) for sid, rec in records.items() if self.indexed(sid) for f in MEDIA_FIELDS
+                   if isinstance(rec.get(f), str) and not media_path(rec["_manifest"], rec[f]).is_file()]  # fmt: skip
+        if missing:
+            found.append(f"{len(missing)} media file(s) of stored items are missing, e.g. " + ", ".join(f"{sid} ({f})" for sid, f in missing[:3]))
+        return found
+
     def _manifest_records(self) -> dict[str, dict[str, Any]]:
         if self._records is None:
             records: dict[str, dict[str, Any]] = {}
-            manifests = dict.fromkeys(s.index.get("manifest") for s in self.stores.values())  # each once, in store order
+            manifests = dict.fromkeys(s.manifest for s in self.stores.values())  # each once, in store order
             for manifest in manifests:
-                if manifest and Path(manifest).is_file():
+                if manifest and manifest.is_file():
                     for r in read_manifest(manifest):
                         records.setdefault(r["id"], {**r, "_manifest": manifest})
             self._records = records
