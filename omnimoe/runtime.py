@@ -26,12 +26,13 @@ def require_finite(loss: torch.Tensor, where: str) -> None:
 
 def tensorboard(folder: Path, resume_step: int = 0) -> Any:
     """A TensorBoard writer (``tensorboard --logdir <out>``), or None where tensorboard is not installed. A run
-    resumed at ``resume_step`` purges the events it had logged from that step on, so no step is shown twice."""
+    resumed after ``resume_step`` steps (scalars are logged at the count of steps done) hides what the killed
+    run had logged past its checkpoint, so no step is shown twice."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(folder), purge_step=resume_step or None)
+    return SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step else None)
 
 
 def remove_temporaries(folder: Path) -> list[Path]:

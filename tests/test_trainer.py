@@ -66,8 +66,18 @@ def test_resume_after_interruption_gives_the_same_result(data, tmp_path):
     full = train(data, DIRS, cfg, tmp_path / "full", progress=False)
     assert train(data, DIRS, cfg, tmp_path / "cut", progress=False, stop_at_step=120) == {"interrupted_at": 120}
     assert torch.load(tmp_path / "cut" / "state.pt", weights_only=False)["step"] == 100  # steps 101-120 are lost, redone
+    stale = tmp_path / "cut" / ".best.pt.x1y2.tmp"  # what a kill during a write leaves
+    stale.write_bytes(b"half a checkpoint")
     resumed = train(data, DIRS, cfg, tmp_path / "cut", progress=False)
-    assert resumed == full
+    assert resumed == full and not stale.exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def steps(folder):
+        acc = EventAccumulator(str(folder / "tb"))
+        acc.Reload()
+        return {tag: [e.step for e in acc.Scalars(tag)] for tag in ("train/loss", "val/mean_R@1")}
+
+    assert steps(tmp_path / "cut") == steps(tmp_path / "full")  # no step logged twice, none missing
     a = torch.load(tmp_path / "full" / "state.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut" / "state.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
