@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from omnimoe.config import ConfigError, load_config
+from omnimoe.runtime import finish_distributed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="omnimoe: multimodal models from frozen unimodal ones with Mixture-of-Experts.")
 moe_app = typer.Typer(no_args_is_help=True, help="The sparse-MoE engine.")
@@ -20,15 +21,6 @@ app.add_typer(data_app, name="data")
 app.add_typer(store_app, name="store")
 mllm_app = typer.Typer(no_args_is_help=True, help="Uni-MoE: a sparse-MoE multimodal LLM (stages 1-3, evaluation, chat).")
 app.add_typer(mllm_app, name="mllm")
-
-
-def _finish_distributed() -> None:
-    """Under torchrun: wait for every rank, then shut the process group down in step."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -173,7 +165,7 @@ def extract(
         index = run_extract(manifest, encoder, out, field, tokens, shard_size, on_error, options)  # type: ignore[arg-type]
     except (ConfigError, ManifestError, StoreError, ExtractionError, ValueError, ImportError) as exc:
         _fail(str(exc))
-    _finish_distributed()
+    finish_distributed()
     if index is not None:
         rows = sum(s["rows"] for s in index["shards"])
         skipped = sum(len(s["skipped"]) for s in index["shards"])
@@ -209,7 +201,7 @@ def align(
         result = run_align(cfg)
     except (ConfigError, ManifestError, StoreError, ExtractionError, ValueError, ImportError) as exc:
         _fail(str(exc))
-    _finish_distributed()
+    finish_distributed()
     if not result["summary"]:
         return  # a non-zero rank under torchrun: rank 0 reports
     typer.echo(markdown_table(result["summary"]) + zero_shot_table(result["zeroshot"]))
@@ -364,7 +356,7 @@ def mllm_train(
 
         summary = evaluate_folder(result["model"], result["tokenizer"], cfg, out)
         typer.echo(json.dumps(summary.get("tasks", {}), indent=1))
-    _finish_distributed()
+    finish_distributed()
     typer.echo(f"stage {stage} done: {out}")
 
 

@@ -1,5 +1,10 @@
-"""What every trainer shares at run time: the checks that stop a step before a bad value is kept, the
-TensorBoard writer, and the tidying of a run folder that a killed run left behind.
+"""What every job that trains or extracts shares at run time: the process group under torchrun, the device
+and autocast dtype, the checks that stop a step before a bad value is kept, the TensorBoard writer, and the
+tidying of a run folder that a killed run left behind.
+
+One rule for the process group, whoever opens it first (extraction, alignment or a Uni-MoE stage): gloo for
+CPU tensors and, where CUDA is present, NCCL for CUDA tensors (``"cpu:gloo,cuda:nccl"``), with one timeout
+(``OMNIMOE_DIST_TIMEOUT_MIN``, default 24 hours: ranks of a big extraction can finish their shares far apart).
 
 A NaN or infinite loss is never backpropagated: the step raises :class:`NonFiniteLoss` naming where it
 happened, so the weights, the checkpoints and the results on disk stay those of the last good step.
@@ -7,10 +12,73 @@ happened, so the weights, the checkpoints and the results on disk stay those of 
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+
+def init_distributed() -> tuple[int, int]:
+    """``(rank, world)``; under torchrun (``WORLD_SIZE`` > 1) the process group is opened on first call."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend, timeout=timedelta(minutes=float(os.environ.get("OMNIMOE_DIST_TIMEOUT_MIN", 24 * 60))))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_rank0() -> bool:
+    """True outside torchrun, and on rank 0 under it: the process that writes shared files."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def finish_distributed() -> None:
+    """Under torchrun: wait for every rank, then shut the process group down in step."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def resolve_device(option: str) -> torch.device:
+    """``auto``: CUDA when available (``cuda:LOCAL_RANK`` under torchrun), else CPU; or a device name, refused
+    when it names CUDA on a machine without it."""
+    if option == "auto":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(option)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {option!r}: CUDA is not available on this machine")
+    return device
+
+
+def fast_bf16_available() -> bool:
+    """bf16 matmul is fast on CPUs with AMX or AVX512-BF16; elsewhere it can be slower than fp32."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX512", "AMX") and "AMX" not in cap:
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(option: str, device: torch.device | None = None) -> torch.dtype:
+    """``float32``, ``bfloat16``, or ``auto``: bf16 on CUDA and on CPUs where it is fast, else fp32."""
+    if option == "float32":
+        return torch.float32
+    if option == "bfloat16":
+        return torch.bfloat16
+    if option != "auto":
+        raise ValueError(f"dtype {option!r}: choose auto, float32 or bfloat16")
+    return torch.bfloat16 if (device is not None and device.type == "cuda") or fast_bf16_available() else torch.float32
 
 
 class NonFiniteLoss(ValueError):

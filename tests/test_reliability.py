@@ -23,7 +23,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from omnimoe.cli import app
-from omnimoe.data.manifest import read_manifest, write_manifest
+from omnimoe.data.manifest import write_manifest
 from omnimoe.io import write_json
 from omnimoe.latents.store import LatentStore, StoreError, rebuild_index, shard_name, write_shard
 from omnimoe.retrieval.index import IndexMismatch, VectorIndex

@@ -29,6 +29,7 @@ from omnimoe.align.trainer import METHODS, TrainConfig, evaluate, inputs, load_b
 from omnimoe.data.manifest import read_manifest
 from omnimoe.encoders import EncoderOptions
 from omnimoe.io import file_sha256, read_json, relative_path, write_json
+from omnimoe.runtime import is_rank0
 from omnimoe.latents import extract
 from omnimoe.latents.store import LatentStore
 
@@ -169,12 +170,6 @@ def expert_load(model: Any, data: AlignmentData, directions: list[str], cfg: Tra
     return load
 
 
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 PROMPT = "A drawing of {}."
 
 
@@ -232,7 +227,7 @@ def check_run_identity(out: Path, identity: dict[str, Any]) -> None:
     differs = [f"{k}: {before[k]!r} in {path}, {v!r} now" for k, v in identity.items() if k in before and before[k] != v]
     if differs:
         raise ValueError(f"{out} holds a run of other inputs ({'; '.join(differs)}). Use a new --out folder.")
-    if any(k not in before for k in identity) and _is_rank0():
+    if any(k not in before for k in identity) and is_rank0():
         write_json(path, {**before, **identity})
 
 
@@ -253,9 +248,9 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     check_run_identity(out, {"encoder_weights": {m: LatentStore.open(p).index.get("weights_hash") for m, p in stores.items()}})
     data = AlignmentData(cfg.manifest, stores, tokens=cfg.train.token_inputs)
     rows, curves, loads, zeroshot, betas = [], {}, {}, [], {}
-    prompts = _category_prompts(cfg, records) if _is_rank0() else None
+    prompts = _category_prompts(cfg, records) if is_rank0() else None
     priors = {}
-    if cfg.label_prior and (_is_rank0() or cfg.train.prior_weight > 0):  # every rank trains with it; rank 0 alone scores it
+    if cfg.label_prior and (is_rank0() or cfg.train.prior_weight > 0):  # every rank trains with it; rank 0 alone scores it
         priors = build_label_priors({m: _field_of(m, spec, set())[0] for m, spec in cfg.encoders.items()})
     zero_shot_prior = prior_rows(data, directions, priors)
     for method in cfg.methods:
@@ -263,7 +258,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
             tcfg = dataclasses.replace(cfg.train, method=method, seed=seed)  # type: ignore[arg-type]
             run_dir = out / "runs" / method / f"seed{seed}"
             result = train(data, directions, tcfg, run_dir, progress=progress, priors=priors)
-            if not _is_rank0():
+            if not is_rank0():
                 continue  # under torchrun every rank trains; rank 0 alone evaluates and writes
             model = load_best(tcfg, data, directions, run_dir)
             fused, betas[f"{method}/seed{seed}"] = fused_rows(model, data, directions, priors, tcfg)
@@ -277,7 +272,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
                     model.save_pretrained(out / "connectors" / method)
                 if (load := expert_load(model, data, directions, tcfg)) is not None:
                     loads[method] = load
-    if not _is_rank0():
+    if not is_rank0():
         return {"rows": [], "summary": [], "plots": [], "directions": directions, "zeroshot": []}
     # the prior alone, once per seed like every method (it does not train, so the spread is 0)
     rows += [{"method": "label-prior", "seed": seed, **r} for seed in cfg.seeds for r in zero_shot_prior]

@@ -36,10 +36,9 @@ from omnimoe.align.losses import LogitScale, gather_rows, info_nce, regression_l
 from omnimoe.align.prior import LabelPrior, fused_rows, prior_for
 from omnimoe.align.schedules import DirectionSchedule
 from omnimoe.config import ConfigError, check_ranges
-from omnimoe.encoders.base import resolve_dtype
 from omnimoe.eval.metrics import recall_at_k
 from omnimoe.io import atomic_path, write_json
-from omnimoe.runtime import remove_temporaries, require_finite, tensorboard
+from omnimoe.runtime import autocast_dtype, init_distributed, remove_temporaries, require_finite, resolve_device, tensorboard
 
 Method = Literal["moe-alternating", "moe-joint", "mlp-alternating", "linear"]
 METHODS: tuple[str, ...] = ("linear", "mlp-alternating", "moe-joint", "moe-alternating")
@@ -112,30 +111,6 @@ class PairStep(nn.Module):
     def forward(self, direction: str, source: torch.Tensor, target: torch.Tensor,
                 mask: torch.Tensor | None = None) -> tuple[ConnectorOutput, torch.Tensor, torch.Tensor]:  # fmt: skip
         return self.model(direction, source, mask), self.model.embed_target(direction, target), self.scale()
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world) — initialising the process group under torchrun (gloo on CPU, NCCL on GPUs)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def resolve_device(option: str) -> torch.device:
-    import os
-
-    if option == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    device = torch.device(option)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {option!r}: CUDA is not available on this machine")
-    return device
 
 
 def build_model(cfg: TrainConfig, widths: dict[str, int], directions: list[str]) -> nn.Module:
@@ -275,7 +250,7 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
     out = Path(out)
     selection_score([], cfg.select_on)  # a bad select_on fails now, not at the first evaluation
     out.mkdir(parents=True, exist_ok=True)
-    rank, world = _distributed()
+    rank, world = init_distributed()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, data.widths, directions).to(device)
@@ -296,7 +271,7 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
     for d, p in train_pairs.items():
         if len(p) < 2:
             raise ValueError(f"direction {d}: {len(p)} training pairs; need at least 2")
-    dtype = resolve_dtype(cfg.dtype)
+    dtype = autocast_dtype(cfg.dtype, device)
     # Noise scale from the training rows only (no statistics of test inputs leak into training).
     train_rows: dict[str, list[torch.Tensor]] = {}
     for d, p in train_pairs.items():

@@ -22,6 +22,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from omnimoe.io import file_sha256
+from omnimoe.runtime import autocast_dtype
 
 Modality = Literal["text", "image", "audio"]
 MODALITIES: tuple[str, ...] = ("text", "image", "audio")
@@ -90,25 +91,9 @@ def pool(tokens: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"pooling must be mean, cls or last, got {how!r}")
 
 
-def fast_bf16_available() -> bool:
-    """bf16 matmul is fast on CPUs with AMX or AVX512-BF16; elsewhere it can be slower than fp32."""
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap not in ("AVX512", "AMX") and "AMX" not in cap:
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def resolve_dtype(option: str) -> torch.dtype:
-    if option == "float32":
-        return torch.float32
-    if option == "bfloat16":
-        return torch.bfloat16
-    return torch.bfloat16 if fast_bf16_available() else torch.float32
+    """An encoder's compute dtype (encoders run where this CPU is fast: bf16 with AMX / AVX512-BF16)."""
+    return autocast_dtype(option)
 
 
 def hash_state_dict(state: dict[str, torch.Tensor]) -> str:

@@ -14,8 +14,6 @@ with their sample id and reason. With ``on_error="skip"`` they are left out and 
 from __future__ import annotations
 
 import math
-import os
-from datetime import timedelta
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from tqdm import tqdm
 from omnimoe.data.manifest import MEDIA_FIELDS, media_path, read_manifest
 from omnimoe.encoders import BadInput, EncoderOptions, FrozenEncoder, load_encoder
 from omnimoe.io import check_file, read_json, relative_path
+from omnimoe.runtime import init_distributed
 from omnimoe.latents.store import (
     INDEX,
     StoreError,
@@ -112,7 +111,7 @@ def extract(
     field = field or enc.modality
     record = {**enc.describe(), "field": field, "tokens": tokens}
 
-    world, rank = _distributed()
+    rank, world = init_distributed()
     items, dup_skipped = _items(manifest, field, on_error)
     out.mkdir(parents=True, exist_ok=True)
     _check_existing(out, record)
@@ -233,13 +232,3 @@ def _check_existing(out: Path, record: dict[str, Any]) -> None:
         if why := encoder_matches(meta["encoder"], record):
             raise StoreError(f"{out} holds latents of another encoder: {why}. Use a new --out folder or delete it.")
         break
-
-
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        # Ranks can finish their shares far apart on big jobs: a long timeout for the final barrier.
-        dist.init_process_group("gloo", timeout=timedelta(hours=24))
-    if dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0

@@ -190,9 +190,9 @@ def evaluate_folder(model: MultimodalLLM, tokenizer: Any, cfg: Any, out: str | P
     data = load(path)
     report_bad(cfg.eval_data, data.bad)
     swapped = load(swap_path) if control else None
-    from omnimoe.mllm.train import _autocast_dtype
+    from omnimoe.runtime import autocast_dtype
 
-    dtype = _autocast_dtype(cfg.dtype, next(model.parameters()).device)  # the recipe's dtype: bf16 where it is fast
+    dtype = autocast_dtype(cfg.dtype, next(model.parameters()).device)  # the recipe's dtype: bf16 where it is fast
     result = evaluate(model, tokenizer, data, swapped, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
                       limit=cfg.eval_limit, template=cfg.template, progress=progress, dtype=dtype)  # fmt: skip
     write_json(done, {**result, "key": key})

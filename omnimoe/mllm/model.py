@@ -26,6 +26,7 @@ from omnimoe.config import from_dict
 from omnimoe.io import atomic_path, read_json, write_json
 from omnimoe.mllm.connectors import ConnectorSpec, build_connector
 from omnimoe.mllm.moe_llm import MoELLMConfig, decoder_layers, empty_moe, moe_mlps, moefy, router_loss, set_token_mask
+from omnimoe.runtime import is_rank0
 
 def causal_lm(llm: nn.Module) -> nn.Module:
     """The Hugging Face causal LM under any PEFT wrapper."""
@@ -65,12 +66,6 @@ class MLLMConfig:
     expert_sources: dict[str, list[str]] = field(default_factory=dict)  # str(layer) -> where each expert came from
     lora: dict[str, Any] | None = None  # the PEFT LoRA config of unmerged adapters (None: none, or merged)
     dense_layers: dict[str, int] = field(default_factory=dict)  # str(layer) -> widened dense FFN width (the dense baseline)
-
-
-def _is_writer() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -226,7 +221,7 @@ class MultimodalLLM(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         self.config.llm = causal_lm(self.llm).config.to_dict()
         state = self.state_dict()  # under expert parallelism every rank takes part (the experts are gathered)
-        if not _is_writer():
+        if not is_rank0():
             return folder
         with atomic_path(folder / "model.safetensors") as tmp:
             save_file(_untie(state), str(tmp), metadata={"format": "pt", "model_type": MODEL_TYPE})

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from omnimoe.config import ConfigError, check_ranges, from_dict
 from omnimoe.io import atomic_path, read_json, write_json
-from omnimoe.runtime import remove_temporaries, require_finite, tensorboard
+from omnimoe.runtime import autocast_dtype, init_distributed, is_rank0, remove_temporaries, require_finite, resolve_device, tensorboard
 from omnimoe.mllm.connectors import ConnectorSpec, embedding_rms
 from omnimoe.mllm.data import ConversationData, MediaFeatures, read_conversations, report_bad, template_for
 from omnimoe.mllm.llm import add_placeholders, load_llm
@@ -134,26 +134,6 @@ class MLLMTrainConfig:
 
 
 # -- building -------------------------------------------------------------------------------------------------
-def _distributed() -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _device(option: str) -> torch.device:
-    if option == "auto":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(option)
-
-
-def _autocast_dtype(option: str, device: torch.device) -> torch.dtype:
-    from omnimoe.encoders.base import fast_bf16_available
-
-    if option == "auto":
-        return torch.bfloat16 if device.type == "cuda" or fast_bf16_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[option]
-
-
 def _rel(path: Path, start: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
 
@@ -171,7 +151,7 @@ def connector_specs(cfg: MLLMTrainConfig, dims: dict[str, int], width: int, moda
 
 def features_for(cfg: MLLMTrainConfig, files: list[Path], progress: bool = True) -> MediaFeatures:
     cache = Path(cfg.features) if cfg.features else Path(files[0]).resolve().parent / "features"
-    _distributed()  # under torchrun the extraction is collective: every rank encodes its share of the shards
+    init_distributed()  # under torchrun the extraction is collective: every rank encodes its share of the shards
     return MediaFeatures.build(files, cfg.encoders, cache, progress=progress)
 
 
@@ -226,10 +206,10 @@ def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[s
     autocast; resumes from ``out/state.pt``. Returns ``{"steps", "history"}`` (``interrupted_at`` when
     stopped by ``stop_at_step``)."""
     out.mkdir(parents=True, exist_ok=True)
-    rank, world = _distributed()
-    device = _device(cfg.device)
+    rank, world = init_distributed()
+    device = resolve_device(cfg.device)
     model.to(device)
-    dtype = _autocast_dtype(cfg.dtype, device)
+    dtype = autocast_dtype(cfg.dtype, device)
     module: nn.Module = model
     if world > 1:
         from omnimoe.moe.parallel import ExpertParallelExperts, data_parallel
@@ -333,7 +313,7 @@ def _dataset(cfg: MLLMTrainConfig, path: Path, features: MediaFeatures, model: M
              report: bool = True) -> ConversationData:  # fmt: skip
     data = ConversationData(path, features, tokenizer, template_for(tokenizer, cfg.template), model.config.placeholder_ids,
                             lambda m, n: model.connectors[m].num_tokens(n), cfg.max_len, generation=generation)  # fmt: skip
-    if report and _distributed()[0] == 0:
+    if report and is_rank0():
         report_bad(path, data.bad)
     return data
 
@@ -343,7 +323,7 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _write_stage(out: Path, cfg: MLLMTrainConfig, info: dict[str, Any]) -> None:
-    if _distributed()[0] == 0:
+    if is_rank0():
         write_json(out / "stage.json", {"stage": cfg.stage, "recipe": dataclasses.asdict(cfg), **info})
 
 
@@ -372,9 +352,9 @@ def _stage1(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
     aligned = None
     if cfg.prealign.steps and not (out / "state.pt").is_file():  # a resumed run restores the connectors from state.pt
         torch.manual_seed(cfg.seed)
-        aligned = prealign(model.connectors.to(_device(cfg.device)), data, tokenizer, causal_lm(model.llm).get_input_embeddings(),
-                           cfg.prealign, cfg.seed, progress and _distributed()[0] == 0)  # fmt: skip
-        if _distributed()[0] == 0:
+        aligned = prealign(model.connectors.to(resolve_device(cfg.device)), data, tokenizer, causal_lm(model.llm).get_input_embeddings(),
+                           cfg.prealign, cfg.seed, progress and is_rank0())  # fmt: skip
+        if is_rank0():
             write_json(out / "prealign.json", aligned)
     groups = [{"params": list(model.connectors.parameters()), "lr": cfg.connector_lr}]
     result = train_loop(model, data, groups, cfg, out, "stage 1: connectors", progress, stop_at_step, _pad_id(tokenizer))
@@ -382,7 +362,7 @@ def _stage1(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
         return result
     if aligned is None and (out / "prealign.json").is_file():
         aligned = read_json(out / "prealign.json")
-    if _distributed()[0] == 0:
+    if is_rank0():
         from safetensors.torch import save_file
 
         with atomic_path(out / "connectors.safetensors") as tmp:
@@ -426,7 +406,7 @@ def _stage2(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
                             stop_at_step, _pad_id(tokenizer))  # fmt: skip
         if "interrupted_at" in result:
             return result
-        if _distributed()[0] == 0:
+        if is_rank0():
             from safetensors.torch import save_file
 
             with atomic_path(folder / "ffn.safetensors") as tmp:
@@ -465,7 +445,7 @@ def _expert_ffns(cfg: MLLMTrainConfig, model: MultimodalLLM, out: Path) -> tuple
 
 
 def _stage3(cfg, out, features, dims, modalities, progress, stop_at_step):  # type: ignore[no-untyped-def]
-    rank, world = _distributed()
+    rank, world = init_distributed()
     model, tokenizer = base_model(cfg, modalities, dims)
     _load_connectors(model, Path(cfg.init))
     ffns, sources = _expert_ffns(cfg, model, out)
