@@ -12,6 +12,7 @@ happened, so the weights, the checkpoints and the results on disk stay those of 
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -55,6 +56,15 @@ def resolve_device(option: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {option!r}: CUDA is not available on this machine")
     return device
+
+
+def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
+    """The learning rate (or its multiplier) at ``step`` of ``steps``: linear warm-up to ``peak`` over ``warmup``
+    steps, then cosine decay to ``floor`` at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def fast_bf16_available() -> bool:

@@ -19,7 +19,6 @@ atomically, so a killed run resumes where it was and ends with the same result.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from omnimoe.align.schedules import DirectionSchedule
 from omnimoe.config import ConfigError, check_ranges
 from omnimoe.eval.metrics import recall_at_k
 from omnimoe.io import atomic_path, write_json
-from omnimoe.runtime import autocast_dtype, init_distributed, remove_temporaries, require_finite, resolve_device, tensorboard
+from omnimoe.runtime import autocast_dtype, init_distributed, remove_temporaries, require_finite, resolve_device, tensorboard, warmup_cosine
 
 Method = Literal["moe-alternating", "moe-joint", "mlp-alternating", "linear"]
 METHODS: tuple[str, ...] = ("linear", "mlp-alternating", "moe-joint", "moe-alternating")
@@ -131,10 +130,7 @@ def schedule_for(cfg: TrainConfig, directions: list[str]) -> DirectionSchedule:
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)
 
 
 def weight_decay_at(cfg: TrainConfig, step: int) -> float:

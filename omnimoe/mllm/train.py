@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,8 @@ from tqdm.auto import tqdm
 
 from omnimoe.config import ConfigError, check_ranges, from_dict
 from omnimoe.io import atomic_path, read_json, write_json
-from omnimoe.runtime import autocast_dtype, init_distributed, is_rank0, remove_temporaries, require_finite, resolve_device, tensorboard
+from omnimoe.runtime import (autocast_dtype, init_distributed, is_rank0, remove_temporaries, require_finite, resolve_device, tensorboard,
+                             warmup_cosine)  # fmt: skip
 from omnimoe.mllm.connectors import ConnectorSpec, embedding_rms
 from omnimoe.mllm.data import ConversationData, MediaFeatures, read_conversations, report_bad, template_for
 from omnimoe.mllm.llm import add_placeholders, load_llm
@@ -189,13 +189,6 @@ def _ffn_state(llm: nn.Module, layers: list[int]) -> dict[str, torch.Tensor]:
 
 
 # -- the loop -------------------------------------------------------------------------------------------------
-def _lr(cfg: MLLMTrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
 
@@ -251,7 +244,7 @@ def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[s
         if stop_at_step is not None and step >= stop_at_step:
             bar.close()
             return {"interrupted_at": step}
-        scale = _lr(cfg, step)
+        scale = warmup_cosine(step, cfg.steps, cfg.warmup_steps, 1.0, cfg.min_lr_ratio)  # times each group's own lr
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
         opt.zero_grad(set_to_none=True)
