@@ -102,6 +102,26 @@ def require_finite(loss: torch.Tensor, where: str) -> None:
                             "Lower the learning rate, or check the inputs (`omnimoe store verify` for latent stores).")  # fmt: skip
 
 
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The random-number state a checkpoint carries: CPU, and CUDA on a CUDA device."""
+    return {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Put back what :func:`rng_state` saved (a checkpoint without CUDA state leaves CUDA's as it is)."""
+    torch.set_rng_state(state["rng"].cpu())
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``torch.save`` under a temporary name, renamed into place: a kill never leaves half a checkpoint."""
+    from omnimoe.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
 def tensorboard(folder: Path, resume_step: int = 0) -> Any:
     """A TensorBoard writer (``tensorboard --logdir <out>``), or None where tensorboard is not installed. A run
     resumed after ``resume_step`` steps (scalars are logged at the count of steps done) hides what the killed

@@ -36,8 +36,9 @@ from omnimoe.align.prior import LabelPrior, fused_rows, prior_for
 from omnimoe.align.schedules import DirectionSchedule
 from omnimoe.config import ConfigError, check_ranges
 from omnimoe.eval.metrics import recall_at_k
-from omnimoe.io import atomic_path, write_json
-from omnimoe.runtime import autocast_dtype, init_distributed, remove_temporaries, require_finite, resolve_device, tensorboard, warmup_cosine
+from omnimoe.io import write_json
+from omnimoe.runtime import (autocast_dtype, init_distributed, remove_temporaries, require_finite, resolve_device, restore_rng, rng_state,
+                             save_checkpoint, tensorboard, warmup_cosine)  # fmt: skip
 
 Method = Literal["moe-alternating", "moe-joint", "mlp-alternating", "linear"]
 METHODS: tuple[str, ...] = ("linear", "mlp-alternating", "moe-joint", "moe-alternating")
@@ -287,9 +288,7 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
         scale.load_state_dict(state["scale"])
         opt.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"].cpu())
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+        restore_rng(state, device)
         step, best, best_step, history, bad_evals = state["step"], state["best"], state["best_step"], state["history"], state["bad_evals"]
     model.train()
     writer = tensorboard(out / "tb", step) if rank == 0 else None
@@ -373,18 +372,14 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
             if val > best:
                 best, best_step, bad_evals = val, step, 0
                 if rank == 0:
-                    with atomic_path(out / "best.pt") as tmp:
-                        torch.save({"model": model.state_dict(), "scale": scale.state_dict(), "step": step}, tmp)
+                    save_checkpoint(out / "best.pt", {"model": model.state_dict(), "scale": scale.state_dict(), "step": step})
             else:
                 bad_evals += 1
                 stopped_early = bad_evals >= cfg.patience
             if rank == 0:
-                state = {"config": dataclasses.asdict(cfg), "model": model.state_dict(), "scale": scale.state_dict(),
-                         "optimizer": opt.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
-                         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                         "step": step, "best": best, "best_step": best_step, "history": history, "bad_evals": bad_evals}  # fmt: skip
-                with atomic_path(state_path) as tmp:
-                    torch.save(state, tmp)
+                save_checkpoint(state_path, {"config": dataclasses.asdict(cfg), "model": model.state_dict(), "scale": scale.state_dict(),
+                                             "optimizer": opt.state_dict(), "schedule": schedule.state_dict(), **rng_state(device),
+                                             "step": step, "best": best, "best_step": best_step, "history": history, "bad_evals": bad_evals})  # fmt: skip
             if world > 1:
                 dist.barrier()
     bar.close()

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from omnimoe.config import ConfigError, check_ranges, from_dict
 from omnimoe.io import atomic_path, read_json, write_json
-from omnimoe.runtime import (autocast_dtype, init_distributed, is_rank0, remove_temporaries, require_finite, resolve_device, tensorboard,
-                             warmup_cosine)  # fmt: skip
+from omnimoe.runtime import (autocast_dtype, init_distributed, is_rank0, remove_temporaries, require_finite, resolve_device, restore_rng,
+                             rng_state, save_checkpoint, tensorboard, warmup_cosine)  # fmt: skip
 from omnimoe.mllm.connectors import ConnectorSpec, embedding_rms
 from omnimoe.mllm.data import ConversationData, MediaFeatures, read_conversations, report_bad, template_for
 from omnimoe.mllm.llm import add_placeholders, load_llm
@@ -230,7 +230,7 @@ def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[s
             for k, v in state["trainable"].items():
                 named[k].copy_(v)
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        restore_rng(state, device)
         step, history = state["step"], state["history"]
     per_epoch = len(data.batches(cfg.batch_size, 0, cfg.seed, cfg.grouped_batches, world)) // world  # steps (of every rank)
     if not per_epoch:
@@ -279,11 +279,9 @@ def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[s
                 writer.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
                 writer.flush()
         if step % cfg.save_every == 0 or step == cfg.steps:
-            state = {"config": dataclasses.asdict(cfg), "trainable": _trainable_state(model), "optimizer": opt.state_dict(),
-                     "rng": torch.get_rng_state(), "step": step, "history": history}  # fmt: skip
             if rank == 0 or cfg.expert_parallel:
-                with atomic_path(state_path) as tmp:
-                    torch.save(state, tmp)
+                save_checkpoint(state_path, {"config": dataclasses.asdict(cfg), "trainable": _trainable_state(model), "optimizer": opt.state_dict(),
+                                             **rng_state(device), "step": step, "history": history})  # fmt: skip
     bar.close()
     if writer is not None:
         writer.close()
