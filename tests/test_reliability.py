@@ -442,8 +442,8 @@ def test_docs_work_offline(served):
 def test_case_count():
     """The reliability section of the docs quotes this count."""
     cases = (len(ALIGN_CASES) + len(MLLM_CASES) + len(STORE_CASES) + len(INDEX_CASES) + len(MANIFEST_CASES) + len(HTTP_CASES)
-             + 7)  # malformed line, chunked 413, non-finite values, copied run, 3 damaged shards redone  # fmt: skip
-    assert cases == 95, cases  # docs/reliability.md quotes 95
+             + 9)  # malformed line, chunked 413, non-finite values, copied run, 3 damaged shards redone, 2 connector keys  # fmt: skip
+    assert cases == 97, cases  # docs/reliability.md quotes 97
 
 
 @pytest.mark.parametrize("how", ["flipped-byte", "header-damaged", "index-not-json"])
@@ -461,3 +461,10 @@ def test_extraction_redoes_a_damaged_shard(tmp_path, how):
     extract(manifest, "minilm", tmp_path / "s", shard_size=3, progress=False)
     store = LatentStore.open(tmp_path / "s")
     assert store.verify() == [] and torch.allclose(store.pooled(), clean, atol=1e-6)
+
+
+def test_a_bad_connector_key_fails_when_the_recipe_is_read(tmp_path):
+    exit_code, output = cli("mllm", "train", "--stage", "1", "--out", str(tmp_path / "s"), "--set", "connectors.image.hiden_dim=64")
+    assert exit_code == 2 and "connectors.image.hiden_dim" in output and not (tmp_path / "s").exists()
+    exit_code, output = cli("mllm", "train", "--stage", "1", "--out", str(tmp_path / "s"), "--set", "connectors.audio.dropout=1.5")
+    assert exit_code == 2 and "connectors.audio.dropout: 1.5" in output

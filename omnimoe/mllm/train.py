@@ -125,6 +125,10 @@ class MLLMTrainConfig:
                             "warmup_steps": "[0, inf)", "min_lr_ratio": "[0, 1]", "grad_clip": "[0, inf)", "max_len": "[2, inf)",
                             "seed": "[0, inf)", "save_every": "[1, inf)", "log_every": "[1, inf)", "eval_batch_size": "[1, inf)",
                             "eval_max_new_tokens": "[1, inf)", "eval_limit": "[0, inf)"})  # fmt: skip
+        for m, recipe in self.connectors.items():  # checked now (a bad key fails before any extraction), kept as written
+            if not isinstance(recipe, dict):
+                raise ConfigError(f"connectors.{m}: expected a mapping of connector settings, got {recipe!r}")
+            from_dict(ConnectorRecipe, dict(recipe), prefix=f"connectors.{m}.")
         if isinstance(self.moe, dict):
             self.moe = from_dict(MoELLMConfig, self.moe, prefix="moe.")
         if isinstance(self.lora, dict):
