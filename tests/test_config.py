@@ -70,3 +70,17 @@ def test_exponent_floats_from_yaml_and_overrides(tmp_path):
     assert load_config(Outer, None, ["lr=3e-4"]).lr == 3e-4
     with pytest.raises(ConfigError, match="lr: expected a number"):
         load_config(Outer, None, ["lr=fast"])
+
+
+def test_parse_encoders_reads_fields_and_names_bad_items():
+    from omnimoe.align.pipeline import parse_encoders, parse_seeds
+
+    assert parse_encoders("text=minilm, speech=whisper-tiny@audio,image=hf:some/model") == {
+        "text": "minilm", "speech": "whisper-tiny@audio", "image": "hf:some/model"}  # fmt: skip
+    for bad, message in (("text=minilm", "at least two"), ("text=minilm,image", "'image' is not of the form"),
+                         ("text=minilm,=x", "'=x' is not of the form"), ("text=,image=e", "'text=' is not of the form")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            parse_encoders(bad)
+    assert parse_seeds(" 3, 1 ") == [3, 1]
+    with pytest.raises(ValueError, match="listed twice"):
+        parse_seeds("1,1")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from omnimoe.align.data import AlignmentData
-from omnimoe.align.trainer import METHODS, TrainConfig, evaluate, load_best, lr_at, mean_r1, train
+from omnimoe.align.trainer import METHODS, TrainConfig, evaluate, load_best, lr_at, mean_r1, train, weight_decay_at
 from omnimoe.data.manifest import write_manifest
 from omnimoe.latents.store import StoreError, write_store
 
@@ -121,6 +121,9 @@ def test_lr_schedule_and_store_writer_checks(tmp_path):
     cfg = small(steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-5)
     assert lr_at(cfg, 0) == pytest.approx(1e-4) and lr_at(cfg, 9) == pytest.approx(1e-3)
     assert lr_at(cfg, 100) == pytest.approx(1e-5) and lr_at(cfg, 55) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-3)
+    # weight decay ramps linearly from weight_decay to weight_decay_end over the run, then stays
+    wd = small(steps=100, weight_decay=0.05, weight_decay_end=0.5)
+    assert [weight_decay_at(wd, s) for s in (0, 50, 100, 150)] == pytest.approx([0.05, 0.275, 0.5, 0.5])
     with pytest.raises(StoreError, match="NaN"):
         write_store(tmp_path / "s", ["x"], torch.tensor([[float("nan")]]), {"encoder": "e", "modality": "m"})
     with pytest.raises(StoreError, match="unique"):
