@@ -61,6 +61,15 @@ def test_grouped_split_keeps_duplicate_captions_together():
     assert grouped_split("x", seed=1) in ("train", "test")
 
 
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from omnimoe.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
 def test_folder_adapter(tmp_path):
     _png(tmp_path / "media" / "red.png")
     _png(tmp_path / "media" / "blue.png", (0, 0, 255))
@@ -77,6 +86,12 @@ def test_folder_adapter(tmp_path):
     bad.write_text("file,caption\nnotes.txt,hello\n")
     with pytest.raises(ManifestError, match="neither an image nor an audio"):
         manifest_from_folder(tmp_path / "media", bad, tmp_path / "x.jsonl")
+    # the command writes the same manifest, and names the bad table with exit code 2
+    code, output = _cli("data", "folder", "--media", str(tmp_path / "media"), "--captions", str(table), "--out", str(tmp_path / "cli" / "manifest.jsonl"))
+    assert code == 0 and "manifest:" in output
+    assert [(r["id"], r["text"], r["split"]) for r in read_manifest(tmp_path / "cli" / "manifest.jsonl")] == [(r["id"], r["text"], r["split"]) for r in recs]
+    code, output = _cli("data", "folder", "--media", str(tmp_path / "media"), "--captions", str(bad), "--out", str(tmp_path / "y.jsonl"))
+    assert code == 2 and "neither an image nor an audio" in output and not (tmp_path / "y.jsonl").exists()
 
 
 def test_llava_adapter(tmp_path):
@@ -93,14 +108,25 @@ def test_llava_adapter(tmp_path):
     (tmp_path / "broken.json").write_text('[{"id": 1}]')
     with pytest.raises(ManifestError, match="record 0"):
         manifest_from_llava(tmp_path / "broken.json", tmp_path / "m2.jsonl")
+    code, output = _cli("data", "llava", str(tmp_path / "llava.json"), "--out", str(tmp_path / "cli.jsonl"), "--split", "test")
+    assert code == 0 and [(r["id"], r["text"], r["split"]) for r in read_manifest(tmp_path / "cli.jsonl")] == [("s1", "A red square.", "test"), ("s2", "Hello.", "test")]
+    code, output = _cli("data", "llava", str(tmp_path / "broken.json"), "--out", str(tmp_path / "m3.jsonl"))
+    assert code == 2 and "record 0" in output
 
 
 @pytest.mark.slow
 def test_tuxpaint_manifest_from_the_real_package(tmp_path):
-    """Downloads the Debian package once into the omnimoe cache (161 MB), then builds the demo manifest."""
-    from omnimoe.data.tuxpaint import build_tuxpaint_manifest
+    """Downloads the Debian package once into the omnimoe cache (161 MB), then builds the demo manifest with
+    `omnimoe data tuxpaint`."""
+    from typer.testing import CliRunner
 
-    manifest, stats = build_tuxpaint_manifest(tmp_path / "tux", synthesize_speech=False)
+    from omnimoe.cli import app
+
+    result = CliRunner().invoke(app, ["data", "tuxpaint", "--out", str(tmp_path / "tux"), "--no-synthesize-speech"])
+    assert result.exit_code == 0, result.output
+    manifest = tmp_path / "tux" / "manifest.jsonl"
+    stats = json.loads(result.stdout[: result.stdout.rindex("manifest:")])
+    assert result.stdout.strip().endswith(f"manifest: {manifest}")
     report = validate_manifest(manifest)
     assert report.ok, report.summary()
     recs = read_manifest(manifest)
