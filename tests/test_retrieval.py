@@ -166,3 +166,20 @@ def test_batcher_coalesces_and_isolates_errors(demo_run):
         got = list(pool.map(one, texts))
     for t, g in zip(texts, got):
         assert g == (want[t] if t.strip() else "query 0: empty text"), t
+
+
+def test_index_cli_builds_every_direction_with_every_stored_item(demo_run, tmp_path):
+    run = copy_run(demo_run[0], tmp_path / "run")
+    built = omnimoe("index", "--run", str(run), "--method", "linear", "--index", "torch")
+    assert built.returncode == 0, built.stderr[-2000:]
+    retriever = Retriever(run, method="linear")
+    lines = dict(line.split(None, 1) for line in built.stdout.splitlines() if "->" in line.split(None, 1)[0])
+    assert set(lines) == set(retriever.directions())
+    for direction, text in lines.items():
+        target = direction.split("->")[1]
+        assert text.strip() == f"{len(retriever.stores[target])} items", (direction, text)
+        assert (run / "index" / "linear" / f"{direction.replace('->', '-to-')}.torch" / "index.json").is_file()
+    again = omnimoe("index", "--run", str(run), "--method", "linear", "--index", "torch", "--rebuild")
+    assert again.returncode == 0 and again.stdout == built.stdout
+    bad = omnimoe("index", "--run", str(run), "--method", "nope")
+    assert bad.returncode == 2 and "no trained connector for method 'nope'" in bad.stderr
