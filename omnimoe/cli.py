@@ -213,11 +213,13 @@ def store_info(
     store: Path = typer.Argument(...),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Rows, unique ids, encoder, weights hash, dim and shards of a store."""
+    """Rows, unique ids, encoder, weights hash, dim and shards of a store, the items it skipped and why, and
+    whether every shard still matches its checksum (``damaged``)."""
     from omnimoe.latents.store import LatentStore, StoreError
 
     try:
-        data = LatentStore.open(store).info()
+        opened = LatentStore.open(store)
+        data = {**opened.info(), "damaged": opened.verify()}
     except StoreError as exc:
         _fail(str(exc))
     if as_json:
