@@ -52,9 +52,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for _ in range(repeat):
             for fp32 in (False, True):
                 best[fp32] = min(best[fp32], time_once(batch, args.dim, fp32, iters))
-        rows.append({"batch": batch, "dim": args.dim, "bf16_logits_ms": best[False], "float32_logits_ms": best[True],
-                     "ratio": best[True] / best[False]})  # fmt: skip
-        print(f"batch {batch:5d}: bf16 logits {best[False]:.3f} ms, float32 logits {best[True]:.3f} ms ({best[True] / best[False]:.2f}x)")
+        rows.append(
+            {
+                "batch": batch,
+                "dim": args.dim,
+                "bf16_logits_ms": best[False],
+                "float32_logits_ms": best[True],
+                "ratio": best[True] / best[False],
+            }
+        )
+        print(
+            f"batch {batch:5d}: bf16 logits {best[False]:.3f} ms, float32 logits {best[True]:.3f} ms ({best[True] / best[False]:.2f}x)"
+        )
     if args.out:
         write_json(args.out, rows)
     return rows

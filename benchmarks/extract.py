@@ -77,9 +77,17 @@ def bench_one(name: str, n: int, batch_size: int, repeat: int = 2) -> dict:
             pipeline = min(pipeline, time.perf_counter() - t)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return {"encoder": name, "items": n, "bare_items_per_s": n / bare, "pipeline_items_per_s": n / pipeline,
-            "overhead": pipeline / bare - 1, "fixed_s": fixed, "batch_size": batch_size, "repeat": repeat,
-            "threads": torch.get_num_threads()}  # fmt: skip
+    return {
+        "encoder": name,
+        "items": n,
+        "bare_items_per_s": n / bare,
+        "pipeline_items_per_s": n / pipeline,
+        "overhead": pipeline / bare - 1,
+        "fixed_s": fixed,
+        "batch_size": batch_size,
+        "repeat": repeat,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -99,7 +107,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = bench_one(name, n, args.batch_size, 1 if args.quick else args.repeat)
         rows.append(row)
         verdict = "PASS" if row["overhead"] <= 0.10 else "MISS"
-        print(f"{name:<20} {n:>6} {row['bare_items_per_s']:>13.1f} {row['pipeline_items_per_s']:>17.1f} {row['overhead']:>8.1%}  {verdict} (target <= 10%)")
+        print(
+            f"{name:<20} {n:>6} {row['bare_items_per_s']:>13.1f} {row['pipeline_items_per_s']:>17.1f} {row['overhead']:>8.1%}  {verdict} (target <= 10%)"
+        )
     if args.out:
         write_json(args.out, rows)
     return rows

@@ -64,15 +64,38 @@ TARGET = 1.3  # moe step time / dense-equal-active step time, at most
 CHECK_TOLERANCE = 1e-4  # max |moe - moe-hf-eager| / max |moe-hf-eager| over the logits, fp32
 
 SIZES = {
-    "full": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, vocab_size=8000, batch=4, seq=256),
-    "quick": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512, batch=2, seq=32),
-}  # fmt: skip
+    "full": dict(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        vocab_size=8000,
+        batch=4,
+        seq=256,
+    ),
+    "quick": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=512,
+        batch=2,
+        seq=32,
+    ),
+}
 
 
 def moe_config(backend: str = "auto") -> MoELLMConfig:
     """Uni-MoE v1 shape: 4 experts, top-2, softmax over the chosen two, every layer."""
-    return MoELLMConfig(layers="all", num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, noise_std=0.01,
-                        router_aux_loss_coef=0.01, backend=backend)  # fmt: skip
+    return MoELLMConfig(
+        layers="all",
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        noise_std=0.01,
+        router_aux_loss_coef=0.01,
+        backend=backend,
+    )
 
 
 class HFExpert(nn.Module):
@@ -93,7 +116,9 @@ class HFEagerSparseMoeBlock(nn.Module):
     """transformers' classic eager ``MixtralSparseMoeBlock`` (router, top-k, expert loop), as a decoder
     block's ``mlp``. Keeps its router logits for :func:`hf_load_balancing_loss`."""
 
-    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, act: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self, hidden: int, intermediate: int, num_experts: int, top_k: int, act: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.gate = nn.Linear(hidden, num_experts, bias=False)
@@ -105,8 +130,16 @@ class HFEagerSparseMoeBlock(nn.Module):
     def from_moe(cls, layer: MoELayer) -> "HFEagerSparseMoeBlock":
         """The same weights as ``layer`` (a GLU MoE, softmax router, top-k renormalised, no shared/null experts)."""
         cfg, ex = layer.config, layer.experts
-        if cfg.expert_type != "glu" or cfg.num_shared_experts or cfg.num_null_experts or not cfg.norm_topk_prob or cfg.score_func != "softmax":
-            raise ValueError("the Mixtral block reproduces GLU experts with a softmax router and renormalised top-k only")
+        if (
+            cfg.expert_type != "glu"
+            or cfg.num_shared_experts
+            or cfg.num_null_experts
+            or not cfg.norm_topk_prob
+            or cfg.score_func != "softmax"
+        ):
+            raise ValueError(
+                "the Mixtral block reproduces GLU experts with a softmax router and renormalised top-k only"
+            )
         block = cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok, ex.act)
         block.gate.weight.copy_(layer.router.weight)
         f = cfg.intermediate_size
@@ -124,7 +157,9 @@ class HFEagerSparseMoeBlock(nn.Module):
         routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
         routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
         routing_weights = routing_weights.to(hidden_states.dtype)
-        final_hidden_states = torch.zeros((batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device)
+        final_hidden_states = torch.zeros(
+            (batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device
+        )
         expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
         for expert_idx in range(self.num_experts):
             expert_layer = self.experts[expert_idx]
@@ -161,8 +196,11 @@ def to_hf_eager(model: nn.Module) -> nn.Module:
 
 
 def base_llm(size: dict, seed: int) -> nn.Module:
-    cfg = LlamaConfig(**{k: v for k, v in size.items() if k not in ("batch", "seq")}, num_key_value_heads=size["num_attention_heads"],
-                      max_position_embeddings=max(256, size["seq"]))  # fmt: skip
+    cfg = LlamaConfig(
+        **{k: v for k, v in size.items() if k not in ("batch", "seq")},
+        num_key_value_heads=size["num_attention_heads"],
+        max_position_embeddings=max(256, size["seq"]),
+    )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
 
@@ -206,8 +244,16 @@ def autocast_for(dtype: torch.dtype) -> AbstractContextManager:
     return nullcontext() if dtype == torch.float32 else torch.autocast("cpu", dtype=dtype)
 
 
-def train_step(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, mask: torch.Tensor,
-               dtype: torch.dtype, aux_coef: float, use_mask: bool = True) -> float:  # fmt: skip
+def train_step(
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    dtype: torch.dtype,
+    aux_coef: float,
+    use_mask: bool = True,
+) -> float:
     """One training step; returns the loss."""
     optimizer.zero_grad(set_to_none=True)
     if name == "moe" and use_mask:
@@ -252,7 +298,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     size = SIZES["quick" if args.quick else "full"]
     dtype = DTYPES[args.dtype]
     repeat = args.repeat if args.repeat is not None else (2 if args.quick else 10)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, AdamW {args.adamw}, size {size}, {repeat} rounds (median after 1 warm-up)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, AdamW {args.adamw}, size {size}, {repeat} rounds (median after 1 warm-up)"
+    )
     models = build_models(size, args.seed, args.backend)
     ids, mask = make_batch(size, args.seed)
     for model in models.values():
@@ -265,7 +313,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for name in names:  # warm-up
         train_step(name, models[name], optimizers[name], ids, mask, dtype, aux_coef, not args.no_mask)
     for r in range(repeat):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             train_step(name, models[name], optimizers[name], ids, mask, dtype, aux_coef, not args.no_mask)
             times[name].append((time.perf_counter() - start) * 1e3)
@@ -275,27 +323,29 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in names:
         model = models[name]
-        rows.append({
-            "model": name,
-            "tokens_per_s": round(tokens / medians[name] * 1e3, 1),
-            "step_ms": round(medians[name], 2),
-            "step_ms_all": [round(t, 2) for t in times[name]],
-            "slowdown_vs_dense": round(medians[name] / dense_ms, 3) if dense_ms else None,
-            "params": sum(p.numel() for p in model.parameters()),
-            "ffn_active_params": ffn_active_params(model),
-            "tokens_per_step": tokens,
-            "dtype": args.dtype,
-            "adamw": args.adamw,
-            "backend": args.backend if name == "moe" else None,
-            "token_mask": (not args.no_mask) if name == "moe" else None,
-            "num_experts": 4 if name != "dense-equal-active" else None,
-            "num_experts_per_tok": 2,
-            "config": dict(size),
-            "threads": torch.get_num_threads(),
-            "repeat": repeat,
-            "quick": args.quick,
-            "torch": torch.__version__,
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "tokens_per_s": round(tokens / medians[name] * 1e3, 1),
+                "step_ms": round(medians[name], 2),
+                "step_ms_all": [round(t, 2) for t in times[name]],
+                "slowdown_vs_dense": round(medians[name] / dense_ms, 3) if dense_ms else None,
+                "params": sum(p.numel() for p in model.parameters()),
+                "ffn_active_params": ffn_active_params(model),
+                "tokens_per_step": tokens,
+                "dtype": args.dtype,
+                "adamw": args.adamw,
+                "backend": args.backend if name == "moe" else None,
+                "token_mask": (not args.no_mask) if name == "moe" else None,
+                "num_experts": 4 if name != "dense-equal-active" else None,
+                "num_experts_per_tok": 2,
+                "config": dict(size),
+                "threads": torch.get_num_threads(),
+                "repeat": repeat,
+                "quick": args.quick,
+                "torch": torch.__version__,
+            }
+        )
     print_table(rows)
     if args.out:
         write_json(args.out, rows)
@@ -308,24 +358,38 @@ def print_table(rows: Sequence[dict]) -> None:
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         ratio = f"{r['slowdown_vs_dense']:.2f}x" if r["slowdown_vs_dense"] else "-"
-        print(f"{r['model']:<20} {r['tokens_per_s']:>10,.0f} {r['step_ms']:>10.1f} {ratio:>9} {r['params']:>12,} {r['ffn_active_params']:>12,}")
+        print(
+            f"{r['model']:<20} {r['tokens_per_s']:>10,.0f} {r['step_ms']:>10.1f} {ratio:>9} {r['params']:>12,} {r['ffn_active_params']:>12,}"
+        )
     moe = next((r for r in rows if r["model"] == "moe"), None)
     if moe and moe["slowdown_vs_dense"]:
         verdict = "PASS" if moe["slowdown_vs_dense"] <= TARGET else "MISS"
         quick = " (quick size: not meaningful)" if moe["quick"] else ""
-        print(f"\nTarget: moe step time <= {TARGET}x dense-equal-active: {moe['slowdown_vs_dense']:.2f}x {verdict}{quick}")
+        print(
+            f"\nTarget: moe step time <= {TARGET}x dense-equal-active: {moe['slowdown_vs_dense']:.2f}x {verdict}{quick}"
+        )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a tiny model and 2 rounds (seconds; for tests)")
     p.add_argument("--out", help="write the rows as a JSON list to this file (atomically)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="bfloat16 = fp32 weights + bf16 autocast (default)")
+    p.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="bfloat16", help="bfloat16 = fp32 weights + bf16 autocast (default)"
+    )
     p.add_argument("--repeat", type=int, default=None, help="timed rounds (default 10; 2 with --quick)")
-    p.add_argument("--adamw", choices=("fused", "foreach", "for-loop"), default="fused",
-                   help="AdamW implementation (default fused; for-loop is torch's CPU default)")
-    p.add_argument("--backend", choices=("auto", "loop", "grouped_mm"), default="auto", help="experts backend of the moe model")
-    p.add_argument("--models", type=lambda s: [m for m in s.split(",") if m], default=list(MODELS), help="default: all three")
+    p.add_argument(
+        "--adamw",
+        choices=("fused", "foreach", "for-loop"),
+        default="fused",
+        help="AdamW implementation (default fused; for-loop is torch's CPU default)",
+    )
+    p.add_argument(
+        "--backend", choices=("auto", "loop", "grouped_mm"), default="auto", help="experts backend of the moe model"
+    )
+    p.add_argument(
+        "--models", type=lambda s: [m for m in s.split(",") if m], default=list(MODELS), help="default: all three"
+    )
     p.add_argument("--no-mask", action="store_true", help="do not give the padding mask to the moe model's MoE layers")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)

@@ -37,23 +37,43 @@ from omnimoe.retrieval.index import IndexSpec, VectorIndex, faiss_available
 
 DIRECTION = "text->image"
 TASK = ("contrastive",)  # what a query runs (the regression path is not needed for search)
-CAPTIONS = ["a red fire truck", "a frog sitting on a leaf", "a violin", "two apples on a table", "a sailing boat at sea",
-            "a cartoon penguin", "an old steam locomotive", "a slice of pizza", "a snowman with a hat", "a black rhino"]  # fmt: skip
+CAPTIONS = [
+    "a red fire truck",
+    "a frog sitting on a leaf",
+    "a violin",
+    "two apples on a table",
+    "a sailing boat at sea",
+    "a cartoon penguin",
+    "an old steam locomotive",
+    "a slice of pizza",
+    "a snowman with a hat",
+    "a black rhino",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,100000,1000000", help="stored vectors per run (comma list)")
     p.add_argument("--methods", default="faiss-flat,faiss-ivf,faiss-hnsw,torch", help="index kinds")
-    p.add_argument("--queries", type=int, default=300, help="timed single queries per cell (fewer at 1M for exact kinds)")
-    p.add_argument("--hnsw-max", type=int, default=200_000, help="largest n to build an HNSW index for (its build is slow)")
+    p.add_argument(
+        "--queries", type=int, default=300, help="timed single queries per cell (fewer at 1M for exact kinds)"
+    )
+    p.add_argument(
+        "--hnsw-max", type=int, default=200_000, help="largest n to build an HNSW index for (its build is slow)"
+    )
     p.add_argument("--http-n", type=int, default=100_000, help="stored items in the served synthetic run")
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--quick", action="store_true", help="10k vectors, 50 queries, 200 HTTP requests (seconds; for tests)")
+    p.add_argument(
+        "--quick", action="store_true", help="10k vectors, 50 queries, 200 HTTP requests (seconds; for tests)"
+    )
     p.add_argument("--no-http", action="store_true")
-    p.add_argument("--prior", action="store_true", help="also time each cell with the label prior's half appended (a run trained "
-                   "with prior_weight > 0: index vectors [key, prior side] of 256 + 384 dims), side by side")
+    p.add_argument(
+        "--prior",
+        action="store_true",
+        help="also time each cell with the label prior's half appended (a run trained "
+        "with prior_weight > 0: index vectors [key, prior side] of 256 + 384 dims), side by side",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
     if args.quick:
@@ -85,8 +105,15 @@ def percentiles(ms: list[float]) -> tuple[float, float]:
 
 def connector() -> AltMoEConnector:
     torch.manual_seed(0)
-    return AltMoEConnector(ConnectorConfig(modalities={"text": 384, "image": 1280}, hidden_size=256, contrastive_dim=256,
-                                           num_experts=12, num_experts_per_tok=4)).eval()  # fmt: skip
+    return AltMoEConnector(
+        ConnectorConfig(
+            modalities={"text": 384, "image": 1280},
+            hidden_size=256,
+            contrastive_dim=256,
+            num_experts=12,
+            num_experts_per_tok=4,
+        )
+    ).eval()
 
 
 def time_calls(fn, reps: int, warmup: int = 5) -> list[float]:
@@ -114,7 +141,9 @@ def index_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _cells(args: argparse.Namespace, model: AltMoEConnector, encoder, latents: torch.Tensor, n: int, prior: bool) -> list[dict]:
+def _cells(
+    args: argparse.Namespace, model: AltMoEConnector, encoder, latents: torch.Tensor, n: int, prior: bool
+) -> list[dict]:
     """Every index kind at ``n`` stored vectors; with ``prior``, vectors and queries carry the prior's 384 dims."""
     import torch.nn.functional as F
 
@@ -127,7 +156,9 @@ def _cells(args: argparse.Namespace, model: AltMoEConnector, encoder, latents: t
 
     def query(pooled: torch.Tensor) -> torch.Tensor:
         q = model(DIRECTION, pooled, tasks=TASK).contrastive
-        return torch.cat([F.normalize(q, dim=-1), F.normalize(pooled, dim=-1)], dim=1) if prior else q  # as Retriever.embed
+        return (
+            torch.cat([F.normalize(q, dim=-1), F.normalize(pooled, dim=-1)], dim=1) if prior else q
+        )  # as Retriever.embed
 
     for method in args.methods.split(","):
         kind = method.removeprefix("faiss-")
@@ -142,10 +173,10 @@ def _cells(args: argparse.Namespace, model: AltMoEConnector, encoder, latents: t
         build_s = time.perf_counter() - t
         reps = args.queries if n < 1_000_000 or kind in ("ivf", "hnsw") else max(20, args.queries // 6)
 
-        def search(i: int) -> None:
+        def search(i: int, index: VectorIndex = index) -> None:
             index.search(query(latents[i % len(latents) : i % len(latents) + 1]), 10)
 
-        def text_query(i: int) -> None:
+        def text_query(i: int, index: VectorIndex = index) -> None:
             out = encoder.encode([encoder.load_item(CAPTIONS[i % len(CAPTIONS)])])
             index.search(query(out.pooled), 10)
 
@@ -155,8 +186,17 @@ def _cells(args: argparse.Namespace, model: AltMoEConnector, encoder, latents: t
         recall = statistics.fmean(len(set(a) & set(b)) / 10 for a, b in zip(found, exact)) if exact else None
         for path, fn in (("search", search), ("text-query", text_query)):
             p50, p99 = percentiles(time_calls(fn, reps))
-            row = {"n": n, "method": method, "path": path, "p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "errors": 0,
-                   "queries": reps, "build_s": round(build_s, 2), "prior": prior}  # fmt: skip
+            row = {
+                "n": n,
+                "method": method,
+                "path": path,
+                "p50_ms": round(p50, 3),
+                "p99_ms": round(p99, 3),
+                "errors": 0,
+                "queries": reps,
+                "build_s": round(build_s, 2),
+                "prior": prior,
+            }
             if kind in ("ivf", "hnsw") and recall is not None:
                 row["recall@10"] = round(recall, 3)
             rows.append(row)
@@ -172,12 +212,25 @@ def synthetic_run(folder: Path, n: int) -> Path:
 
     text_enc, image_enc = load_encoder("minilm"), load_encoder("efficientnet-lite0")
     texts = text_enc.encode([text_enc.load_item(c) for c in CAPTIONS]).pooled
-    write_store(folder / "stores" / "text", [f"t{i}" for i in range(len(CAPTIONS))], texts, {**text_enc.describe(), "field": "text"})
+    write_store(
+        folder / "stores" / "text",
+        [f"t{i}" for i in range(len(CAPTIONS))],
+        texts,
+        {**text_enc.describe(), "field": "text"},
+    )
     images = torch.from_numpy(np.abs(synthetic(n, 1280, seed=1)))  # EfficientNet features are non-negative
-    write_store(folder / "stores" / "image", [f"img{i}" for i in range(n)], images, {**image_enc.describe(), "field": "image"})
+    write_store(
+        folder / "stores" / "image", [f"img{i}" for i in range(n)], images, {**image_enc.describe(), "field": "image"}
+    )
     connector().save_pretrained(folder / "connectors" / "moe-alternating")
-    write_json(folder / "summary.json", {"stores": {"text": str(folder / "stores" / "text"), "image": str(folder / "stores" / "image")},
-                                         "modalities": ["text", "image"], "train_config": {"token_inputs": False}})  # fmt: skip
+    write_json(
+        folder / "summary.json",
+        {
+            "stores": {"text": str(folder / "stores" / "text"), "image": str(folder / "stores" / "image")},
+            "modalities": ["text", "image"],
+            "train_config": {"token_inputs": False},
+        },
+    )
     return folder
 
 
@@ -186,7 +239,17 @@ def load_test(args: argparse.Namespace, run: Path, coalesce: bool) -> dict:
     import httpx
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "omnimoe.cli", "serve", "--run", str(run), "--port", "0", "--coalesce" if coalesce else "--no-coalesce"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "omnimoe.cli",
+        "serve",
+        "--run",
+        str(run),
+        "--port",
+        "0",
+        "--coalesce" if coalesce else "--no-coalesce",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = ""
@@ -196,10 +259,13 @@ def load_test(args: argparse.Namespace, run: Path, coalesce: bool) -> dict:
                 raise RuntimeError(f"serve exited: {proc.stderr.read()[-2000:]}")
         url = line.split()[-1]
         with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=args.concurrency)) as client:
+
             def one(i: int) -> tuple[float, bool]:
                 t = time.perf_counter()
                 try:
-                    r = client.post(f"{url}/search", json={"text": CAPTIONS[i % len(CAPTIONS)], "target": "image", "k": 10})
+                    r = client.post(
+                        f"{url}/search", json={"text": CAPTIONS[i % len(CAPTIONS)], "target": "image", "k": 10}
+                    )
                     ok = r.status_code == 200 and len(r.json()["results"]) == 10
                 except httpx.HTTPError:
                     ok = False
@@ -215,9 +281,18 @@ def load_test(args: argparse.Namespace, run: Path, coalesce: bool) -> dict:
         proc.terminate()
         proc.wait(timeout=30)
     p50, p99 = percentiles([ms for ms, _ in results])
-    return {"n": args.http_n, "method": "faiss-flat" if faiss_available() else "torch", "path": "http", "p50_ms": round(p50, 2),
-            "p99_ms": round(p99, 2), "errors": sum(not ok for _, ok in results), "requests": args.requests,
-            "concurrency": args.concurrency, "requests_per_s": round(args.requests / wall, 1), "coalesce": coalesce}  # fmt: skip
+    return {
+        "n": args.http_n,
+        "method": "faiss-flat" if faiss_available() else "torch",
+        "path": "http",
+        "p50_ms": round(p50, 2),
+        "p99_ms": round(p99, 2),
+        "errors": sum(not ok for _, ok in results),
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "requests_per_s": round(args.requests / wall, 1),
+        "coalesce": coalesce,
+    }
 
 
 def http_rows(args: argparse.Namespace) -> list[dict]:
@@ -244,7 +319,10 @@ def connector_comparison(reps: int) -> dict[str, float]:
             model(DIRECTION, x, tasks=tasks)
             if i >= 10:
                 out.append((time.perf_counter() - t) * 1e3)
-    result = {"both_tasks_p50_ms": round(percentiles(both)[0], 3), "contrastive_only_p50_ms": round(percentiles(one)[0], 3)}
+    result = {
+        "both_tasks_p50_ms": round(percentiles(both)[0], 3),
+        "contrastive_only_p50_ms": round(percentiles(one)[0], 3),
+    }
     print(json.dumps({"connector": result}), flush=True)
     return result
 
@@ -256,9 +334,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows += http_rows(args)
     if args.out:
         write_json(args.out, rows)
-    print("\n| n | method | prior | path | p50 ms | p99 ms | errors | recall@10 | coalesce |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| n | method | prior | path | p50 ms | p99 ms | errors | recall@10 | coalesce |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['n']} | {r['method']} | {r.get('prior', '')} | {r['path']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r.get('recall@10', '')} | {r.get('coalesce', '')} |")
+        print(
+            f"| {r['n']} | {r['method']} | {r.get('prior', '')} | {r['path']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r.get('recall@10', '')} | {r.get('coalesce', '')} |"
+        )
     return rows
 
 

@@ -12,14 +12,20 @@ import typer
 from omnimoe.config import ConfigError, load_config
 from omnimoe.runtime import finish_distributed
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="omnimoe: multimodal models from frozen unimodal ones with Mixture-of-Experts.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="omnimoe: multimodal models from frozen unimodal ones with Mixture-of-Experts.",
+)
 moe_app = typer.Typer(no_args_is_help=True, help="The sparse-MoE engine.")
 data_app = typer.Typer(no_args_is_help=True, help="Write and check manifests (JSONL, one sample a line).")
 store_app = typer.Typer(no_args_is_help=True, help="Inspect latent stores.")
 app.add_typer(moe_app, name="moe")
 app.add_typer(data_app, name="data")
 app.add_typer(store_app, name="store")
-mllm_app = typer.Typer(no_args_is_help=True, help="Uni-MoE: a sparse-MoE multimodal LLM (stages 1-3, evaluation, chat).")
+mllm_app = typer.Typer(
+    no_args_is_help=True, help="Uni-MoE: a sparse-MoE multimodal LLM (stages 1-3, evaluation, chat)."
+)
 app.add_typer(mllm_app, name="mllm")
 
 
@@ -52,7 +58,9 @@ def moe_example(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder (data, stores, runs, results, plots, connectors)."),
     quick: bool = typer.Option(False, help="Smoke-test size: a slice of the data, short training, 2 methods, 1 seed."),
-    cache: Optional[Path] = typer.Option(None, help="Download cache for the Tux Paint package (default ~/.cache/omnimoe)."),
+    cache: Optional[Path] = typer.Option(
+        None, help="Download cache for the Tux Paint package (default ~/.cache/omnimoe)."
+    ),
 ) -> None:
     """The main demo: Alt-MoE on Tux Paint (text, image, speech, sound), every method, 3 seeds, held-out recall."""
     from omnimoe.demos.altmoe import report, run_demo
@@ -62,21 +70,29 @@ def demo(
     except (OSError, RuntimeError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(report(result))
-    typer.echo(f"\nresults: {out / 'results.json'}, {out / 'results.md'}; plots: " + ", ".join(p.name for p in result["plots"]))
+    typer.echo(
+        f"\nresults: {out / 'results.json'}, {out / 'results.md'}; plots: " + ", ".join(p.name for p in result["plots"])
+    )
 
 
 @data_app.command("tuxpaint")
 def data_tuxpaint(
     out: Path = typer.Option(..., help="Folder for manifest.jsonl (media stay in the cache)."),
-    cache: Optional[Path] = typer.Option(None, help="Where the .deb is downloaded and unpacked (default ~/.cache/omnimoe)."),
+    cache: Optional[Path] = typer.Option(
+        None, help="Where the .deb is downloaded and unpacked (default ~/.cache/omnimoe)."
+    ),
     include_symbols: bool = typer.Option(False, help="Keep the 'symbols' category (letters, digits, math signs)."),
-    synthesize_speech: bool = typer.Option(True, help="Speak captions with espeak-ng where no English recording exists."),
+    synthesize_speech: bool = typer.Option(
+        True, help="Speak captions with espeak-ng where no English recording exists."
+    ),
 ) -> None:
     """Fetch the Tux Paint stamps (Debian package) and write the demo manifest."""
     from omnimoe.data.tuxpaint import build_tuxpaint_manifest
 
     try:
-        path, stats = build_tuxpaint_manifest(out, cache, include_symbols=include_symbols, synthesize_speech=synthesize_speech)
+        path, stats = build_tuxpaint_manifest(
+            out, cache, include_symbols=include_symbols, synthesize_speech=synthesize_speech
+        )
     except (OSError, RuntimeError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(stats, indent=1))
@@ -104,7 +120,9 @@ def data_folder(
 def data_llava(
     json_file: Path = typer.Argument(..., help="LLaVA-style JSON list."),
     out: Path = typer.Option(..., help="Manifest file to write."),
-    media_root: Optional[Path] = typer.Option(None, help="Folder the media paths are relative to (default: the JSON's)."),
+    media_root: Optional[Path] = typer.Option(
+        None, help="Folder the media paths are relative to (default: the JSON's)."
+    ),
     split: str = typer.Option("train"),
 ) -> None:
     """LLaVA-style instruction JSON -> manifest."""
@@ -121,7 +139,9 @@ def data_llava(
 def data_validate(
     manifest: Path = typer.Argument(...),
     no_files: bool = typer.Option(False, "--no-files", help="Skip checking that media files exist."),
-    decode: bool = typer.Option(True, "--decode/--no-decode", help="Read every image and audio file (a corrupt one is a problem)."),
+    decode: bool = typer.Option(
+        True, "--decode/--no-decode", help="Read every image and audio file (a corrupt one is a problem)."
+    ),
 ) -> None:
     """Check a manifest: ids, splits, captions, media files (present and decodable). Exit 1 when there are problems."""
     from omnimoe.data.manifest import ManifestError, validate_manifest
@@ -142,7 +162,9 @@ def data_validate(
 @app.command()
 def extract(
     manifest: Path = typer.Option(..., help="Manifest (JSONL)."),
-    encoder: str = typer.Option(..., help="Encoder name (minilm, efficientnet-lite0, whisper-tiny, gemma3-270m, hf:<id or folder>)."),
+    encoder: str = typer.Option(
+        ..., help="Encoder name (minilm, efficientnet-lite0, whisper-tiny, gemma3-270m, hf:<id or folder>)."
+    ),
     out: Path = typer.Option(..., help="Store folder (created; rerun the same command to resume)."),
     field: Optional[str] = typer.Option(None, help="Manifest field to encode (default: the encoder's modality)."),
     tokens: bool = typer.Option(False, "--tokens", help="Also store per-token states (with lengths)."),
@@ -161,7 +183,9 @@ def extract(
     from omnimoe.latents.store import StoreError
 
     try:
-        options = from_dict(EncoderOptions, {"layers": layers, "pooling": pooling, "batch_size": batch_size, "dtype": dtype})
+        options = from_dict(
+            EncoderOptions, {"layers": layers, "pooling": pooling, "batch_size": batch_size, "dtype": dtype}
+        )
         index = run_extract(manifest, encoder, out, field, tokens, shard_size, on_error, options)  # type: ignore[arg-type]
     except (ConfigError, ManifestError, StoreError, ExtractionError, ValueError, ImportError) as exc:
         _fail(str(exc))
@@ -175,17 +199,33 @@ def extract(
 @app.command()
 def align(
     manifest: Path = typer.Option(..., help="Manifest (JSONL) with train/test splits."),
-    encoders: str = typer.Option("text=minilm,image=efficientnet-lite0", help="modality=encoder[@field],... (at least two)."),
-    out: Path = typer.Option(Path("runs/align"), help="Output folder: stores, runs, results.json, results.md, plots, connectors."),
-    methods: str = typer.Option("all", help="Comma list of linear, mlp-alternating, moe-joint, moe-alternating, or 'all'."),
+    encoders: str = typer.Option(
+        "text=minilm,image=efficientnet-lite0", help="modality=encoder[@field],... (at least two)."
+    ),
+    out: Path = typer.Option(
+        Path("runs/align"), help="Output folder: stores, runs, results.json, results.md, plots, connectors."
+    ),
+    methods: str = typer.Option(
+        "all", help="Comma list of linear, mlp-alternating, moe-joint, moe-alternating, or 'all'."
+    ),
     seeds: str = typer.Option("0,1,2", help="Comma list of seeds (every method runs each)."),
     config: Optional[Path] = typer.Option(None, help="YAML with TrainConfig fields (see configs/align.yaml)."),
     set_: List[str] = typer.Option([], "--set", help="TrainConfig override, e.g. --set steps=500 (repeatable)."),
-    label_prior: bool = typer.Option(True, help="Also score the label prior (an encoder's own classifier, e.g. EfficientNet's "
-                                     "ImageNet head, bridged into text space) alone and fused with each connector."),
+    label_prior: bool = typer.Option(
+        True,
+        help="Also score the label prior (an encoder's own classifier, e.g. EfficientNet's "
+        "ImageNet head, bridged into text space) alone and fused with each connector.",
+    ),
 ) -> None:
     """Extract (reusing stores), train every method with every seed, evaluate on the test split, plot."""
-    from omnimoe.align.pipeline import AlignConfig, markdown_table, parse_encoders, parse_seeds, run_align, zero_shot_table
+    from omnimoe.align.pipeline import (
+        AlignConfig,
+        markdown_table,
+        parse_encoders,
+        parse_seeds,
+        run_align,
+        zero_shot_table,
+    )
     from omnimoe.align.trainer import METHODS, TrainConfig
     from omnimoe.data.manifest import ManifestError
     from omnimoe.latents.extract import ExtractionError
@@ -194,10 +234,14 @@ def align(
     try:
         train_cfg = load_config(TrainConfig, config, list(set_))
         cfg = AlignConfig(
-            manifest=str(manifest), encoders=parse_encoders(encoders), out=str(out),
+            manifest=str(manifest),
+            encoders=parse_encoders(encoders),
+            out=str(out),
             methods=list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()],
-            seeds=parse_seeds(seeds), train=train_cfg, label_prior=label_prior,
-        )  # fmt: skip
+            seeds=parse_seeds(seeds),
+            train=train_cfg,
+            label_prior=label_prior,
+        )
         result = run_align(cfg)
     except (ConfigError, ManifestError, StoreError, ExtractionError, ValueError, ImportError) as exc:
         _fail(str(exc))
@@ -205,7 +249,9 @@ def align(
     if not result["summary"]:
         return  # a non-zero rank under torchrun: rank 0 reports
     typer.echo(markdown_table(result["summary"]) + zero_shot_table(result["zeroshot"]))
-    typer.echo(f"results: {out / 'results.json'}, {out / 'results.md'}; plots: " + ", ".join(p.name for p in result["plots"]))
+    typer.echo(
+        f"results: {out / 'results.json'}, {out / 'results.md'}; plots: " + ", ".join(p.name for p in result["plots"])
+    )
 
 
 @store_app.command("info")
@@ -257,8 +303,12 @@ def _retriever(run: Path, method: str, index: str, rebuild: bool = False):
 
 
 _RUN = typer.Option(Path("runs/demo"), help="An alignment run (`omnimoe demo` / `omnimoe align` output).")
-_METHOD = typer.Option("moe-alternating", help="Which trained connector of the run (linear, mlp-alternating, moe-joint, moe-alternating).")
-_INDEX = typer.Option("flat", help="Index kind: flat (exact), ivf, hnsw (approximate, for large stores), torch (exact, no faiss).")
+_METHOD = typer.Option(
+    "moe-alternating", help="Which trained connector of the run (linear, mlp-alternating, moe-joint, moe-alternating)."
+)
+_INDEX = typer.Option(
+    "flat", help="Index kind: flat (exact), ivf, hnsw (approximate, for large stores), torch (exact, no faiss)."
+)
 
 
 @app.command()
@@ -268,7 +318,9 @@ def search(
     k: int = typer.Option(5, "-k", min=1, max=1000, help="How many results."),
     image: Optional[Path] = typer.Option(None, help="An image file as the query."),
     audio: Optional[Path] = typer.Option(None, help="An audio file as the query."),
-    source: Optional[str] = typer.Option(None, help="The query's modality when several read the same input (e.g. speech or sound)."),
+    source: Optional[str] = typer.Option(
+        None, help="The query's modality when several read the same input (e.g. speech or sound)."
+    ),
     run: Path = _RUN,
     method: str = _METHOD,
     index: str = _INDEX,
@@ -330,7 +382,9 @@ def serve(
     retriever = _retriever(run, method, index)
     for problem in retriever.problems():
         typer.secho(f"warning: {problem}", err=True, fg=typer.colors.YELLOW)
-    run_service(retriever, ServiceConfig(host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20), coalesce=coalesce))
+    run_service(
+        retriever, ServiceConfig(host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20), coalesce=coalesce)
+    )
 
 
 @mllm_app.command("train")
@@ -338,8 +392,12 @@ def mllm_train(
     stage: int = typer.Option(..., help="1: connectors; 2: one dense FFN per modality group; 3: MoE from them + LoRA."),
     config: Optional[Path] = typer.Option(None, help="YAML recipe (see configs/unimoe/)."),
     out: Path = typer.Option(..., help="Output folder of this stage (resumes when it holds a state.pt)."),
-    set_: List[str] = typer.Option([], "--set", help="Dotted override, e.g. --set steps=100 --set moe.num_experts_per_tok=1."),
-    eval_: bool = typer.Option(True, "--eval/--no-eval", help="Score the recipe's eval_data with the trained model at the end."),
+    set_: List[str] = typer.Option(
+        [], "--set", help="Dotted override, e.g. --set steps=100 --set moe.num_experts_per_tok=1."
+    ),
+    eval_: bool = typer.Option(
+        True, "--eval/--no-eval", help="Score the recipe's eval_data with the trained model at the end."
+    ),
 ) -> None:
     """Train one Uni-MoE stage from a recipe (under torchrun: DDP, and expert parallelism with expert_parallel=true)."""
     from omnimoe.mllm.data import DataError
@@ -364,12 +422,18 @@ def mllm_train(
 
 @mllm_app.command("eval")
 def mllm_eval(
-    model: Path = typer.Option(..., help="A stage folder (stage 1, one stage-2 group, or stage 3) or a saved model folder."),
+    model: Path = typer.Option(
+        ..., help="A stage folder (stage 1, one stage-2 group, or stage 3) or a saved model folder."
+    ),
     data: Path = typer.Option(..., help="Held-out task file (LLaVA-style JSON with task/answer fields)."),
     out: Optional[Path] = typer.Option(None, help="Write eval.json here (default: beside the model)."),
     limit: int = typer.Option(0, help="Score only the first N records (0: all)."),
-    control: bool = typer.Option(True, "--control/--no-control", help="Also score every record with another record's media "
-                                 "(the media-swap control: swapped score and seeing gain per task)."),
+    control: bool = typer.Option(
+        True,
+        "--control/--no-control",
+        help="Also score every record with another record's media "
+        "(the media-swap control: swapped score and seeing gain per task).",
+    ),
 ) -> None:
     """Score a trained model on a task file: accuracy (closed questions), token F1 (open), spread across tasks,
     and the media-swap control."""
@@ -400,7 +464,11 @@ def mllm_chat(
 
     try:
         session = ChatSession(model)
-        typer.echo(session.ask(prompt, [str(p) for p in image], [str(p) for p in audio], [str(p) for p in video], max_new_tokens))
+        typer.echo(
+            session.ask(
+                prompt, [str(p) for p in image], [str(p) for p in audio], [str(p) for p in video], max_new_tokens
+            )
+        )
     except (BadInput, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
 
@@ -408,10 +476,16 @@ def mllm_chat(
 @mllm_app.command("tasks")
 def mllm_tasks(
     out: Path = typer.Option(Path("runs/unimoe/tasks"), help="Folder for stage1/stage2-*/stage3/test JSON files."),
-    manifest: Optional[Path] = typer.Option(None, help="A Tux Paint manifest (default: fetch Tux Paint and write one beside OUT)."),
+    manifest: Optional[Path] = typer.Option(
+        None, help="A Tux Paint manifest (default: fetch Tux Paint and write one beside OUT)."
+    ),
     max_per_task: int = typer.Option(0, help="Cap each task per split (0: no cap)."),
-    eval_per_task: int = typer.Option(24, help="Records per task in test-eval.json (generation is the slow part on a CPU)."),
-    val_fraction: float = typer.Option(0.0, help="Share of train captions moved to val.json (choose recipes there, not on test)."),
+    eval_per_task: int = typer.Option(
+        24, help="Records per task in test-eval.json (generation is the slow part on a CPU)."
+    ),
+    val_fraction: float = typer.Option(
+        0.0, help="Share of train captions moved to val.json (choose recipes there, not on test)."
+    ),
     seed: int = typer.Option(0),
 ) -> None:
     """Build the Tux Paint instruction tasks (image, speech and sound questions) as LLaVA-style JSON."""
@@ -423,8 +497,9 @@ def mllm_tasks(
     if manifest is None:
         manifest, _ = build_tuxpaint_manifest(out.parent / "data")
     try:
-        files = build_tuxpaint_tasks(manifest, out, seed=seed, max_per_task=max_per_task or None,
-                                     val_fraction=val_fraction)["files"]
+        files = build_tuxpaint_tasks(
+            manifest, out, seed=seed, max_per_task=max_per_task or None, val_fraction=val_fraction
+        )["files"]
     except ValueError as exc:
         _fail(str(exc))
     eval_subset(out, eval_per_task, seed)
@@ -437,7 +512,9 @@ def mllm_demo(
     quick: bool = typer.Option(False, help="Smoke-test size: a few records per task and a few steps per stage."),
     set_: List[str] = typer.Option([], "--set", help="Dotted override for every stage's recipe (e.g. --set steps=50)."),
     seed: int = typer.Option(0, help="Seed of every stage (the tasks and the held-out split stay the same)."),
-    held_out: str = typer.Option("test", help="Split scored: test (report) or val (choose a recipe: a fifth of train held out)."),
+    held_out: str = typer.Option(
+        "test", help="Split scored: test (report) or val (choose a recipe: a fifth of train held out)."
+    ),
 ) -> None:
     """Uni-MoE on the embedded defaults: Gemma-3-270M + EfficientNet-Lite0 + Whisper-tiny on Tux Paint tasks;
     stages 1-3, a dense equal-active comparison, per-task scores after every stage with the media-swap
@@ -469,11 +546,15 @@ def mllm_seeds(
     typer.echo(format_seeds(agg))
     for model, sp in agg["spread"].items():
         rel = sp["relative_to_ceiling"]
-        typer.echo(f"spread across tasks, {model}: max-min {sp['max_min']:.3f}, std {sp['std']:.3f}"
-                   + (f"; score/ceiling max-min {rel['max_min']:.3f}, std {rel['std']:.3f}" if rel else ""))  # fmt: skip
+        typer.echo(
+            f"spread across tasks, {model}: max-min {sp['max_min']:.3f}, std {sp['std']:.3f}"
+            + (f"; score/ceiling max-min {rel['max_min']:.3f}, std {rel['std']:.3f}" if rel else "")
+        )
     for c in agg["chat"]:
-        typer.echo(f"chat, seed {c['seed']}: {c['right_object']}/{c['n']} held-out stamps named right, "
-                   f"{c['right_category']}/{c['n']} named as an object of their category")  # fmt: skip
+        typer.echo(
+            f"chat, seed {c['seed']}: {c['right_object']}/{c['n']} held-out stamps named right, "
+            f"{c['right_category']}/{c['n']} named as an object of their category"
+        )
     if out is not None:
         write_json(out, agg)
 

@@ -136,7 +136,9 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def save_pretrained(folder: str | Path, model_type: str, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Path:
+def save_pretrained(
+    folder: str | Path, model_type: str, config: dict[str, Any], state_dict: dict[str, torch.Tensor]
+) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors(folder / WEIGHTS_NAME, state_dict, metadata={"format": "pt", "model_type": model_type})

@@ -29,7 +29,9 @@ def init_distributed() -> tuple[int, int]:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "cpu:gloo,cuda:nccl"
-        dist.init_process_group(backend, timeout=timedelta(minutes=float(os.environ.get("OMNIMOE_DIST_TIMEOUT_MIN", 24 * 60))))
+        dist.init_process_group(
+            backend, timeout=timedelta(minutes=float(os.environ.get("OMNIMOE_DIST_TIMEOUT_MIN", 24 * 60)))
+        )
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -51,7 +53,11 @@ def resolve_device(option: str) -> torch.device:
     """``auto``: CUDA when available (``cuda:LOCAL_RANK`` under torchrun), else CPU; or a device name, refused
     when it names CUDA on a machine without it."""
     if option == "auto":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
     device = torch.device(option)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {option!r}: CUDA is not available on this machine")
@@ -98,13 +104,18 @@ class NonFiniteLoss(ValueError):
 def require_finite(loss: torch.Tensor, where: str) -> None:
     """Raise :class:`NonFiniteLoss` when ``loss`` is NaN or inf; ``where`` says which step and batch."""
     if not torch.isfinite(loss.detach()).all():
-        raise NonFiniteLoss(f"{where}: the training loss is {loss.detach().float().flatten()[0].item()}; nothing of this step was kept. "
-                            "Lower the learning rate, or check the inputs (`omnimoe store verify` for latent stores).")  # fmt: skip
+        raise NonFiniteLoss(
+            f"{where}: the training loss is {loss.detach().float().flatten()[0].item()}; nothing of this step was kept. "
+            "Lower the learning rate, or check the inputs (`omnimoe store verify` for latent stores)."
+        )
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """The random-number state a checkpoint carries: CPU, and CUDA on a CUDA device."""
-    return {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return {
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
 
 
 def restore_rng(state: dict[str, Any], device: torch.device) -> None:

@@ -15,8 +15,14 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # a relative --out from another working directory, as `make demo` runs it (paths in the run must not depend on it)
-    done = subprocess.run([sys.executable, "-m", "omnimoe.cli", "demo", "--quick", "--out", out.name], capture_output=True,
-                          text=True, cwd=out.parent, env=env, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "omnimoe.cli", "demo", "--quick", "--out", out.name],
+        capture_output=True,
+        text=True,
+        cwd=out.parent,
+        env=env,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 

@@ -12,8 +12,17 @@ WIDTHS = {"text": 24, "image": 40, "audio": 16}
 
 def make(**kw):
     torch.manual_seed(0)
-    return AltMoEConnector(ConnectorConfig(modalities=dict(WIDTHS), hidden_size=32, contrastive_dim=16, num_experts=6,
-                                           num_experts_per_tok=2, dropout=0.0, **kw)).eval()  # fmt: skip
+    return AltMoEConnector(
+        ConnectorConfig(
+            modalities=dict(WIDTHS),
+            hidden_size=32,
+            contrastive_dim=16,
+            num_experts=6,
+            num_experts_per_tok=2,
+            dropout=0.0,
+            **kw,
+        )
+    ).eval()
 
 
 def test_every_direction_among_three_modalities():
@@ -69,8 +78,10 @@ def test_info_nce_by_hand():
     q, k = torch.randn(4, 8), torch.randn(4, 8)
     qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     sims = (qn @ kn.t() * 10).tolist()
+
     def ce(rows):
         return sum(-row[i] + math.log(sum(math.exp(v) for v in row)) for i, row in enumerate(rows)) / len(rows)
+
     expected = (ce(sims) + ce([list(c) for c in zip(*sims)])) / 2
     assert info_nce(q, k, 10.0).item() == pytest.approx(expected, rel=1e-5)
     # gathered negatives: with only this rank's keys it is the same loss
@@ -83,7 +94,9 @@ def test_info_nce_by_hand():
 
 def test_regression_losses_and_logit_scale():
     a, b = torch.randn(3, 5), torch.randn(3, 5)
-    assert regression_loss(a, a).item() == 0 and regression_loss(a, b, "mse").item() == pytest.approx(F.mse_loss(a, b).item())
+    assert regression_loss(a, a).item() == 0 and regression_loss(a, b, "mse").item() == pytest.approx(
+        F.mse_loss(a, b).item()
+    )
     assert regression_loss(a, 2 * a, "cosine").item() == pytest.approx(0, abs=1e-6)
     with pytest.raises(ValueError, match="smooth_l1, mse or cosine"):
         regression_loss(a, b, "l3")
@@ -96,7 +109,12 @@ def test_schedules():
     dirs = ["text->image", "image->text", "text->audio"]
     alt = DirectionSchedule(dirs)
     assert [alt.directions_for(s)[0] for s in range(4)] == dirs + dirs[:1]
-    assert [DirectionSchedule(dirs, steps_per_direction=2).directions_for(s)[0] for s in range(4)] == [dirs[0], dirs[0], dirs[1], dirs[1]]
+    assert [DirectionSchedule(dirs, steps_per_direction=2).directions_for(s)[0] for s in range(4)] == [
+        dirs[0],
+        dirs[0],
+        dirs[1],
+        dirs[1],
+    ]
     assert DirectionSchedule(dirs, kind="joint").directions_for(7) == dirs
     ada = DirectionSchedule(dirs, kind="adaptive", seed=1)
     ada.update({"text->image": 0.9, "image->text": 0.2, "text->audio": 0.5})

@@ -13,7 +13,13 @@ from omnimoe.data.adapters import grouped_split, normalise_caption
 from omnimoe.data.manifest import write_manifest
 
 pytestmark = pytest.mark.slow
-COLORS = {"red": (220, 20, 20), "green": (20, 160, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20), "black": (10, 10, 10)}
+COLORS = {
+    "red": (220, 20, 20),
+    "green": (20, 160, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 210, 20),
+    "black": (10, 10, 10),
+}
 SHAPES = ("square", "circle", "triangle")
 
 
@@ -28,36 +34,85 @@ def shapes_manifest(folder: Path) -> Path:
                 d = ImageDraw.Draw(img)
                 x, y, r = (int(t) for t in rng.integers(20, 40, 3))
                 box = (x, y, x + r + 20, y + r + 20)
-                {"square": d.rectangle, "circle": d.ellipse}.get(shape, lambda b, fill: d.polygon([(b[0], b[3]), (b[2], b[3]), ((b[0] + b[2]) // 2, b[1])], fill=fill))(box, fill=rgb)
+                {"square": d.rectangle, "circle": d.ellipse}.get(
+                    shape,
+                    lambda b, fill: d.polygon([(b[0], b[3]), (b[2], b[3]), ((b[0] + b[2]) // 2, b[1])], fill=fill),
+                )(box, fill=rgb)
                 name = f"{color}_{shape}_{v}.png"
                 img.save(folder / name)
-                recs.append({"id": name, "split": grouped_split(normalise_caption(caption), 0.3), "text": caption, "image": name,
-                             "category": shape})  # fmt: skip
+                recs.append(
+                    {
+                        "id": name,
+                        "split": grouped_split(normalise_caption(caption), 0.3),
+                        "text": caption,
+                        "image": name,
+                        "category": shape,
+                    }
+                )
     return write_manifest(folder / "manifest.jsonl", recs)
 
 
 def test_align_end_to_end(tmp_path):
     manifest = shapes_manifest(tmp_path)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "omnimoe.cli", "align", "--manifest", str(manifest), "--out", str(out), "--methods", "linear,moe-alternating",
-           "--seeds", "0,1", "--set", "steps=60", "--set", "eval_every=20", "--set", "hidden_size=64", "--set", "num_experts=4",
-           "--set", "num_experts_per_tok=2", "--set", "warmup_steps=5"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "omnimoe.cli",
+        "align",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--methods",
+        "linear,moe-alternating",
+        "--seeds",
+        "0,1",
+        "--set",
+        "steps=60",
+        "--set",
+        "eval_every=20",
+        "--set",
+        "hidden_size=64",
+        "--set",
+        "num_experts=4",
+        "--set",
+        "num_experts_per_tok=2",
+        "--set",
+        "warmup_steps=5",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())
-    assert {tuple(sorted(r)) for r in rows} == {tuple(sorted(["method", "seed", "query", "target", "head", "R@1", "R@5", "R@10", "n"]))}
-    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ("linear", "moe-alternating", "label-prior") for s in (0, 1)}
+    assert {tuple(sorted(r)) for r in rows} == {
+        tuple(sorted(["method", "seed", "query", "target", "head", "R@1", "R@5", "R@10", "n"]))
+    }
+    assert {(r["method"], r["seed"]) for r in rows} == {
+        (m, s) for m in ("linear", "moe-alternating", "label-prior") for s in (0, 1)
+    }
     heads = {(r["method"], r["head"]) for r in rows}
-    assert heads == {("linear", "contrastive"), ("linear", "contrastive+prior"), ("moe-alternating", "contrastive"),
-                     ("moe-alternating", "regression"), ("moe-alternating", "contrastive+prior"), ("label-prior", "prior")}  # fmt: skip
+    assert heads == {
+        ("linear", "contrastive"),
+        ("linear", "contrastive+prior"),
+        ("moe-alternating", "contrastive"),
+        ("moe-alternating", "regression"),
+        ("moe-alternating", "contrastive+prior"),
+        ("label-prior", "prior"),
+    }
     prior = json.loads((out / "prior.json").read_text())
-    assert prior["modalities"] == {"image": "text"} and set(prior["beta"]) == {f"{m}/seed{s}" for m in ("linear", "moe-alternating") for s in (0, 1)}
-    assert all(set(b) == {"text->image", "image->text"} and all(v >= 0 for v in b.values()) for b in prior["beta"].values())
+    assert prior["modalities"] == {"image": "text"} and set(prior["beta"]) == {
+        f"{m}/seed{s}" for m in ("linear", "moe-alternating") for s in (0, 1)
+    }
+    assert all(
+        set(b) == {"text->image", "image->text"} and all(v >= 0 for v in b.values()) for b in prior["beta"].values()
+    )
     assert {(r["query"], r["target"]) for r in rows} == {("text", "image"), ("image", "text")}
     assert all(0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1 for r in rows)
     assert "| linear | text->image | contrastive |" in (out / "results.md").read_text()
     zs = json.loads((out / "zeroshot.json").read_text())
-    assert {(r["method"], r["seed"], r["query"]) for r in zs} == {(m, s, "image") for m in ("linear", "moe-alternating") for s in (0, 1)}
+    assert {(r["method"], r["seed"], r["query"]) for r in zs} == {
+        (m, s, "image") for m in ("linear", "moe-alternating") for s in (0, 1)
+    }
     assert all(0 <= r["accuracy"] <= 1 and r["classes"] == 3 and r["n"] > 0 for r in zs)
     assert "Zero-shot classification by category name" in (out / "results.md").read_text()
     for name in ("recall.png", "recall_with_prior.png", "training_curves.png", "expert_load_moe-alternating.png"):
@@ -77,14 +132,44 @@ def test_align_with_token_inputs(tmp_path):
     """token_inputs: stores extracted with tokens, the MoE routes every token, masked mean afterwards."""
     manifest = shapes_manifest(tmp_path)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "omnimoe.cli", "align", "--manifest", str(manifest), "--out", str(out), "--methods", "moe-alternating,linear",
-           "--seeds", "0", "--set", "token_inputs=true", "--set", "steps=40", "--set", "eval_every=20", "--set", "hidden_size=64",
-           "--set", "num_experts=4", "--set", "num_experts_per_tok=2", "--set", "warmup_steps=5"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "omnimoe.cli",
+        "align",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--methods",
+        "moe-alternating,linear",
+        "--seeds",
+        "0",
+        "--set",
+        "token_inputs=true",
+        "--set",
+        "steps=40",
+        "--set",
+        "eval_every=20",
+        "--set",
+        "hidden_size=64",
+        "--set",
+        "num_experts=4",
+        "--set",
+        "num_experts_per_tok=2",
+        "--set",
+        "warmup_steps=5",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in (out / "stores").iterdir()) == ["image-efficientnet-lite0-tokens", "text-minilm-tokens"]
+    assert sorted(p.name for p in (out / "stores").iterdir()) == [
+        "image-efficientnet-lite0-tokens",
+        "text-minilm-tokens",
+    ]
     rows = json.loads((out / "results.json").read_text())
-    assert {r["method"] for r in rows} == {"moe-alternating", "linear", "label-prior"} and all(0 <= r["R@1"] <= 1 for r in rows)
+    assert {r["method"] for r in rows} == {"moe-alternating", "linear", "label-prior"} and all(
+        0 <= r["R@1"] <= 1 for r in rows
+    )
     from omnimoe.latents import LatentStore
 
     tokens, mask = LatentStore.open(out / "stores" / "image-efficientnet-lite0-tokens").padded_tokens()
@@ -106,15 +191,42 @@ def test_trained_on_the_prior_and_served_with_it(tmp_path):
 
     manifest = shapes_manifest(tmp_path)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "omnimoe.cli", "align", "--manifest", str(manifest), "--out", "run", "--methods", "linear",
-           "--seeds", "0", "--set", "prior_weight=1.0", "--set", "steps=40", "--set", "eval_every=20", "--set", "warmup_steps=5"]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)  # a relative --out, as `make demo` gives
+    cmd = [
+        sys.executable,
+        "-m",
+        "omnimoe.cli",
+        "align",
+        "--manifest",
+        str(manifest),
+        "--out",
+        "run",
+        "--methods",
+        "linear",
+        "--seeds",
+        "0",
+        "--set",
+        "prior_weight=1.0",
+        "--set",
+        "steps=40",
+        "--set",
+        "eval_every=20",
+        "--set",
+        "warmup_steps=5",
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )  # a relative --out, as `make demo` gives
     assert done.returncode == 0, done.stderr[-3000:]
     stores = json.loads((out / "summary.json").read_text())["stores"]
-    assert stores == {"text": "stores/text-minilm", "image": "stores/image-efficientnet-lite0"}  # relative to the run folder
+    assert stores == {
+        "text": "stores/text-minilm",
+        "image": "stores/image-efficientnet-lite0",
+    }  # relative to the run folder
     assert done.returncode == 0, done.stderr[-3000:]
     prior_file = json.loads((out / "prior.json").read_text())
-    assert prior_file["prior_weight"] == 1.0 and prior_file["beta"] == {"linear/seed0": {"text->image": 1.0, "image->text": 1.0}}
+    assert prior_file["prior_weight"] == 1.0 and prior_file["beta"] == {
+        "linear/seed0": {"text->image": 1.0, "image->text": 1.0}
+    }
     retriever = Retriever(out, method="linear")
     assert retriever.prior_weight == 1.0 and retriever.prior("text->image") is not None
     query = "A red circle."
@@ -124,7 +236,9 @@ def test_trained_on_the_prior_and_served_with_it(tmp_path):
     prior = build_label_priors({"text": "minilm", "image": "efficientnet-lite0"})["image"]
     pooled_q = text_enc.encode([text_enc.load_item(query)]).pooled
     with torch.no_grad():
-        q = F.normalize(retriever.connector("text->image", pooled_q, tasks=("contrastive",)).contrastive.float(), dim=-1)
+        q = F.normalize(
+            retriever.connector("text->image", pooled_q, tasks=("contrastive",)).contrastive.float(), dim=-1
+        )
         keys = F.normalize(retriever.connector.embed_target("text->image", image_store.pooled()).float(), dim=-1)
     expected = (q @ keys.t() + prior.pair_scores("text->image", pooled_q, image_store.pooled()))[0]
     top = expected.topk(5).indices.tolist()

@@ -18,8 +18,15 @@ from omnimoe.mllm.baselines import dense_equal_active, moe_active_parameters
 from omnimoe.moe import MoEConfig, MoELayer
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=256)  # fmt: skip
+SMALL = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 CONFIGS = {
     "llama": lambda: LlamaConfig(**SMALL),
     "qwen2": lambda: Qwen2Config(**SMALL),
@@ -59,7 +66,11 @@ def test_dense_equal_active_keeps_the_model_at_init_with_the_moe_active_paramete
     for i in (0, 2):
         mlp = blocks[i].mlp
         assert type(mlp) is original and mlp.intermediate_size == k * f
-        assert (mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features) == (k * f, k * f, k * f)
+        assert (mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features) == (
+            k * f,
+            k * f,
+            k * f,
+        )
         params = sum(p.numel() for p in mlp.parameters())
         assert params == moe_active_parameters(moe_blocks[i].mlp.moe) == k * 3 * h * f
     assert blocks[1].mlp.gate_proj.out_features == f  # layers moefy would not choose keep their FFN
@@ -71,7 +82,9 @@ def test_dense_equal_active_from_ffns_is_their_mean_and_sizes_shared_experts():
     fa, fb = decoder_layers(a)[0].mlp, decoder_layers(b)[0].mlp
     with torch.no_grad():
         mean = (fa(x) + fb(x)) / 2
-    dense_equal_active(base, MoELLMConfig(layers="0", num_experts_per_tok=2), ffns={0: [fa, fb, decoder_layers(base)[0].mlp]})
+    dense_equal_active(
+        base, MoELLMConfig(layers="0", num_experts_per_tok=2), ffns={0: [fa, fb, decoder_layers(base)[0].mlp]}
+    )
     with torch.no_grad():
         torch.testing.assert_close(decoder_layers(base)[0].mlp(x), mean, atol=1e-5, rtol=1e-5)
     shared = tiny_llm("llama")
@@ -89,7 +102,9 @@ def test_dense_equal_active_from_ffns_is_their_mean_and_sizes_shared_experts():
 def test_hf_eager_block_computes_our_moe_layer():
     bench = load_bench()
     torch.manual_seed(0)
-    layer = MoELayer(MoEConfig(hidden_size=32, intermediate_size=48, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True))
+    layer = MoELayer(
+        MoEConfig(hidden_size=32, intermediate_size=48, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
+    )
     block = bench.HFEagerSparseMoeBlock.from_moe(layer)
     x = torch.randn(2, 20, 32)
     ours, hf = layer(x).hidden_states, block(x)
@@ -103,8 +118,13 @@ def test_hf_eager_block_computes_our_moe_layer():
 
 def test_mllm_benchmark_quick_writes_three_rows(tmp_path):
     out = tmp_path / "bench-mllm.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mllm.py"), "--quick", "--threads", "1", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "mllm.py"), "--quick", "--threads", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "check moe vs moe-hf-eager" in done.stdout
     rows = json.loads(out.read_text())

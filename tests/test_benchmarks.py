@@ -46,9 +46,12 @@ def test_retrieval_benchmark_quick(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
     assert all({"n", "method", "path", "p50_ms", "p99_ms", "errors"} <= set(r) for r in rows)
     assert {(r["method"], r["path"]) for r in rows if r["path"] != "http"} == {
-        (m, p) for m in ("faiss-flat", "faiss-ivf", "faiss-hnsw", "torch") for p in ("search", "text-query")}
+        (m, p) for m in ("faiss-flat", "faiss-ivf", "faiss-hnsw", "torch") for p in ("search", "text-query")
+    }
     http = [r for r in rows if r["path"] == "http"]
-    assert [r["coalesce"] for r in http] == [True, False] and all(r["errors"] == 0 and r["requests"] == 200 for r in http)
+    assert [r["coalesce"] for r in http] == [True, False] and all(
+        r["errors"] == 0 and r["requests"] == 200 for r in http
+    )
     assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
     assert all(0.5 <= r["recall@10"] <= 1 for r in rows if "recall@10" in r)
 
@@ -57,7 +60,12 @@ def test_retrieval_benchmark_quick(tmp_path):
 def test_retrieval_benchmark_with_the_prior_side_by_side():
     bench = load("retrieval")
     rows = bench.run(bench.parse_args(["--quick", "--no-http", "--prior", "--methods", "faiss-flat"]))
-    assert sorted((r["prior"], r["path"]) for r in rows) == [(False, "search"), (False, "text-query"), (True, "search"), (True, "text-query")]
+    assert sorted((r["prior"], r["path"]) for r in rows) == [
+        (False, "search"),
+        (False, "text-query"),
+        (True, "search"),
+        (True, "text-query"),
+    ]
     assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
 
 
@@ -66,7 +74,9 @@ def test_align_loss_benchmark_quick(tmp_path):
     out = tmp_path / "loss.json"
     rows = bench.main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
-    assert [r["batch"] for r in rows] == [128, 256] and all(r["bf16_logits_ms"] > 0 and r["float32_logits_ms"] > 0 for r in rows)
+    assert [r["batch"] for r in rows] == [128, 256] and all(
+        r["bf16_logits_ms"] > 0 and r["float32_logits_ms"] > 0 for r in rows
+    )
 
 
 def test_float32_logits_differ_from_bf16_logits_only_by_rounding():

@@ -13,7 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def omnimoe(*args, cwd=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "omnimoe.cli", *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "omnimoe.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_info_json():
@@ -52,7 +59,11 @@ def test_altmoe_demo_quick(demo_run):
     rows = json.loads((run / "results.json").read_text())
     modalities = {r["query"] for r in rows} | {r["target"] for r in rows}
     assert modalities >= {"text", "image", "sound"}  # speech too when espeak-ng or recordings are there
-    assert {r["method"] for r in rows} == {"linear", "moe-alternating", "label-prior"}  # label-prior: EfficientNet's own classifier
+    assert {r["method"] for r in rows} == {
+        "linear",
+        "moe-alternating",
+        "label-prior",
+    }  # label-prior: EfficientNet's own classifier
     assert {r["head"] for r in rows} == {"contrastive", "regression", "prior", "contrastive+prior"}
     assert "text <-> image" in out.stdout and "mean R@1" in out.stdout and "moe-alternating + prior" in out.stdout
     for name in ("recall.png", "training_curves.png", "expert_load_moe-alternating.png"):

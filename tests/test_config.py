@@ -59,7 +59,9 @@ def test_bad_files(tmp_path):
 
 
 def test_moe_config_from_overrides():
-    cfg = load_config(MoEConfig, None, ["hidden_size=16", "intermediate_size=32", "num_experts=4", "capacity_factor=1.5"])
+    cfg = load_config(
+        MoEConfig, None, ["hidden_size=16", "intermediate_size=32", "num_experts=4", "capacity_factor=1.5"]
+    )
     assert cfg.capacity_factor == 1.5 and cfg.num_experts == 4
     assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
 
@@ -76,9 +78,16 @@ def test_parse_encoders_reads_fields_and_names_bad_items():
     from omnimoe.align.pipeline import parse_encoders, parse_seeds
 
     assert parse_encoders("text=minilm, speech=whisper-tiny@audio,image=hf:some/model") == {
-        "text": "minilm", "speech": "whisper-tiny@audio", "image": "hf:some/model"}  # fmt: skip
-    for bad, message in (("text=minilm", "at least two"), ("text=minilm,image", "'image' is not of the form"),
-                         ("text=minilm,=x", "'=x' is not of the form"), ("text=,image=e", "'text=' is not of the form")):  # fmt: skip
+        "text": "minilm",
+        "speech": "whisper-tiny@audio",
+        "image": "hf:some/model",
+    }
+    for bad, message in (
+        ("text=minilm", "at least two"),
+        ("text=minilm,image", "'image' is not of the form"),
+        ("text=minilm,=x", "'=x' is not of the form"),
+        ("text=,image=e", "'text=' is not of the form"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse_encoders(bad)
     assert parse_seeds(" 3, 1 ") == [3, 1]

@@ -16,7 +16,9 @@ def _png(path, color=(200, 10, 10)):
 
 def test_manifest_round_trip_and_relative_media(tmp_path):
     _png(tmp_path / "media" / "a.png")
-    m = write_manifest(tmp_path / "m.jsonl", [{"id": "a", "split": "train", "text": "A cat.", "image": "media/a.png", "_line": 3}])
+    m = write_manifest(
+        tmp_path / "m.jsonl", [{"id": "a", "split": "train", "text": "A cat.", "image": "media/a.png", "_line": 3}]
+    )
     recs = read_manifest(m)
     assert recs[0]["image"] == "media/a.png" and recs[0]["_line"] == 1
     assert media_path(m, recs[0]["image"]) == (tmp_path / "media" / "a.png").resolve()
@@ -36,15 +38,26 @@ def test_validator_names_every_problem(tmp_path):
     report = validate_manifest(m)
     text = report.summary()
     assert not report.ok
-    for expected in ["line 1 (id 'a'): image: missing file missing.png", "line 2 (id 'a'): id: duplicate id (first on line 1)",
-                     "line 3 (id 'b'): split: missing", "line 3 (id 'b'): text: empty caption", "line 4 (id 'c'): no content field",
-                     "line 5 (id 'd'): text: not a string"]:  # fmt: skip
+    for expected in [
+        "line 1 (id 'a'): image: missing file missing.png",
+        "line 2 (id 'a'): id: duplicate id (first on line 1)",
+        "line 3 (id 'b'): split: missing",
+        "line 3 (id 'b'): text: empty caption",
+        "line 4 (id 'c'): no content field",
+        "line 5 (id 'd'): text: not a string",
+    ]:
         assert expected in text, expected
     assert validate_manifest(m, check_files=False).problems != report.problems
 
 
-@pytest.mark.parametrize("content,message", [("{not json\n", "line 1: not valid JSON"), ('{"text": "x"}\n', "line 1: missing or non-string 'id'"),
-                                             ("[1, 2]\n", "expected a JSON object")])  # fmt: skip
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("{not json\n", "line 1: not valid JSON"),
+        ('{"text": "x"}\n', "line 1: missing or non-string 'id'"),
+        ("[1, 2]\n", "expected a JSON object"),
+    ],
+)
 def test_malformed_manifest_is_fatal_and_named(tmp_path, content, message):
     m = tmp_path / "m.jsonl"
     m.write_text('{"id": "ok", "split": "train", "text": "x"}\n' + content.replace("line 1", "line 2"))
@@ -75,7 +88,9 @@ def test_folder_adapter(tmp_path):
     _png(tmp_path / "media" / "blue.png", (0, 0, 255))
     (tmp_path / "media" / "dog.ogg").write_bytes(b"x")
     table = tmp_path / "captions.csv"
-    table.write_text("file,caption,source\nred.png,A red square.,s1\nred.png,Something red.,s2\nblue.png,A blue square.,s3\ndog.ogg,A dog barks.,s4\n")
+    table.write_text(
+        "file,caption,source\nred.png,A red square.,s1\nred.png,Something red.,s2\nblue.png,A blue square.,s3\ndog.ogg,A dog barks.,s4\n"
+    )
     m = manifest_from_folder(tmp_path / "media", table, tmp_path / "out" / "manifest.jsonl")
     recs = read_manifest(m)
     assert [r["id"] for r in recs] == ["red.png#1", "red.png#2", "blue.png", "dog.ogg"]
@@ -87,18 +102,42 @@ def test_folder_adapter(tmp_path):
     with pytest.raises(ManifestError, match="neither an image nor an audio"):
         manifest_from_folder(tmp_path / "media", bad, tmp_path / "x.jsonl")
     # the command writes the same manifest, and names the bad table with exit code 2
-    code, output = _cli("data", "folder", "--media", str(tmp_path / "media"), "--captions", str(table), "--out", str(tmp_path / "cli" / "manifest.jsonl"))
+    code, output = _cli(
+        "data",
+        "folder",
+        "--media",
+        str(tmp_path / "media"),
+        "--captions",
+        str(table),
+        "--out",
+        str(tmp_path / "cli" / "manifest.jsonl"),
+    )
     assert code == 0 and "manifest:" in output
-    assert [(r["id"], r["text"], r["split"]) for r in read_manifest(tmp_path / "cli" / "manifest.jsonl")] == [(r["id"], r["text"], r["split"]) for r in recs]
-    code, output = _cli("data", "folder", "--media", str(tmp_path / "media"), "--captions", str(bad), "--out", str(tmp_path / "y.jsonl"))
+    assert [(r["id"], r["text"], r["split"]) for r in read_manifest(tmp_path / "cli" / "manifest.jsonl")] == [
+        (r["id"], r["text"], r["split"]) for r in recs
+    ]
+    code, output = _cli(
+        "data", "folder", "--media", str(tmp_path / "media"), "--captions", str(bad), "--out", str(tmp_path / "y.jsonl")
+    )
     assert code == 2 and "neither an image nor an audio" in output and not (tmp_path / "y.jsonl").exists()
 
 
 def test_llava_adapter(tmp_path):
     _png(tmp_path / "imgs" / "0001.png")
     data = [
-        {"id": "s1", "image": "imgs/0001.png", "conversations": [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "A red square."}]},
-        {"id": "s2", "voice": ["a.mp3"], "conversations": [{"from": "human", "value": "<audio>\nWhat is said?"}, {"from": "gpt", "value": "Hello."}]},
+        {
+            "id": "s1",
+            "image": "imgs/0001.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe it."},
+                {"from": "gpt", "value": "A red square."},
+            ],
+        },
+        {
+            "id": "s2",
+            "voice": ["a.mp3"],
+            "conversations": [{"from": "human", "value": "<audio>\nWhat is said?"}, {"from": "gpt", "value": "Hello."}],
+        },
     ]
     (tmp_path / "llava.json").write_text(json.dumps(data))
     m = manifest_from_llava(tmp_path / "llava.json", tmp_path / "manifest.jsonl")
@@ -108,8 +147,13 @@ def test_llava_adapter(tmp_path):
     (tmp_path / "broken.json").write_text('[{"id": 1}]')
     with pytest.raises(ManifestError, match="record 0"):
         manifest_from_llava(tmp_path / "broken.json", tmp_path / "m2.jsonl")
-    code, output = _cli("data", "llava", str(tmp_path / "llava.json"), "--out", str(tmp_path / "cli.jsonl"), "--split", "test")
-    assert code == 0 and [(r["id"], r["text"], r["split"]) for r in read_manifest(tmp_path / "cli.jsonl")] == [("s1", "A red square.", "test"), ("s2", "Hello.", "test")]
+    code, output = _cli(
+        "data", "llava", str(tmp_path / "llava.json"), "--out", str(tmp_path / "cli.jsonl"), "--split", "test"
+    )
+    assert code == 0 and [(r["id"], r["text"], r["split"]) for r in read_manifest(tmp_path / "cli.jsonl")] == [
+        ("s1", "A red square.", "test"),
+        ("s2", "Hello.", "test"),
+    ]
     code, output = _cli("data", "llava", str(tmp_path / "broken.json"), "--out", str(tmp_path / "m3.jsonl"))
     assert code == 2 and "record 0" in output
 
@@ -134,8 +178,14 @@ def test_tuxpaint_manifest_from_the_real_package(tmp_path):
     by_split = {s: {normalise_caption(r["text"]) for r in recs if r["split"] == s} for s in ("train", "test")}
     assert not by_split["train"] & by_split["test"]  # duplicate captions never straddle the split
     assert 0.12 < len(by_split["test"]) / stats["unique_captions"] < 0.28
-    assert {r["category"] for r in recs} >= {"animals", "food", "vehicles"} and "symbols" not in {r["category"] for r in recs}
-    assert any(r["image"].endswith(".svg") for r in recs) and sum("audio" in r for r in recs) >= 60 and stats["sound"] >= 100
+    assert {r["category"] for r in recs} >= {"animals", "food", "vehicles"} and "symbols" not in {
+        r["category"] for r in recs
+    }
+    assert (
+        any(r["image"].endswith(".svg") for r in recs)
+        and sum("audio" in r for r in recs) >= 60
+        and stats["sound"] >= 100
+    )
     koala = next(r for r in recs if r["text"] == "A koala.")
     assert media_path(manifest, koala["image"]).is_file()
 

@@ -15,7 +15,20 @@ def tiny_bert(tmp_path_factory):
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz", "a", "red", "blue", "cat", "dog", "."]
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *"abcdefghijklmnopqrstuvwxyz",
+        "a",
+        "red",
+        "blue",
+        "cat",
+        "dog",
+        ".",
+    ]
     (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(0)
@@ -30,7 +43,16 @@ def tiny_vit(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-vit")
     torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    ViTModel(
+        ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    ).save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
 
@@ -41,9 +63,23 @@ def tiny_whisper(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-whisper")
     torch.manual_seed(0)
-    cfg = WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-                        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, num_mel_bins=80, pad_token_id=1,
-                        bos_token_id=2, eos_token_id=2, decoder_start_token_id=3, begin_suppress_tokens=None, suppress_tokens=None)  # fmt: skip
+    cfg = WhisperConfig(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        vocab_size=100,
+        num_mel_bins=80,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+        decoder_start_token_id=3,
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+    )
     WhisperModel(cfg).save_pretrained(folder)
     WhisperFeatureExtractor(feature_size=80).save_pretrained(folder)
     return folder
@@ -129,11 +165,26 @@ def test_hf_clip_keeps_only_the_vision_tower(tmp_path):
 
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config={"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
-        vision_config={"image_size": 32, "patch_size": 16, "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2},
+        text_config={
+            "vocab_size": 50,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": 16,
+            "hidden_size": 24,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
     )
     CLIPModel(cfg).save_pretrained(tmp_path / "clip")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip"
+    )
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "x.png")
     enc = load_encoder(f"hf:{tmp_path / 'clip'}")
     assert enc.modality == "image" and enc.dim == 24
@@ -146,8 +197,17 @@ def test_hf_causal_lm_as_text_tower(tiny_bert, tmp_path):
 
     torch.manual_seed(0)
     folder = tmp_path / "tiny-llama"
-    LlamaModel(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=1, pad_token_id=0)).save_pretrained(folder)  # fmt: skip
+    LlamaModel(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            pad_token_id=0,
+        )
+    ).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
     enc = load_encoder(f"hf-text:{folder}", EncoderOptions(pooling="last", dtype="float32"))
     assert enc.dim == 32

@@ -45,7 +45,11 @@ def text_manifest(folder, n, extra=()):
 
 
 def test_text_store_matches_direct_encoding_and_skips_bad_items(tmp_path, minilm_f32):
-    m = text_manifest(tmp_path, 40, extra=[{"id": "empty", "split": "train", "text": "  "}, {"id": "s3", "split": "train", "text": "dup"}])
+    m = text_manifest(
+        tmp_path,
+        40,
+        extra=[{"id": "empty", "split": "train", "text": "  "}, {"id": "s3", "split": "train", "text": "dup"}],
+    )
     index = extract(m, minilm_f32, tmp_path / "store", shard_size=16, progress=False)
     expect = {"encoder": "minilm", "weights_hash": minilm_f32.weights_hash, "dtype": "float32"}
     store = LatentStore.open(tmp_path / "store", expect=expect)
@@ -62,8 +66,16 @@ def test_text_store_matches_direct_encoding_and_skips_bad_items(tmp_path, minilm
 
 
 def test_tokens_are_stored_with_lengths(tmp_path, minilm):
-    texts = ["A koala.", "A big red fire truck.", "Two cats asleep on a warm sofa in the sun.", "Tea.", "A boat on a lake."]
-    m = write_manifest(tmp_path / "m.jsonl", [{"id": f"t{i}", "split": "train", "text": t} for i, t in enumerate(texts)])
+    texts = [
+        "A koala.",
+        "A big red fire truck.",
+        "Two cats asleep on a warm sofa in the sun.",
+        "Tea.",
+        "A boat on a lake.",
+    ]
+    m = write_manifest(
+        tmp_path / "m.jsonl", [{"id": f"t{i}", "split": "train", "text": t} for i, t in enumerate(texts)]
+    )
     extract(m, minilm, tmp_path / "store", tokens=True, progress=False)
     store = LatentStore.open(tmp_path / "store")
     toks = [store.tokens(i) for i in range(5)]
@@ -104,8 +116,22 @@ def test_sigkill_mid_run_then_resume_gives_exactly_the_rows(tmp_path):
     n, shard = 3000, 100
     m = text_manifest(tmp_path, n)
     out = tmp_path / "store"
-    cmd = [sys.executable, "-m", "omnimoe.cli", "extract", "--manifest", str(m), "--encoder", "minilm", "--out", str(out),
-           "--shard-size", str(shard), "--batch-size", "50"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "omnimoe.cli",
+        "extract",
+        "--manifest",
+        str(m),
+        "--encoder",
+        "minilm",
+        "--out",
+        str(out),
+        "--shard-size",
+        str(shard),
+        "--batch-size",
+        "50",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while _count_shards(out) < 3 and time.time() < deadline and proc.poll() is None:
@@ -133,7 +159,9 @@ def _image_files(folder):
     rgba = np.zeros((40, 40, 4), np.uint8)
     rgba[10:30, 10:30] = (255, 0, 0, 255)
     Image.fromarray(rgba).save(folder / "transparent.png")
-    (folder / "shape.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="40" height="40"><circle cx="20" cy="20" r="15" fill="blue"/></svg>')
+    (folder / "shape.svg").write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" width="40" height="40"><circle cx="20" cy="20" r="15" fill="blue"/></svg>'
+    )
     data = (folder / "good.png").read_bytes()
     (folder / "truncated.png").write_bytes(data[: len(data) // 2])
     (folder / "notimage.png").write_text("hello")
@@ -188,13 +216,25 @@ def test_audio_whisper_tiny_masks_real_length(tmp_path):
 def test_store_info_cli(tmp_path, minilm):
     m = text_manifest(tmp_path, 6)
     extract(m, minilm, tmp_path / "store", shard_size=4, progress=False)
-    out = subprocess.run([sys.executable, "-m", "omnimoe.cli", "store", "info", str(tmp_path / "store"), "--json"],
-                         capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "omnimoe.cli", "store", "info", str(tmp_path / "store"), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert {k: info[k] for k in ("rows", "unique_ids", "encoder", "weights_hash", "dim", "shards")} == {
-        "rows": 6, "unique_ids": 6, "encoder": "minilm", "weights_hash": minilm.weights_hash, "dim": 384, "shards": 2}  # fmt: skip
-    bad = subprocess.run([sys.executable, "-m", "omnimoe.cli", "store", "info", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+        "rows": 6,
+        "unique_ids": 6,
+        "encoder": "minilm",
+        "weights_hash": minilm.weights_hash,
+        "dim": 384,
+        "shards": 2,
+    }
+    bad = subprocess.run(
+        [sys.executable, "-m", "omnimoe.cli", "store", "info", str(tmp_path)], capture_output=True, text=True, cwd=ROOT
+    )
     assert bad.returncode == 2 and "not a latent store" in bad.stderr
 
 
@@ -202,12 +242,39 @@ def test_store_info_cli(tmp_path, minilm):
 def test_torchrun_extraction_equals_single_process(tmp_path):
 
     m = text_manifest(tmp_path, 90)
-    base = [sys.executable, "-m", "omnimoe.cli", "extract", "--manifest", str(m), "--encoder", "minilm", "--shard-size", "20", "--dtype", "float32"]
+    base = [
+        sys.executable,
+        "-m",
+        "omnimoe.cli",
+        "extract",
+        "--manifest",
+        str(m),
+        "--encoder",
+        "minilm",
+        "--shard-size",
+        "20",
+        "--dtype",
+        "float32",
+    ]
     one = subprocess.run(base + ["--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "omnimoe.cli"]
-    two = subprocess.run(torchrun + base[3:] + ["--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "omnimoe.cli",
+    ]
+    two = subprocess.run(
+        torchrun + base[3:] + ["--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = LatentStore.open(tmp_path / "one"), LatentStore.open(tmp_path / "two")
     assert a.ids == b.ids and len(a) == 90
@@ -216,6 +283,7 @@ def test_torchrun_extraction_equals_single_process(tmp_path):
 
 def test_resume_after_manifest_or_shard_size_change_gives_exactly_the_rows(tmp_path, minilm):
     """A shard on disk is trusted only if it still holds its chunk: growth, edits and a new shard size redo."""
+
     def ids_of(store):
         return LatentStore.open(store).ids
 
@@ -231,7 +299,9 @@ def test_resume_after_manifest_or_shard_size_change_gives_exactly_the_rows(tmp_p
     # a truncated shard (power loss before fsync existed) is refused on read and redone on resume
     path = tmp_path / "s" / shard_name(0)
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(StoreError, match=r"shard-00000.safetensors has \d+ bytes, \d+ were written"):  # the size written in store.json
+    with pytest.raises(
+        StoreError, match=r"shard-00000.safetensors has \d+ bytes, \d+ were written"
+    ):  # the size written in store.json
         LatentStore.open(tmp_path / "s").pooled()
     extract(m, minilm, tmp_path / "s", shard_size=3, progress=False)
     assert ids_of(tmp_path / "s") == [f"s{i}" for i in range(7)]
@@ -242,7 +312,9 @@ def test_store_holds_no_file_per_shard_and_reads_bf16_input_right(tmp_path):
 
     fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
     vecs = torch.randn(600, 8)
-    write_store(tmp_path / "many", [f"x{i}" for i in range(600)], vecs, {"encoder": "e", "modality": "m"}, shard_size=10)
+    write_store(
+        tmp_path / "many", [f"x{i}" for i in range(600)], vecs, {"encoder": "e", "modality": "m"}, shard_size=10
+    )
     before = fds()
     store = LatentStore.open(tmp_path / "many")
     torch.testing.assert_close(store.pooled(), vecs)

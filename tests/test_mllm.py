@@ -5,14 +5,30 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
-from omnimoe.mllm import (IGNORE_INDEX, ConnectorSpec, MediaBatch, MoELLMConfig, MultimodalLLM, decoder_layers, expert_load,
-                          moefy, select_layers)  # fmt: skip
+from omnimoe.mllm import (
+    IGNORE_INDEX,
+    ConnectorSpec,
+    MediaBatch,
+    MoELLMConfig,
+    MultimodalLLM,
+    decoder_layers,
+    expert_load,
+    moefy,
+    select_layers,
+)
 from omnimoe.mllm.connectors import MLPConnector, QFormerConnector
 from omnimoe.mllm.moe_llm import MoEMLP
 
 VOCAB, IMAGE_ID, AUDIO_ID = 96, 94, 95
-SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=256)  # fmt: skip
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 CONFIGS = {
     "llama": lambda: LlamaConfig(**SMALL),
     "qwen2": lambda: Qwen2Config(**SMALL),
@@ -71,7 +87,10 @@ def spliced_batch(model: MultimodalLLM):
     img = MediaBatch(torch.randn(2, 6, 20), torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.bool))
     aud = MediaBatch(torch.randn(1, 9, 12), torch.ones(1, 9, dtype=torch.bool))
     n_img, n_aud = model.soft_tokens("image", img.mask), model.soft_tokens("audio", aud.mask)
-    rows = [[1, 2] + [IMAGE_ID] * n_img[0] + [3] + [AUDIO_ID] * n_aud[0] + [4, 5, 6], [1] + [IMAGE_ID] * n_img[1] + [7, 8]]
+    rows = [
+        [1, 2] + [IMAGE_ID] * n_img[0] + [3] + [AUDIO_ID] * n_aud[0] + [4, 5, 6],
+        [1] + [IMAGE_ID] * n_img[1] + [7, 8],
+    ]
     width = max(map(len, rows))
     ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
     attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
@@ -81,17 +100,25 @@ def spliced_batch(model: MultimodalLLM):
 
 def build_mllm(family="llama"):
     llm = tiny_llm(family)
-    connectors = {"image": ConnectorSpec("mlp", in_dim=20, out_dim=32, max_tokens=4), "audio": ConnectorSpec("qformer", in_dim=12, out_dim=32, num_queries=3, num_heads=4)}
+    connectors = {
+        "image": ConnectorSpec("mlp", in_dim=20, out_dim=32, max_tokens=4),
+        "audio": ConnectorSpec("qformer", in_dim=12, out_dim=32, num_queries=3, num_heads=4),
+    }
     model = MultimodalLLM(llm, connectors, {"image": IMAGE_ID, "audio": AUDIO_ID})
-    model.moefy(MoELLMConfig(layers="every:2", num_experts=4, num_experts_per_tok=2, noise_std=0.05), generator=torch.Generator().manual_seed(0),
-                sources={0: ["base"] * 4})  # fmt: skip
+    model.moefy(
+        MoELLMConfig(layers="every:2", num_experts=4, num_experts_per_tok=2, noise_std=0.05),
+        generator=torch.Generator().manual_seed(0),
+        sources={0: ["base"] * 4},
+    )
     return model
 
 
 def test_splice_places_connector_tokens_and_masks_their_loss():
     model = build_mllm()
     ids, attention, labels, media = spliced_batch(model)
-    assert model.soft_tokens("image", media["image"].mask) == [4, 4] and model.soft_tokens("audio", media["audio"].mask) == [3]
+    assert model.soft_tokens("image", media["image"].mask) == [4, 4] and model.soft_tokens(
+        "audio", media["audio"].mask
+    ) == [3]
     embeds = model.embed(ids, media)
     soft_img, _ = model.connectors["image"](media["image"].tokens, media["image"].mask)
     soft_aud, _ = model.connectors["audio"](media["audio"].tokens, media["audio"].mask)
@@ -141,8 +168,10 @@ def test_loss_per_sample_weighs_every_record_alike():
     masked = labels.masked_fill(model._placeholder_mask(ids), IGNORE_INDEX)
     assert len({int((row[1:] != IGNORE_INDEX).sum()) for row in masked}) > 1  # rows with different answer lengths
     embeds = model.embed(ids, media)
-    per_row = [model.llm(inputs_embeds=embeds[i : i + 1], attention_mask=attention[i : i + 1], labels=masked[i : i + 1]).loss
-               for i in range(len(ids))]  # fmt: skip
+    per_row = [
+        model.llm(inputs_embeds=embeds[i : i + 1], attention_mask=attention[i : i + 1], labels=masked[i : i + 1]).loss
+        for i in range(len(ids))
+    ]
     out = model(ids, attention, labels, media, loss_per="sample")
     torch.testing.assert_close(out.lm_loss, torch.stack(per_row).mean())
     assert not torch.allclose(out.lm_loss, model(ids, attention, labels, media).lm_loss)
@@ -177,8 +206,13 @@ def test_save_load_round_trip_and_generation(tmp_path, family):
     torch.testing.assert_close(after.logits, before.logits)
     assert loaded.num_moe_layers() == 2 and loaded.config.expert_sources == {"0": ["base"] * 4}
     prompt = ids[1:, :7]  # row 1: text, image, text
-    out = loaded.generate(prompt, media={"image": MediaBatch(media["image"].tokens[1:], media["image"].mask[1:])}, max_new_tokens=5,
-                          do_sample=False, pad_token_id=0)  # fmt: skip
+    out = loaded.generate(
+        prompt,
+        media={"image": MediaBatch(media["image"].tokens[1:], media["image"].mask[1:])},
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+    )
     assert out.shape == (1, 5) and out.dtype == torch.long
     # the same tokens as a hand-written greedy loop: full forward over the prompt and the tokens so far, argmax
     # of the last position with the placeholders suppressed
@@ -194,7 +228,10 @@ def test_save_load_round_trip_and_generation(tmp_path, family):
 
 def test_connectors_shapes_and_pooling():
     mlp = MLPConnector(ConnectorSpec("mlp", in_dim=8, out_dim=16, max_tokens=5))
-    tokens, mask = torch.randn(3, 12, 8), torch.tensor([[1] * 12, [1] * 3 + [0] * 9, [1] * 7 + [0] * 5], dtype=torch.bool)
+    tokens, mask = (
+        torch.randn(3, 12, 8),
+        torch.tensor([[1] * 12, [1] * 3 + [0] * 9, [1] * 7 + [0] * 5], dtype=torch.bool),
+    )
     out, m = mlp(tokens, mask)
     assert out.shape == (3, 5, 16) and m.sum(1).tolist() == [5, 3, 5] == [mlp.num_tokens(n) for n in (12, 3, 7)]
     # pooling a row does not depend on how much padding its batch had
@@ -224,8 +261,13 @@ def test_soft_tokens_start_at_the_text_embedding_scale():
     text = llm.get_input_embeddings()(torch.arange(vocab))
     rms = embedding_rms(llm)
     assert abs(rms - float(text.pow(2).mean(-1).sqrt().median())) < 0.05 * rms
-    assert rms > 3 * float(llm.get_input_embeddings().weight.pow(2).mean(-1).sqrt().median())  # Gemma scales by sqrt(width)
-    cfg = MLLMTrainConfig(llm="tiny:gemma3", connectors={"image": {"kind": "mlp"}, "audio": {"kind": "qformer", "num_queries": 3, "num_heads": 4}})
+    assert rms > 3 * float(
+        llm.get_input_embeddings().weight.pow(2).mean(-1).sqrt().median()
+    )  # Gemma scales by sqrt(width)
+    cfg = MLLMTrainConfig(
+        llm="tiny:gemma3",
+        connectors={"image": {"kind": "mlp"}, "audio": {"kind": "qformer", "num_queries": 3, "num_heads": 4}},
+    )
     specs = connector_specs(cfg, {"image": 20, "audio": 12}, 64, ["image", "audio"], rms)
     model = MultimodalLLM(llm, specs, ids)
     for m, d in (("image", 20), ("audio", 12)):
@@ -234,7 +276,9 @@ def test_soft_tokens_start_at_the_text_embedding_scale():
         gain = next(p for n, p in model.connectors[m].named_parameters() if n.endswith("gain"))
         soft.sum().backward()
         assert gain.grad is not None and gain.grad.abs().sum() > 0
-    raw = connector_specs(MLLMTrainConfig(connectors={"image": {"norm": False}}), {"image": 20}, 64, ["image"], rms)["image"]
+    raw = connector_specs(MLLMTrainConfig(connectors={"image": {"norm": False}}), {"image": 20}, 64, ["image"], rms)[
+        "image"
+    ]
     assert raw.out_scale == 0.0 and not any(n.endswith("gain") for n, _ in MLPConnector(raw).named_parameters())
     with pytest.raises(ValueError, match="out_scale"):
         ConnectorSpec("mlp", 8, 16, out_scale=-1.0)

@@ -12,8 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_unimoe_demo_quick(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "omnimoe.cli", "mllm", "demo", "--quick", "--out", str(tmp_path)], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=1800)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "omnimoe.cli", "mllm", "demo", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=1800,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())
     tasks = {"image-what", "image-category", "image-yesno", "speech-what", "sound-what"}
@@ -38,10 +44,16 @@ def test_unimoe_demo_quick(tmp_path):
     assert "| stage3 moe |" in done.stdout and "spread" in done.stdout and "swapped" in done.stdout
     config = json.loads((tmp_path / "stage3-moe" / "model" / "config.json").read_text())
     sources = next(iter(config["expert_sources"].values()))
-    assert sources[0] == "base:gemma3-270m" and sorted(s.split(":")[1] for s in sources[1:]) == ["image", "sound", "speech"]
+    assert sources[0] == "base:gemma3-270m" and sorted(s.split(":")[1] for s in sources[1:]) == [
+        "image",
+        "sound",
+        "speech",
+    ]
     assert config["moe_layers"] == list(range(0, 18, 2)) and str(tmp_path) not in json.dumps(config)
     load = json.loads((tmp_path / "stage3-moe" / "expert_load.json").read_text())
-    assert set(load) == {"image", "speech", "sound"} and all(abs(sum(v) - 1) < 1e-5 for g in load.values() for v in g.values())
+    assert set(load) == {"image", "speech", "sound"} and all(
+        abs(sum(v) - 1) < 1e-5 for g in load.values() for v in g.values()
+    )
     assert (tmp_path / "scores.png").stat().st_size > 1000 and (tmp_path / "expert_load.png").stat().st_size > 1000
     assert (tmp_path / "chat.png").stat().st_size > 1000
     prealigned = json.loads((tmp_path / "stage1" / "stage.json").read_text())["prealign"]
@@ -49,8 +61,14 @@ def test_unimoe_demo_quick(tmp_path):
 
     # choosing a recipe: the validation split (carved from train) is scored, the test split is never read
     val = tmp_path / "val"
-    done = subprocess.run([sys.executable, "-m", "omnimoe.cli", "mllm", "demo", "--quick", "--held-out", "val", "--out", str(val)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "omnimoe.cli", "mllm", "demo", "--quick", "--held-out", "val", "--out", str(val)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=1800,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     val_records = json.loads((val / "tasks" / "val.json").read_text())
     trained = {r["source_id"] for r in json.loads((val / "tasks" / "stage1.json").read_text())}
@@ -60,6 +78,12 @@ def test_unimoe_demo_quick(tmp_path):
     assert all(r["n"] == per_task[r["task"]] for r in rows if r["stage"] == "3")
     assert {c["id"] for c in json.loads((val / "chat.json").read_text())} <= {r["source_id"] for r in val_records}
     assert not (val / "tasks" / "test-eval.json").exists()
-    wrong = subprocess.run([sys.executable, "-m", "omnimoe.cli", "mllm", "demo", "--quick", "--out", str(val)], capture_output=True,
-                           text=True, cwd=ROOT, env=env, timeout=600)  # fmt: skip
+    wrong = subprocess.run(
+        [sys.executable, "-m", "omnimoe.cli", "mllm", "demo", "--quick", "--out", str(val)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
     assert wrong.returncode == 2 and "held_out=val" in wrong.stderr and "another output folder" in wrong.stderr

@@ -13,8 +13,15 @@ from omnimoe.data.adapters import normalise_caption
 from omnimoe.data.manifest import read_manifest
 from omnimoe.mllm.metrics import closed_correct, normalise_answer, resolve_choice, score, summarise, token_f1
 from omnimoe.mllm.model import PLACEHOLDERS as MODEL_PLACEHOLDERS
-from omnimoe.mllm.tasks import (ALIGN_TASKS, GROUPS, INSTRUCT_TASKS, PLACEHOLDERS, TASKS, build_tuxpaint_tasks,
-                                noun_phrase)  # fmt: skip
+from omnimoe.mllm.tasks import (
+    ALIGN_TASKS,
+    GROUPS,
+    INSTRUCT_TASKS,
+    PLACEHOLDERS,
+    TASKS,
+    build_tuxpaint_tasks,
+    noun_phrase,
+)
 
 FILES = ("stage1.json", "stage2-image.json", "stage2-speech.json", "stage2-sound.json", "stage3.json", "test.json")
 TRAIN_FILES = FILES[:-1]
@@ -101,6 +108,7 @@ def test_records_follow_the_contract(built):
 
 def test_no_test_caption_is_a_train_answer(built):
     _, _, files = built
+
     def open_answers(recs):
         return {normalise_caption(r["answer"]) for r in recs if TASKS[r["task"]]["kind"] == "open"}
 
@@ -119,8 +127,9 @@ def test_yesno_balanced_and_categories_closed(manifest, built):
         assert set(answers) == {"Yes.", "No."} and abs(answers["Yes."] - answers["No."]) <= 1, answers
         for r in yesno:
             assert r["choices"] == ["yes", "no"]
-            caption = next(x["answer"] for x in files[name]
-                           if x["task"] == "image-what" and x["source_id"] == r["source_id"])  # fmt: skip
+            caption = next(
+                x["answer"] for x in files[name] if x["task"] == "image-what" and x["source_id"] == r["source_id"]
+            )
             asks_own = f"Is this {noun_phrase(caption)}?" in r["conversations"][0]["value"]
             assert asks_own == (r["answer"] == "Yes."), r
     categories = sorted({r["category"] for r in read_manifest(manifest[0])})
@@ -169,7 +178,9 @@ def test_validation_split(manifest, built, tmp_path):
     for name in TRAIN_FILES:
         train = json.loads((out / name).read_text())
         assert not val_items & {r["source_id"] for r in train}, name
-        assert not captions & {normalise_caption(r["answer"]) for r in train if r["task"] in ("image-what", "caption-image")}
+        assert not captions & {
+            normalise_caption(r["answer"]) for r in train if r["task"] in ("image-what", "caption-image")
+        }
     # carved from train only: the test split is untouched; train + val = the train split without val
     assert (out / "test.json").read_bytes() == (built[0] / "test.json").read_bytes()
     n_train = {r["source_id"] for r in files["stage3.json"]}

@@ -58,7 +58,9 @@ def assert_same(a, b, tol):
 @pytest.mark.parametrize("expert_type,act,bias", [("glu", "silu", False), ("mlp", "gelu", True)])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_backend_equals_dense_oracle(backend, dtype, expert_type, act, bias, k):
-    layer = make_layer(backend=backend, expert_type=expert_type, hidden_act=act, expert_bias=bias, num_experts_per_tok=k)
+    layer = make_layer(
+        backend=backend, expert_type=expert_type, hidden_act=act, expert_bias=bias, num_experts_per_tok=k
+    )
     with torch.no_grad():  # make the biases non-trivial
         for p in layer.experts.parameters():
             if p.dim() == 2:
@@ -195,8 +197,14 @@ def _hand_losses(logits, k, valid):
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_aux_and_z_loss_equal_hand_computed(k):
-    cfg = MoEConfig(hidden_size=3, intermediate_size=8, num_experts=3, num_experts_per_tok=k,
-                    router_aux_loss_coef=0.01, router_z_loss_coef=0.001)  # fmt: skip
+    cfg = MoEConfig(
+        hidden_size=3,
+        intermediate_size=8,
+        num_experts=3,
+        num_experts_per_tok=k,
+        router_aux_loss_coef=0.01,
+        router_z_loss_coef=0.001,
+    )
     layer = MoELayer(cfg)
     with torch.no_grad():
         layer.router.weight.copy_(torch.eye(3))  # logits = inputs
@@ -320,8 +328,13 @@ def test_jitter_only_in_training():
 
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 def test_expert_bias_balancing_moves_load_toward_uniform(norm_topk_prob):
-    layer = make_layer(num_experts=4, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob,
-                       router_bias_update_rate=0.05, router_bias=True)  # fmt: skip
+    layer = make_layer(
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=norm_topk_prob,
+        router_bias_update_rate=0.05,
+        router_bias=True,
+    )
     with torch.no_grad():
         layer.router.bias.copy_(torch.tensor([1.0, 0.0, 0.0, -1.0]))
     x = torch.randn(512, H)

@@ -20,8 +20,17 @@ H, F, E = 32, 64, 8
 
 def make_layer(seed=0, backend="auto"):
     torch.manual_seed(seed)
-    layer = MoELayer(MoEConfig(hidden_size=H, intermediate_size=F, num_experts=E, num_experts_per_tok=2,
-                               router_bias=True, backend=backend, expert_bias=True))  # fmt: skip
+    layer = MoELayer(
+        MoEConfig(
+            hidden_size=H,
+            intermediate_size=F,
+            num_experts=E,
+            num_experts_per_tok=2,
+            router_bias=True,
+            backend=backend,
+            expert_bias=True,
+        )
+    )
     with torch.no_grad():
         # Uneven load: expert 0 popular, experts 6 and 7 never chosen (so at 4 ranks rank 3 gets no token).
         layer.router.bias.copy_(torch.tensor([1.5, 0.5, 0.0, 0.0, 0.0, -0.5, -1e4, -1e4]))
@@ -74,7 +83,9 @@ def _parity_worker(rank, world, dtype_name, backend):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("dtype_name,backend", [("float32", "grouped_mm"), ("float32", "loop"), ("bfloat16", "grouped_mm")])
+@pytest.mark.parametrize(
+    "dtype_name,backend", [("float32", "grouped_mm"), ("float32", "loop"), ("bfloat16", "grouped_mm")]
+)
 def test_expert_parallel_equals_single_process(world, dtype_name, backend):
     run_distributed(_parity_worker, world, dtype_name, backend)
 
@@ -160,8 +171,12 @@ def _ddp_worker(rank, world):
     model = Block(make_layer(seed=0))
     ref = copy.deepcopy(model)
     parallelize_experts(model)
-    assert set(expert_parameter_names(model)) == {"moe.experts.gate_up_proj", "moe.experts.down_proj",
-                                                   "moe.experts.gate_up_proj_bias", "moe.experts.down_proj_bias"}  # fmt: skip
+    assert set(expert_parameter_names(model)) == {
+        "moe.experts.gate_up_proj",
+        "moe.experts.down_proj",
+        "moe.experts.gate_up_proj_bias",
+        "moe.experts.down_proj_bias",
+    }
     ddp = data_parallel(model)
     assert "moe._load_since_update" in ddp.parameters_to_ignore  # per-rank counters are not broadcast
     n = 6  # equal local batches, per-rank mean loss
@@ -196,10 +211,16 @@ def test_torchrun_expert_parallel_training(tmp_path):
     import subprocess
     import sys
 
-
     from omnimoe.io import read_json
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # binds its own free port
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]  # binds its own free port
     cmd = torchrun + ["-m", "omnimoe.demos.expert_parallel", "--out", str(tmp_path), "--steps", "60"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[:2000] + "\n...\n" + out.stderr[-3000:]

@@ -25,10 +25,15 @@ def setup(tmp_path_factory):
     image = 6 * torch.eye(K) + 0.3 * torch.randn(K, K, generator=g)  # dim K: the logits themselves
     text = label_vectors + 0.05 * torch.randn(K, 12, generator=g)
     ids = [f"s{i}" for i in range(K)]
-    recs = [{"id": sid, "split": ("test", "val", "train", "train", "train")[i % 5], "text": f"caption {i}"} for i, sid in enumerate(ids)]
+    recs = [
+        {"id": sid, "split": ("test", "val", "train", "train", "train")[i % 5], "text": f"caption {i}"}
+        for i, sid in enumerate(ids)
+    ]
     manifest = write_manifest(folder / "m.jsonl", recs)
     write_store(folder / "text", ids, text, {"encoder": "synthetic-text", "modality": "text"})
-    write_store(folder / "image", ids[::-1], image.flip(0), {"encoder": "synthetic-image", "modality": "image"})  # other row order
+    write_store(
+        folder / "image", ids[::-1], image.flip(0), {"encoder": "synthetic-image", "modality": "image"}
+    )  # other row order
     data = AlignmentData(manifest, {"text": folder / "text", "image": folder / "image"})
     prior = LabelPrior("image", "text", LabelHead(torch.eye(K), torch.zeros(K), names), label_vectors)
     return data, prior, label_vectors
@@ -46,10 +51,16 @@ def test_bridge_lands_on_the_class_name(setup):
 def test_prior_scores_orientation_and_zero_shot_rows(setup):
     data, prior, _ = setup
     pairs = data.pairs("image->text", "test")
-    forward, backward = prior.scores(data, "text->image", data.pairs("text->image", "test")), prior.scores(data, "image->text", pairs)
+    forward, backward = (
+        prior.scores(data, "text->image", data.pairs("text->image", "test")),
+        prior.scores(data, "image->text", pairs),
+    )
     torch.testing.assert_close(backward, forward.t())  # rows are always the queries
     rows = prior_rows(data, ["text->image", "image->text"], {"image": prior})
-    assert [(r["query"], r["target"], r["head"]) for r in rows] == [("text", "image", "prior"), ("image", "text", "prior")]
+    assert [(r["query"], r["target"], r["head"]) for r in rows] == [
+        ("text", "image", "prior"),
+        ("image", "text", "prior"),
+    ]
     assert all(r["R@1"] == 1.0 and r["n"] == len(pairs) for r in rows)
     assert prior_rows(data, ["text->image"], {}) == []
 
@@ -87,7 +98,12 @@ def test_efficientnet_label_head_is_the_networks_own_classifier(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(tmp_path / "x.png")
     enc = load_encoder("efficientnet-lite0", EncoderOptions(dtype="float32"))  # exact: no bf16 autocast
     head = enc.label_head()
-    assert head is not None and head.weight.shape == (1000, 1280) and len(head.names) == 1000 and head.names[1] == "goldfish"
+    assert (
+        head is not None
+        and head.weight.shape == (1000, 1280)
+        and len(head.names) == 1000
+        and head.names[1] == "goldfish"
+    )
     loaded = enc.load_item(tmp_path / "x.png")
     with torch.no_grad():
         expected = enc.model(loaded[None].to(enc.device)).float()  # the whole network, classifier included
@@ -107,19 +123,37 @@ def test_training_on_top_of_the_prior(setup, tmp_path):
 
     data, prior, _ = setup
     directions = ["text->image", "image->text"]
-    cfg = TrainConfig(method="linear", steps=40, eval_every=20, warmup_steps=5, batch_size=16, dtype="float32", prior_weight=1.0,
-                      select_on="R@1")
+    cfg = TrainConfig(
+        method="linear",
+        steps=40,
+        eval_every=20,
+        warmup_steps=5,
+        batch_size=16,
+        dtype="float32",
+        prior_weight=1.0,
+        select_on="R@1",
+    )
     result = train(data, directions, cfg, tmp_path / "with", progress=False, priors={"image": prior})
     assert result["best_val"] == 1.0  # judged by learned + prior: the prior alone is perfect here
     from omnimoe.align.trainer import load_best
 
-    rows, weights = fused_rows(load_best(cfg, data, directions, tmp_path / "with"), data, directions, {"image": prior}, cfg)
+    rows, weights = fused_rows(
+        load_best(cfg, data, directions, tmp_path / "with"), data, directions, {"image": prior}, cfg
+    )
     assert weights == {d: 1.0 for d in directions} and all(r["R@1"] == 1.0 for r in rows)  # scored as trained
-    plain = train(data, directions, TrainConfig(**{**cfg.__dict__, "prior_weight": 0.0}), tmp_path / "plain", progress=False,
-                  priors={"image": prior})  # fmt: skip
+    plain = train(
+        data,
+        directions,
+        TrainConfig(**{**cfg.__dict__, "prior_weight": 0.0}),
+        tmp_path / "plain",
+        progress=False,
+        priors={"image": prior},
+    )
     assert plain["best_val"] < 0.8  # without the prior 40 steps on 36 pairs learn little
     with pytest.warns(UserWarning, match="no label prior applies"):
-        train(data, directions, TrainConfig(**{**cfg.__dict__, "steps": 2}), tmp_path / "none", progress=False, priors={})
+        train(
+            data, directions, TrainConfig(**{**cfg.__dict__, "steps": 2}), tmp_path / "none", progress=False, priors={}
+        )
 
 
 def test_token_inputs_train_on_top_of_the_prior(setup, tmp_path):
@@ -137,13 +171,30 @@ def test_token_inputs_train_on_top_of_the_prior(setup, tmp_path):
         tokens = torch.cat([x[:, None] + noise, x[:, None] - noise, torch.full_like(x[:, None], 50.0)], 1)
         data.tokens[m] = (tokens, torch.tensor([[True, True, False]]).repeat(len(x), 1))
     directions = ["text->image", "image->text"]
-    cfg = TrainConfig(method="moe-alternating", steps=20, eval_every=10, warmup_steps=5, batch_size=16, dtype="float32",
-                      select_on="R@1", token_inputs=True, prior_weight=4.0, hidden_size=32, contrastive_dim=16, num_experts=4, num_experts_per_tok=2)  # fmt: skip
+    cfg = TrainConfig(
+        method="moe-alternating",
+        steps=20,
+        eval_every=10,
+        warmup_steps=5,
+        batch_size=16,
+        dtype="float32",
+        select_on="R@1",
+        token_inputs=True,
+        prior_weight=4.0,
+        hidden_size=32,
+        contrastive_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
     result = train(data, directions, cfg, tmp_path / "tok", progress=False, priors={"image": prior})
     assert result["best_val"] == 1.0  # the perfect prior (weighted to dominate) is in the selection score
-    rows, weights = fused_rows(load_best(cfg, data, directions, tmp_path / "tok"), data, directions, {"image": prior}, cfg)
+    rows, weights = fused_rows(
+        load_best(cfg, data, directions, tmp_path / "tok"), data, directions, {"image": prior}, cfg
+    )
     assert weights == {d: 4.0 for d in directions} and all(r["R@1"] == 1.0 for r in rows)
-    plain = train(data, directions, TrainConfig(**{**cfg.__dict__, "prior_weight": 0.0}), tmp_path / "plain", progress=False)
+    plain = train(
+        data, directions, TrainConfig(**{**cfg.__dict__, "prior_weight": 0.0}), tmp_path / "plain", progress=False
+    )
     assert plain["best_val"] < 0.8
 
 
@@ -155,7 +206,9 @@ def _prior_loss_worker(rank, world, q_all, k_all, prior):
     q, k = q_all[mine].clone().requires_grad_(), k_all[mine]
     ka, offset = gather_rows(k)
     qa, _ = gather_rows(q)
-    loss = info_nce(q, k, 10.0, key_all=ka, query_all=qa, offset=offset, prior_qk=prior[mine], prior_kq=prior[:, mine].t())
+    loss = info_nce(
+        q, k, 10.0, key_all=ka, query_all=qa, offset=offset, prior_qk=prior[mine], prior_kq=prior[:, mine].t()
+    )
     losses = torch.tensor([loss.item()])
     torch.distributed.all_reduce(losses)
     reference = info_nce(q_all, k_all, 10.0, prior_qk=prior, prior_kq=prior.t())
@@ -171,5 +224,7 @@ def test_prior_logits_with_gathered_negatives_equal_one_big_batch():
     g = torch.Generator().manual_seed(4)
     q, k, prior = torch.randn(12, 8, generator=g), torch.randn(12, 8, generator=g), torch.rand(12, 12, generator=g)
     without = info_nce(q, k, 10.0)
-    assert info_nce(q, k, 10.0, prior_qk=10 * torch.eye(12), prior_kq=10 * torch.eye(12)) < without  # a prior that knows the pairs helps
+    assert (
+        info_nce(q, k, 10.0, prior_qk=10 * torch.eye(12), prior_kq=10 * torch.eye(12)) < without
+    )  # a prior that knows the pairs helps
     run_distributed(_prior_loss_worker, 2, q, k, prior)

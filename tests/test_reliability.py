@@ -60,8 +60,13 @@ def run(demo_run, tmp_path_factory):
 
 def align_args(run: Path, **change: str) -> list[str]:
     summary = json.loads((run / "summary.json").read_text())
-    args = {"--manifest": str(run / summary["manifest"]), "--out": str(run), "--seeds": "0",
-            "--encoders": ",".join(f"{m}={e}" for m, e in summary["encoders"].items()), "--methods": ",".join(summary["methods"])}  # fmt: skip
+    args = {
+        "--manifest": str(run / summary["manifest"]),
+        "--out": str(run),
+        "--seeds": "0",
+        "--encoders": ",".join(f"{m}={e}" for m, e in summary["encoders"].items()),
+        "--methods": ",".join(summary["methods"]),
+    }
     args.update(change)
     return ["align", *[x for kv in args.items() for x in kv]]
 
@@ -93,7 +98,12 @@ ALIGN_CASES = [
     ("unknown-key", ["--set", "stepz=3"], 2, "stepz"),
     ("override-without-value", ["--set", "steps"], 2, "'steps' is not of the form"),
     ("override-empty-key", ["--set", "=3"], 2, "empty key"),
-    ("no-loss-weights", ["--set", "regression_weight=0", "--set", "contrastive_weight=0"], 2, "regression_weight + contrastive_weight"),
+    (
+        "no-loss-weights",
+        ["--set", "regression_weight=0", "--set", "contrastive_weight=0"],
+        2,
+        "regression_weight + contrastive_weight",
+    ),
     ("seeds-word", ["--seeds", "x"], 2, "--seeds 'x'"),
     ("seeds-twice", ["--seeds", "1,1"], 2, "listed twice"),
     ("seeds-empty", ["--seeds", ","], 2, "--seeds ','"),
@@ -101,9 +111,19 @@ ALIGN_CASES = [
     ("unknown-method", ["--methods", "nope"], 2, "unknown method(s) ['nope']"),
     ("one-modality", ["--encoders", "text=minilm"], 2, "at least two modalities"),
     ("encoder-item-malformed", ["--encoders", "text=minilm,image"], 2, "'image' is not of the form"),
-    ("encoder-reads-other-modality", ["--encoders", "text=minilm,image=whisper-tiny"], 2, "whisper-tiny reads audio, but the field 'image' holds image"),
+    (
+        "encoder-reads-other-modality",
+        ["--encoders", "text=minilm,image=whisper-tiny"],
+        2,
+        "whisper-tiny reads audio, but the field 'image' holds image",
+    ),
     ("encoder-field-missing", ["--encoders", "text=minilm,image=efficientnet-lite0@picture"], 2, "no field 'picture'"),
-    ("changed-encoder-into-run", ["--encoders", "CHANGE:image=efficientnet-lite1"], 2, "holds a run of other inputs (encoders"),
+    (
+        "changed-encoder-into-run",
+        ["--encoders", "CHANGE:image=efficientnet-lite1"],
+        2,
+        "holds a run of other inputs (encoders",
+    ),
     ("renamed-modality-into-run", ["--encoders", "RENAME:image=picture"], 2, "holds a run of other inputs"),
     ("token-inputs-into-run", ["--set", "token_inputs=true"], 2, "token_inputs: False"),
     ("manifest-missing", ["--manifest", "MISSING"], 2, "does not exist"),
@@ -225,14 +245,28 @@ def _damage(store: Path, how: str) -> str:
         vectors[3] = math.nan
         shutil.rmtree(store)
         store.mkdir()
-        write_shard(store / shard_name(0), 0, {k: v for k, v in opened.index.items() if k not in ("shards", "format")}, opened.ids, [],
-                    {"pooled": vectors})  # fmt: skip
+        write_shard(
+            store / shard_name(0),
+            0,
+            {k: v for k, v in opened.index.items() if k not in ("shards", "format")},
+            opened.ids,
+            [],
+            {"pooled": vectors},
+        )
         rebuild_index(store, extra={"complete": True})
         return f"row(s) hold NaN or inf, e.g. ['{opened.ids[3]}']"
     raise AssertionError(how)
 
 
-STORE_CASES = ["flipped-byte", "truncated-shard", "shard-missing", "index-not-json", "index-missing", "header-damaged", "nan-rows"]
+STORE_CASES = [
+    "flipped-byte",
+    "truncated-shard",
+    "shard-missing",
+    "index-not-json",
+    "index-missing",
+    "header-damaged",
+    "nan-rows",
+]
 
 
 @pytest.mark.parametrize("how", STORE_CASES)
@@ -265,10 +299,17 @@ INDEX_CASES = ["flipped-byte", "truncated", "ids-dropped", "meta-not-json", "dat
 @pytest.mark.parametrize("how", INDEX_CASES)
 def test_a_damaged_index_is_refused(tmp_path, how):
     rng = np.random.default_rng(0)
-    VectorIndex.build(rng.standard_normal((300, 16)).astype(np.float32), [f"i{n}" for n in range(300)]).save(tmp_path / "ix")
+    VectorIndex.build(rng.standard_normal((300, 16)).astype(np.float32), [f"i{n}" for n in range(300)]).save(
+        tmp_path / "ix"
+    )
     data, meta = tmp_path / "ix" / "index.faiss", tmp_path / "ix" / "index.json"
-    expect = {"flipped-byte": "does not match its checksum", "truncated": "bytes", "ids-dropped": "300 vectors but 299 ids",
-              "meta-not-json": "index.json is not valid JSON", "data-missing": "index.faiss is missing"}[how]  # fmt: skip
+    expect = {
+        "flipped-byte": "does not match its checksum",
+        "truncated": "bytes",
+        "ids-dropped": "300 vectors but 299 ids",
+        "meta-not-json": "index.json is not valid JSON",
+        "data-missing": "index.faiss is missing",
+    }[how]
     if how == "flipped-byte":
         _flip_byte(data, 0.5)
     elif how == "truncated":
@@ -316,7 +357,9 @@ def test_data_validate_names_each_bad_record(tmp_path, case, record, message):
     folder = _media_folder(tmp_path)
     good = [{"id": "ok", "split": "train", "text": "A red square.", "image": "good.png", "audio": "good.wav"}]
     manifest = write_manifest(folder / "manifest.jsonl", good + [record])
-    assert cli("data", "validate", str(write_manifest(folder / "good.jsonl", good)))[0] == 0  # the good record alone passes
+    assert (
+        cli("data", "validate", str(write_manifest(folder / "good.jsonl", good)))[0] == 0
+    )  # the good record alone passes
     exit_code, output = cli("data", "validate", str(manifest))
     assert exit_code == 1 and message in output and f"line 2 (id {record['id']!r})" in output, (case, exit_code, output)
 
@@ -365,8 +408,14 @@ def served(run, tmp_path_factory):
     log = copy.parent / "serve.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "omnimoe.cli", "serve", "--run", str(copy), "--port", "0", "--max-upload-mb", "1"],
-                                stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, env=env)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "omnimoe.cli", "serve", "--run", str(copy), "--port", "0", "--max-upload-mb", "1"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
         url, deadline = None, time.time() + 300
         while time.time() < deadline and url is None:
             line = proc.stdout.readline()
@@ -411,8 +460,10 @@ def test_chunked_upload_over_the_limit_is_413_and_logged(served):
     parsed = urlparse(url)
     conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=60)
     boundary = "xyz"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
 
     def body():
         yield head
@@ -420,7 +471,13 @@ def test_chunked_upload_over_the_limit_is_413_and_logged(served):
             yield b"\0" * 65536
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    conn.request("POST", "/search", body=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, encode_chunked=True)
+    conn.request(
+        "POST",
+        "/search",
+        body=body(),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        encode_chunked=True,
+    )
     response = conn.getresponse()
     assert response.status == 413 and b"upload limit" in response.read()
     conn.close()
@@ -433,7 +490,9 @@ def test_chunked_upload_over_the_limit_is_413_and_logged(served):
 def test_docs_work_offline(served):
     url, log, _ = served
     page = httpx.get(f"{url}/docs")
-    assert page.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in page.text and "cdn" not in page.text.lower()
+    assert (
+        page.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in page.text and "cdn" not in page.text.lower()
+    )
     js = httpx.get(f"{url}/docs-assets/swagger-ui-bundle.js")
     assert js.status_code == 200 and len(js.content) > 100_000
     assert httpx.get(f"{url}/docs-assets/swagger-ui.css").status_code == 200
@@ -443,8 +502,15 @@ def test_docs_work_offline(served):
 
 def test_case_count():
     """The reliability section of the docs quotes this count."""
-    cases = (len(ALIGN_CASES) + len(MLLM_CASES) + len(STORE_CASES) + len(INDEX_CASES) + len(MANIFEST_CASES) + len(HTTP_CASES)
-             + 9)  # malformed line, chunked 413, non-finite values, copied run, 3 damaged shards redone, 2 connector keys  # fmt: skip
+    cases = (
+        len(ALIGN_CASES)
+        + len(MLLM_CASES)
+        + len(STORE_CASES)
+        + len(INDEX_CASES)
+        + len(MANIFEST_CASES)
+        + len(HTTP_CASES)
+        + 9
+    )  # malformed line, chunked 413, non-finite values, copied run, 3 damaged shards redone, 2 connector keys
     assert cases == 97, cases  # docs/reliability.md quotes 97
 
 
@@ -466,7 +532,11 @@ def test_extraction_redoes_a_damaged_shard(tmp_path, how):
 
 
 def test_a_bad_connector_key_fails_when_the_recipe_is_read(tmp_path):
-    exit_code, output = cli("mllm", "train", "--stage", "1", "--out", str(tmp_path / "s"), "--set", "connectors.image.hiden_dim=64")
+    exit_code, output = cli(
+        "mllm", "train", "--stage", "1", "--out", str(tmp_path / "s"), "--set", "connectors.image.hiden_dim=64"
+    )
     assert exit_code == 2 and "connectors.image.hiden_dim" in output and not (tmp_path / "s").exists()
-    exit_code, output = cli("mllm", "train", "--stage", "1", "--out", str(tmp_path / "s"), "--set", "connectors.audio.dropout=1.5")
+    exit_code, output = cli(
+        "mllm", "train", "--stage", "1", "--out", str(tmp_path / "s"), "--set", "connectors.audio.dropout=1.5"
+    )
     assert exit_code == 2 and "connectors.audio.dropout: 1.5" in output

@@ -46,9 +46,16 @@ def test_live_queries_match_the_stored_latents(demo_run):
     run, _ = demo_run
     retriever = Retriever(run)
     manifest = retriever.stores["image"].manifest
-    sample = next(r for r in read_manifest(manifest) if r["id"] in retriever.stores["image"].ids and r["id"] in retriever.stores["speech"].ids)
-    cases = [("text", "image", sample["text"]), ("image", "text", str(media_path(manifest, sample["image"]))),
-             ("speech", "text", str(media_path(manifest, sample["audio"])))]  # fmt: skip
+    sample = next(
+        r
+        for r in read_manifest(manifest)
+        if r["id"] in retriever.stores["image"].ids and r["id"] in retriever.stores["speech"].ids
+    )
+    cases = [
+        ("text", "image", sample["text"]),
+        ("image", "text", str(media_path(manifest, sample["image"]))),
+        ("speech", "text", str(media_path(manifest, sample["audio"]))),
+    ]
     for source, target, query in cases:
         live = retriever.embed(source, target, [query])[0]
         stored, top = stored_ranking(retriever, source, target, sample["id"], 5)
@@ -59,7 +66,9 @@ def test_live_queries_match_the_stored_latents(demo_run):
     # batched: the same answers as one at a time
     texts = [r["text"] for r in read_manifest(manifest)[:6]]
     batch = retriever.search("text", "image", texts, 3)
-    assert [[h.id for h in row] for row in batch] == [[h.id for h in retriever.search("text", "image", [t], 3)[0]] for t in texts]
+    assert [[h.id for h in row] for row in batch] == [
+        [h.id for h in retriever.search("text", "image", [t], 3)[0]] for t in texts
+    ]
 
 
 def test_query_errors_name_the_problem(demo_run, tmp_path):
@@ -93,7 +102,9 @@ def test_index_is_reused_refused_for_another_connector_and_rebuilt(demo_run, tmp
     with pytest.raises(IndexMismatch, match="connector"):
         Retriever(run).index("text->image")
     rebuilt = Retriever(run, rebuild=True).search("text", "image", ["A frog."], 5)[0]
-    assert [h.id for h in rebuilt] != [h.id for h in first] or [h.score for h in rebuilt] != pytest.approx([h.score for h in first])
+    assert [h.id for h in rebuilt] != [h.id for h in first] or [h.score for h in rebuilt] != pytest.approx(
+        [h.score for h in first]
+    )
     assert Retriever(run).search("text", "image", ["A frog."], 5)[0] == rebuilt  # the rebuilt index is kept
 
 
@@ -106,7 +117,10 @@ def test_new_items_are_added_without_a_rebuild(demo_run, tmp_path):
     manifest = store.manifest
     records = read_manifest(manifest)
     extra = [{**r, "id": r["id"] + "-copy", "split": "test"} for r in records if r.get("image")][:2]
-    grown = write_manifest(tmp_path / "grown.jsonl", [{**r, "image": str(media_path(manifest, r["image"]))} if r.get("image") else r for r in records + extra])
+    grown = write_manifest(
+        tmp_path / "grown.jsonl",
+        [{**r, "image": str(media_path(manifest, r["image"]))} if r.get("image") else r for r in records + extra],
+    )
     extract(grown, store.index["encoder"], store.folder, field="image", progress=False)
     added = retriever.update()
     assert added["text->image"] == 2 and len(index) == n + 2
@@ -120,7 +134,9 @@ def test_new_items_are_added_without_a_rebuild(demo_run, tmp_path):
 
 def omnimoe(*args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "omnimoe.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "omnimoe.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
 
 
 def test_search_cli(demo_run, tmp_path):
@@ -130,17 +146,31 @@ def test_search_cli(demo_run, tmp_path):
     data = json.loads(out.stdout)
     assert data["direction"] == "text->image" and [r["rank"] for r in data["results"]] == [1, 2, 3]
     assert all(r["id"] and "text" in r for r in data["results"])
-    assert data["results"] == json.loads(omnimoe("search", "A frog.", "--target", "image", "-k", "3", "--run", str(run), "--json").stdout)["results"]
+    assert (
+        data["results"]
+        == json.loads(omnimoe("search", "A frog.", "--target", "image", "-k", "3", "--run", str(run), "--json").stdout)[
+            "results"
+        ]
+    )
     manifest = run / json.loads((run / "summary.json").read_text())["manifest"]
     rec = next(r for r in read_manifest(manifest) if r.get("image") and r.get("audio"))
     image = omnimoe("search", "--image", str(media_path(manifest, rec["image"])), "--target", "text", "--run", str(run))
     assert image.returncode == 0 and image.stdout.startswith("image -> text: top 5"), image.stderr[-2000:]
-    audio = omnimoe("search", "--audio", str(media_path(manifest, rec["audio"])), "--target", "image", "--run", str(run), "--json")
+    audio = omnimoe(
+        "search", "--audio", str(media_path(manifest, rec["audio"])), "--target", "image", "--run", str(run), "--json"
+    )
     assert audio.returncode == 0 and json.loads(audio.stdout)["direction"] == "speech->image", audio.stderr[-2000:]
-    linear = omnimoe("search", "A frog.", "--target", "image", "--run", str(run), "--method", "linear", "--index", "ivf")
-    assert linear.returncode == 0 and (run / "index" / "linear" / "text-to-image.ivf" / "index.json").is_file(), linear.stderr[-2000:]
-    for args, message in [((), "exactly one query"), (("x", "--target", "video"), "unknown target 'video'"),
-                          (("x", "--run", str(tmp_path)), "not an alignment run")]:  # fmt: skip
+    linear = omnimoe(
+        "search", "A frog.", "--target", "image", "--run", str(run), "--method", "linear", "--index", "ivf"
+    )
+    assert linear.returncode == 0 and (run / "index" / "linear" / "text-to-image.ivf" / "index.json").is_file(), (
+        linear.stderr[-2000:]
+    )
+    for args, message in [
+        ((), "exactly one query"),
+        (("x", "--target", "video"), "unknown target 'video'"),
+        (("x", "--run", str(tmp_path)), "not an alignment run"),
+    ]:
         bad = omnimoe("search", *args, "--run", str(run)) if "--run" not in args else omnimoe("search", *args)
         assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
 

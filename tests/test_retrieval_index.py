@@ -47,7 +47,12 @@ def test_approximate_kinds_find_most_true_neighbours(kind):
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "torch"])
 def test_save_load_and_add_without_rebuild(tmp_path, kind):
     x = clustered(1200)
-    index = VectorIndex.build(x[:1000], [f"a{i}" for i in range(1000)], IndexSpec(kind=kind), record={"connector": "abc", "direction": "text->image"})
+    index = VectorIndex.build(
+        x[:1000],
+        [f"a{i}" for i in range(1000)],
+        IndexSpec(kind=kind),
+        record={"connector": "abc", "direction": "text->image"},
+    )
     index.save(tmp_path / "ix")
     loaded = VectorIndex.load(tmp_path / "ix", expect={"connector": "abc"})
     assert loaded.ids == index.ids and loaded.spec.kind == kind

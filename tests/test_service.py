@@ -51,7 +51,10 @@ def test_health_docs_and_text_search(service):
     assert health["modalities"]["text"] == "text" and health["items"]["image"] > 50
     spec = httpx.get(f"{url}/openapi.json").json()
     assert {"/search", "/health", "/items/{item_id}"} <= set(spec["paths"])
-    assert set(spec["paths"]["/search"]["post"]["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
+    assert set(spec["paths"]["/search"]["post"]["requestBody"]["content"]) == {
+        "application/json",
+        "multipart/form-data",
+    }
     assert httpx.get(f"{url}/docs").status_code == 200
     r = httpx.post(f"{url}/search", json={"text": sample["text"], "target": "image", "k": 4})
     assert r.status_code == 200, r.text
@@ -60,8 +63,26 @@ def test_health_docs_and_text_search(service):
     scores = [h["score"] for h in data["results"]]
     assert scores == sorted(scores, reverse=True)
     # the same answer as the CLI on the same run
-    cli = subprocess.run([sys.executable, "-m", "omnimoe.cli", "search", sample["text"], "--target", "image", "-k", "4", "--run", str(run), "--json"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "omnimoe.cli",
+            "search",
+            sample["text"],
+            "--target",
+            "image",
+            "-k",
+            "4",
+            "--run",
+            str(run),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert [h["id"] for h in json.loads(cli.stdout)["results"]] == [h["id"] for h in data["results"]]
     batch = httpx.post(f"{url}/search", json={"queries": [sample["text"], "a bird"], "target": "image", "k": 2}).json()
     assert len(batch["batch"]) == 2 and [h["id"] for h in batch["batch"][0]] == [h["id"] for h in data["results"][:2]]
@@ -76,7 +97,11 @@ def test_upload_search_items_and_media(service):
     assert r.json()["direction"] == "image->text" and r.json()["query"]["file"] == image.name
     audio = media_path(manifest, sample["audio"])
     with open(audio, "rb") as f:
-        r = httpx.post(f"{url}/search", files={"file": (audio.name, f, "audio/wav")}, data={"target": "image", "k": "3", "source": "speech"})
+        r = httpx.post(
+            f"{url}/search",
+            files={"file": (audio.name, f, "audio/wav")},
+            data={"target": "image", "k": "3", "source": "speech"},
+        )
     assert r.status_code == 200 and r.json()["direction"] == "speech->image", r.text
     hit = r.json()["results"][0]
     item = httpx.get(f"{url}{hit['url']}").json()
@@ -85,7 +110,10 @@ def test_upload_search_items_and_media(service):
     assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
     original = httpx.get(f"{url}{item['media_urls']['image']}")
     assert original.status_code == 200 and "sandbox" in original.headers["content-security-policy"]
-    assert original.content == media_path(manifest, next(r for r in read_manifest(manifest) if r["id"] == hit["id"])["image"]).read_bytes()
+    assert (
+        original.content
+        == media_path(manifest, next(r for r in read_manifest(manifest) if r["id"] == hit["id"])["image"]).read_bytes()
+    )
 
 
 def raw_get(url: str, path: str) -> int:
@@ -113,17 +141,38 @@ def test_bad_input_gets_clear_4xx(service, tmp_path):
         (post(content=b'{"text": "a', headers={"content-type": "application/json"}), 400, "not valid JSON"),
         (post(content=b"hello", headers={"content-type": "text/plain"}), 415, "application/json"),
         (post(files={"file": ("notes.txt", b"hello", "text/plain")}, data={"target": "text"}), 415, "text/plain"),
-        (post(files={"file": ("broken.png", b"\x89PNG\r\n\x1a\ngarbage", "image/png")}, data={"target": "text"}), 400, "broken.png"),
+        (
+            post(files={"file": ("broken.png", b"\x89PNG\r\n\x1a\ngarbage", "image/png")}, data={"target": "text"}),
+            400,
+            "broken.png",
+        ),
         (post(files={"file": ("empty.png", b"", "image/png")}, data={"target": "text"}), 400, "empty"),
-        (post(files={"file": ("big.png", b"\0" * (2 * 2**20), "image/png")}, data={"target": "text"}), 413, "upload limit"),
-        (post(files={"file": ("x.png", open(media_path(manifest, sample["image"]), "rb"), "image/png")}), 422, "target is required"),
+        (
+            post(files={"file": ("big.png", b"\0" * (2 * 2**20), "image/png")}, data={"target": "text"}),
+            413,
+            "upload limit",
+        ),
+        (
+            post(files={"file": ("x.png", open(media_path(manifest, sample["image"]), "rb"), "image/png")}),
+            422,
+            "target is required",
+        ),
         (httpx.get(f"{url}/items/no/such/item"), 404, "no stored item"),
         (httpx.get(f"{url}/media/manifest/{sample['id']}"), 404, "no 'manifest' media"),
     ]
     for response, status, message in cases:
-        assert response.status_code == status and message in response.json()["detail"], (status, response.status_code, response.text)
-    for path in ("/items/../../etc/passwd", "/media/image/../../../../etc/passwd", "/media/image/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-                 "/thumbs/..%2F..%2Fetc%2Fpasswd", "/media/image//etc/passwd"):  # fmt: skip
+        assert response.status_code == status and message in response.json()["detail"], (
+            status,
+            response.status_code,
+            response.text,
+        )
+    for path in (
+        "/items/../../etc/passwd",
+        "/media/image/../../../../etc/passwd",
+        "/media/image/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/thumbs/..%2F..%2Fetc%2Fpasswd",
+        "/media/image//etc/passwd",
+    ):
         assert raw_get(url, path) == 404, path
     assert httpx.get(f"{url}/health").json()["status"] == "ok"  # still serving
 
@@ -132,8 +181,16 @@ def test_concurrent_answers_equal_the_answers_alone(service):
     """160 requests from 16 threads, which the service coalesces into shared encoder batches: each must get
     exactly the answer (ids and scores, in order) that the same request gets when sent alone."""
     url, _, sample, _ = service
-    texts = [sample["text"], "a red fire truck", "a bird", "a musical instrument", "a small green frog on a leaf",
-             "a guitar", "an old steam train crossing a bridge at night", "cat"]  # fmt: skip
+    texts = [
+        sample["text"],
+        "a red fire truck",
+        "a bird",
+        "a musical instrument",
+        "a small green frog on a leaf",
+        "a guitar",
+        "an old steam train crossing a bridge at night",
+        "cat",
+    ]
     bodies = [{"text": texts[i % 8], "target": ["image", "speech"][i // 8], "k": 3 + i % 5} for i in range(16)]
 
     def answer(body: dict) -> list[tuple[str, float]]:
@@ -160,8 +217,16 @@ def test_web_page_in_headless_chromium(service, tmp_path):
     from playwright.sync_api import sync_playwright
 
     url, _, sample, manifest = service
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]  # fmt: skip
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page()
@@ -175,7 +240,9 @@ def test_web_page_in_headless_chromium(service, tmp_path):
         scores = [float(s) for s in page.locator("#results .score").all_inner_texts()]
         assert scores == sorted(scores, reverse=True)
         assert all(c.strip() for c in page.locator("#results .caption").all_inner_texts())
-        page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+        page.wait_for_function(
+            "[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+        )
         page.screenshot(path=str(tmp_path / "text-search.png"), full_page=True)
         page.select_option("#target", "text")
         page.set_input_files("#file", str(media_path(manifest, sample["image"])))

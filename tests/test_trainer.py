@@ -24,7 +24,9 @@ def data(tmp_path_factory):
     w = torch.randn(16, 24, generator=g)
     b = torch.tanh(a @ w) + 0.1 * torch.randn(n, 24, generator=g)
     ids = [f"s{i}" for i in range(n)]
-    recs = [{"id": sid, "split": "test" if i % 5 == 0 else "train", "text": f"caption {i}"} for i, sid in enumerate(ids)]
+    recs = [
+        {"id": sid, "split": "test" if i % 5 == 0 else "train", "text": f"caption {i}"} for i, sid in enumerate(ids)
+    ]
     manifest = write_manifest(folder / "m.jsonl", recs)
     write_store(folder / "a", ids, a, {"encoder": "synthetic-a", "modality": "a"}, shard_size=128)
     write_store(folder / "b", ids[::-1], b.flip(0), {"encoder": "synthetic-b", "modality": "b"})  # other row order
@@ -32,8 +34,20 @@ def data(tmp_path_factory):
 
 
 def small(**kw):
-    base = dict(steps=150, batch_size=64, eval_every=50, warmup_steps=10, hidden_size=32, contrastive_dim=16, num_experts=4,
-                num_experts_per_tok=2, dropout=0.0, dtype="float32", lr=3e-3, select_on="R@1")  # fmt: skip
+    base = dict(
+        steps=150,
+        batch_size=64,
+        eval_every=50,
+        warmup_steps=10,
+        hidden_size=32,
+        contrastive_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        dropout=0.0,
+        dtype="float32",
+        lr=3e-3,
+        select_on="R@1",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -58,14 +72,18 @@ def test_every_method_learns_the_pairing(data, method, tmp_path):
     assert mean_r1(rows) > 10 * chance, rows
     heads = {r["head"] for r in rows}
     assert heads == ({"contrastive"} if method == "linear" else {"contrastive", "regression"})
-    assert result["best_val"] > 0 and json.loads((tmp_path / "train.json").read_text())["best_step"] == result["best_step"]
+    assert (
+        result["best_val"] > 0 and json.loads((tmp_path / "train.json").read_text())["best_step"] == result["best_step"]
+    )
 
 
 def test_resume_after_interruption_gives_the_same_result(data, tmp_path):
     cfg = small(method="moe-alternating", dropout=0.1)
     full = train(data, DIRS, cfg, tmp_path / "full", progress=False)
     assert train(data, DIRS, cfg, tmp_path / "cut", progress=False, stop_at_step=120) == {"interrupted_at": 120}
-    assert torch.load(tmp_path / "cut" / "state.pt", weights_only=False)["step"] == 100  # steps 101-120 are lost, redone
+    assert (
+        torch.load(tmp_path / "cut" / "state.pt", weights_only=False)["step"] == 100
+    )  # steps 101-120 are lost, redone
     stale = tmp_path / "cut" / ".best.pt.x1y2.tmp"  # what a kill during a write leaves
     stale.write_bytes(b"half a checkpoint")
     resumed = train(data, DIRS, cfg, tmp_path / "cut", progress=False)
@@ -94,16 +112,20 @@ def test_a_finished_run_called_again_trains_no_further(data, tmp_path):
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
     assert train(data, DIRS, cfg, tmp_path / "run", progress=False) == first
     again = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
-    assert again["step"] == state["step"] < cfg.steps and all(torch.equal(again["model"][k], v) for k, v in state["model"].items())
+    assert again["step"] == state["step"] < cfg.steps and all(
+        torch.equal(again["model"][k], v) for k, v in state["model"].items()
+    )
 
 
 def test_selection_score_reads_the_judged_head_and_metric():
     from omnimoe.align.trainer import selection_score
 
-    rows = [{"query": "text", "target": "image", "head": "contrastive", "R@1": 0.1, "R@5": 0.4, "R@10": 0.7},
-            {"query": "text", "target": "image", "head": "contrastive+prior", "R@1": 0.3, "R@5": 0.6, "R@10": 0.9},
-            {"query": "image", "target": "text", "head": "contrastive", "R@1": 0.2, "R@5": 0.5, "R@10": 0.5},
-            {"query": "image", "target": "text", "head": "regression", "R@1": 0.9, "R@5": 0.9, "R@10": 0.9}]  # fmt: skip
+    rows = [
+        {"query": "text", "target": "image", "head": "contrastive", "R@1": 0.1, "R@5": 0.4, "R@10": 0.7},
+        {"query": "text", "target": "image", "head": "contrastive+prior", "R@1": 0.3, "R@5": 0.6, "R@10": 0.9},
+        {"query": "image", "target": "text", "head": "contrastive", "R@1": 0.2, "R@5": 0.5, "R@10": 0.5},
+        {"query": "image", "target": "text", "head": "regression", "R@1": 0.9, "R@5": 0.9, "R@10": 0.9},
+    ]
     assert selection_score(rows) == pytest.approx((0.3 + 0.2) / 2)  # +prior where present, never regression
     assert selection_score(rows, "R@10") == pytest.approx((0.9 + 0.5) / 2)
     assert selection_score(rows, "mean") == pytest.approx((0.6 + 0.4) / 2)
@@ -139,12 +161,16 @@ def test_augmentation_keeps_pairs_aligned():
     s, t, _, _ = augment(small(mixup_alpha=0.5), src, tgt, torch.ones(2), torch.Generator().manual_seed(1))
     torch.testing.assert_close(t, 10 * s)  # source and target mixed with the same weights
     assert not torch.equal(s, src)
-    s2, t2, _, _ = augment(small(input_noise=0.5, mixup_alpha=0.0), src, tgt, torch.ones(2), torch.Generator().manual_seed(1))
+    s2, t2, _, _ = augment(
+        small(input_noise=0.5, mixup_alpha=0.0), src, tgt, torch.ones(2), torch.Generator().manual_seed(1)
+    )
     assert torch.equal(t2, tgt) and 0.2 < (s2 - src).std() < 0.8  # noise only on the source side
     tokens = src[:, None, :].repeat(1, 3, 1)  # (8, 3, 2) token inputs, row i's tokens all = i
     mask = torch.tensor([[1, 1, 0]] * 4 + [[1, 0, 0]] * 4, dtype=torch.bool)
     torch.manual_seed(0)
-    s3, t3, m3, p3 = augment(small(mixup_alpha=0.5), tokens, tgt, torch.ones(2), torch.Generator().manual_seed(1), mask, src)
+    s3, t3, m3, p3 = augment(
+        small(mixup_alpha=0.5), tokens, tgt, torch.ones(2), torch.Generator().manual_seed(1), mask, src
+    )
     torch.testing.assert_close(t3, 10 * s3[:, 0])  # same weights for every token and the target
     torch.testing.assert_close(p3, s3[:, 0])  # and for the pooled rows the label prior reads
     assert (m3 >= mask).all() and m3.shape == mask.shape  # the mixed row keeps the tokens of both
@@ -166,8 +192,10 @@ def _train_script(tmp_path, data, config: str, distributed: bool = False):
     return script, [str(data.manifest_path), str(folder / "a"), str(folder / "b")]
 
 
-SMALL = ("select_on='R@1', batch_size=32, eval_every=50, warmup_steps=10, hidden_size=32, contrastive_dim=16, num_experts=4, "
-         "num_experts_per_tok=2, dtype='float32', lr=3e-3")
+SMALL = (
+    "select_on='R@1', batch_size=32, eval_every=50, warmup_steps=10, hidden_size=32, contrastive_dim=16, num_experts=4, "
+    "num_experts_per_tok=2, dtype='float32', lr=3e-3"
+)
 
 
 def _gathered_loss_worker(rank, world, q_all, k_all):
@@ -209,8 +237,20 @@ def test_torchrun_ddp_training(data, tmp_path):
     import sys
 
     script, args = _train_script(tmp_path, data, f"steps=150, learnable_temperature=True, {SMALL}", distributed=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args, str(tmp_path / "out")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+        *args,
+        str(tmp_path / "out"),
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "train.json").read_text())
     assert result["best_val"] > 0.2  # far above chance (1/~25 val pairs)

@@ -85,7 +85,9 @@ def test_sliced_experts_sum_to_the_dense_ffn(make_ffn):
 
 def test_config_and_unknown_layout():
     ffn = LlamaStyleMLP()
-    base = MoEConfig(hidden_size=1, intermediate_size=1, num_experts=6, num_experts_per_tok=2, router_aux_loss_coef=0.01)
+    base = MoEConfig(
+        hidden_size=1, intermediate_size=1, num_experts=6, num_experts_per_tok=2, router_aux_loss_coef=0.01
+    )
     layer = upcycle_from_dense(ffn, base)
     assert (layer.config.hidden_size, layer.config.intermediate_size, layer.config.num_experts) == (H, F, 6)
     assert layer.config.router_aux_loss_coef == 0.01

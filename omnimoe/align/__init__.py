@@ -4,5 +4,14 @@ from omnimoe.align.connector import AltMoEConnector, ConnectorConfig, ConnectorO
 from omnimoe.align.losses import LogitScale, info_nce, regression_loss
 from omnimoe.align.schedules import DirectionSchedule
 
-__all__ = ["AltMoEConnector", "ConnectorConfig", "ConnectorOutput", "DirectionSchedule", "LogitScale", "direction_name",
-           "info_nce", "parse_direction", "regression_loss"]  # fmt: skip
+__all__ = [
+    "AltMoEConnector",
+    "ConnectorConfig",
+    "ConnectorOutput",
+    "DirectionSchedule",
+    "LogitScale",
+    "direction_name",
+    "info_nce",
+    "parse_direction",
+    "regression_loss",
+]

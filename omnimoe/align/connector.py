@@ -116,17 +116,22 @@ class AltMoEConnector(nn.Module):
         self.task_embed = nn.ParameterDict({t: nn.Parameter(torch.randn(h) * 0.02) for t in TASKS})
         self.moe = MoELayer(config.moe_config())
         self.norm = nn.ModuleDict({t: nn.LayerNorm(h) for t in TASKS})
-        self.regression_head = nn.ModuleDict({_key(x): nn.Linear(h, config.modalities[parse_direction(x)[1]]) for x in config.directions})
+        self.regression_head = nn.ModuleDict(
+            {_key(x): nn.Linear(h, config.modalities[parse_direction(x)[1]]) for x in config.directions}
+        )
         self.contrastive_head = nn.ModuleDict({_key(x): nn.Linear(h, d) for x in config.directions})
-        self.target_proj = nn.ModuleDict({_key(x): nn.Linear(config.modalities[parse_direction(x)[1]], d) for x in config.directions})
+        self.target_proj = nn.ModuleDict(
+            {_key(x): nn.Linear(config.modalities[parse_direction(x)[1]], d) for x in config.directions}
+        )
 
     def _check(self, direction: str) -> tuple[str, str]:
         if direction not in self.config.directions:
             raise ValueError(f"direction {direction!r} is not one of this connector's {self.config.directions}")
         return parse_direction(direction)
 
-    def forward(self, direction: str, source: torch.Tensor, mask: torch.Tensor | None = None,
-                tasks: tuple[str, ...] = TASKS) -> ConnectorOutput:  # fmt: skip
+    def forward(
+        self, direction: str, source: torch.Tensor, mask: torch.Tensor | None = None, tasks: tuple[str, ...] = TASKS
+    ) -> ConnectorOutput:
         """``source``: (B, D_src) pooled latents or (B, L, D_src) token states with ``mask`` (B, L).
         ``tasks``: the paths to run; retrieval needs only ``("contrastive",)`` (half the MoE work), and the
         output of a path not run is None."""
@@ -186,13 +191,18 @@ class LinearTwoTower(nn.Module):
         self.widths, self.dim = dict(widths), dim
         self.proj = nn.ModuleDict({m: nn.Linear(w, dim) for m, w in widths.items()})
 
-    def forward(self, direction: str, source: torch.Tensor, mask: torch.Tensor | None = None,
-                tasks: tuple[str, ...] = TASKS) -> ConnectorOutput:  # fmt: skip
+    def forward(
+        self, direction: str, source: torch.Tensor, mask: torch.Tensor | None = None, tasks: tuple[str, ...] = TASKS
+    ) -> ConnectorOutput:
         src, _ = parse_direction(direction)
         if src not in self.proj:
             raise ValueError(f"direction {direction!r}: no projection for modality {src!r} (have {sorted(self.proj)})")
         if source.dim() == 3:  # token states: mean over the real tokens
-            m = (torch.ones(source.shape[:2], dtype=torch.bool) if mask is None else mask).unsqueeze(-1).to(source.dtype)
+            m = (
+                (torch.ones(source.shape[:2], dtype=torch.bool) if mask is None else mask)
+                .unsqueeze(-1)
+                .to(source.dtype)
+            )
             source = (source * m).sum(1) / m.sum(1).clamp(min=1)
         zero = source.new_zeros(())
         return ConnectorOutput(None, self.proj[src](source), zero, torch.zeros(0, dtype=torch.long))  # type: ignore[arg-type]

@@ -32,8 +32,16 @@ class Pairs:
 
 
 class AlignmentData:
-    def __init__(self, manifest: str | Path, stores: dict[str, str | Path | LatentStore], group_field: str = "text",
-                 val_fraction: float = 0.1, seed: int = 0, tokens: bool = False, max_tokens: int = 128) -> None:  # fmt: skip
+    def __init__(
+        self,
+        manifest: str | Path,
+        stores: dict[str, str | Path | LatentStore],
+        group_field: str = "text",
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        tokens: bool = False,
+        max_tokens: int = 128,
+    ) -> None:
         self.manifest_path = Path(manifest)
         records = read_manifest(manifest)
         has_val = any(r.get("split") == "val" for r in records)
@@ -74,7 +82,9 @@ class AlignmentData:
         src, tgt = parse_direction(direction)
         for m in (src, tgt):
             if m not in self.latents:
-                raise ValueError(f"direction {direction!r}: no latent store for modality {m!r} (have {sorted(self.latents)})")
+                raise ValueError(
+                    f"direction {direction!r}: no latent store for modality {m!r} (have {sorted(self.latents)})"
+                )
         ids = [sid for sid, s in self.split.items() if s == split and sid in self.row[src] and sid in self.row[tgt]]
         return Pairs(
             ids,

@@ -22,9 +22,17 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smoot
     raise ValueError(f"regression loss must be smooth_l1, mse or cosine, got {kind!r}")
 
 
-def info_nce(query: torch.Tensor, key: torch.Tensor, logit_scale: torch.Tensor | float, key_all: torch.Tensor | None = None,
-             query_all: torch.Tensor | None = None, offset: int = 0, prior_qk: torch.Tensor | None = None,
-             prior_kq: torch.Tensor | None = None, float32_logits: bool = True) -> torch.Tensor:  # fmt: skip
+def info_nce(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    key_all: torch.Tensor | None = None,
+    query_all: torch.Tensor | None = None,
+    offset: int = 0,
+    prior_qk: torch.Tensor | None = None,
+    prior_kq: torch.Tensor | None = None,
+    float32_logits: bool = True,
+) -> torch.Tensor:
     """Symmetric InfoNCE between L2-normalised ``query`` (B, d) and ``key`` (B, d); row i matches row i.
 
     Under data parallelism pass every rank's rows as ``key_all`` and ``query_all`` (see :func:`gather_rows`),

@@ -81,7 +81,12 @@ def _field_of(modality: str, encoder_spec: str, manifest_fields: set[str]) -> tu
     return encoder, modality if modality in manifest_fields else None
 
 
-FIELD_MODALITY = {"text": "text", "image": "image", "audio": "audio", "sound": "audio"}  # what each manifest field holds
+FIELD_MODALITY = {
+    "text": "text",
+    "image": "image",
+    "audio": "audio",
+    "sound": "audio",
+}  # what each manifest field holds
 
 
 def check_encoders(cfg: AlignConfig, fields: set[str]) -> None:
@@ -95,10 +100,14 @@ def check_encoders(cfg: AlignConfig, fields: set[str]) -> None:
         if field_name is None:
             continue  # an hf: encoder with no field: its modality is known once it loads
         if field_name not in fields:
-            raise ValueError(f"--encoders {modality}={spec}: the manifest has no field {field_name!r} (it has {sorted(fields - {'id', 'split', '_line'})})")
+            raise ValueError(
+                f"--encoders {modality}={spec}: the manifest has no field {field_name!r} (it has {sorted(fields - {'id', 'split', '_line'})})"
+            )
         holds = FIELD_MODALITY.get(field_name)
         if reads and holds and reads != holds:
-            raise ValueError(f"--encoders {modality}={spec}: {encoder} reads {reads}, but the field {field_name!r} holds {holds}")
+            raise ValueError(
+                f"--encoders {modality}={spec}: {encoder} reads {reads}, but the field {field_name!r} holds {holds}"
+            )
 
 
 def extract_all(cfg: AlignConfig, progress: bool = True) -> dict[str, Path]:
@@ -110,7 +119,15 @@ def extract_all(cfg: AlignConfig, progress: bool = True) -> dict[str, Path]:
         encoder, field_name = _field_of(modality, spec, fields)
         suffix = "-tokens" if cfg.train.token_inputs else ""
         path = root / f"{modality}-{encoder.replace(':', '_').replace('/', '_')}{suffix}"
-        extract(cfg.manifest, encoder, path, field=field_name, tokens=cfg.train.token_inputs, options=EncoderOptions(), progress=progress)
+        extract(
+            cfg.manifest,
+            encoder,
+            path,
+            field=field_name,
+            tokens=cfg.train.token_inputs,
+            options=EncoderOptions(),
+            progress=progress,
+        )
         stores[modality] = path
     return stores
 
@@ -133,9 +150,19 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown_table(summary: list[dict[str, Any]]) -> str:
     lines = ["| method | direction | head | R@1 | R@5 | R@10 | n | seeds |", "|---|---|---|---|---|---|---|---|"]
-    for s in sorted(summary, key=lambda s: (s["query"], s["target"], s["head"], METHODS.index(s["method"]) if s["method"] in METHODS else 99)):
+    for s in sorted(
+        summary,
+        key=lambda s: (
+            s["query"],
+            s["target"],
+            s["head"],
+            METHODS.index(s["method"]) if s["method"] in METHODS else 99,
+        ),
+    ):
         cell = lambda k: f"{s[k]:.3f} ± {s[k + '_std']:.3f}"  # noqa: E731
-        lines.append(f"| {s['method']} | {s['query']}->{s['target']} | {s['head']} | {cell('R@1')} | {cell('R@5')} | {cell('R@10')} | {s['n']} | {s['seeds']} |")
+        lines.append(
+            f"| {s['method']} | {s['query']}->{s['target']} | {s['head']} | {cell('R@1')} | {cell('R@5')} | {cell('R@10')} | {s['n']} | {s['seeds']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -143,20 +170,29 @@ def zero_shot_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: zero-shot accuracy by category name per method and source modality (mean ± spread over seeds)."""
     if not rows:
         return ""
-    lines = ["", f"Zero-shot classification by category name (prompt: {PROMPT.format('<category>')!r}):", "",
-             "| method | query | accuracy | chance | n | seeds |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "",
+        f"Zero-shot classification by category name (prompt: {PROMPT.format('<category>')!r}):",
+        "",
+        "| method | query | accuracy | chance | n | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
     groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["method"], r["query"]), []).append(r)
     for (method, query), rs in groups.items():
         acc = [r["accuracy"] for r in rs]
         spread = statistics.pstdev(acc) if len(acc) > 1 else 0.0
-        lines.append(f"| {method} | {query} | {statistics.fmean(acc):.3f} ± {spread:.3f} | {rs[0]['chance']:.3f} | {rs[0]['n']} | {len(rs)} |")
+        lines.append(
+            f"| {method} | {query} | {statistics.fmean(acc):.3f} ± {spread:.3f} | {rs[0]['chance']:.3f} | {rs[0]['n']} | {len(rs)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 @torch.no_grad()
-def expert_load(model: Any, data: AlignmentData, directions: list[str], cfg: TrainConfig) -> dict[str, list[float]] | None:
+def expert_load(
+    model: Any, data: AlignmentData, directions: list[str], cfg: TrainConfig
+) -> dict[str, list[float]] | None:
     """Share of routed assignments per expert, per direction, on the test split (MoE methods only)."""
     moe = getattr(model, "moe", None)
     if moe is None or moe.config.num_experts < 2:
@@ -174,8 +210,16 @@ PROMPT = "A drawing of {}."
 
 
 @torch.no_grad()
-def zero_shot(model: Any, data: AlignmentData, categories: dict[str, str], names: list[str], prompt_latents: torch.Tensor,
-              directions: list[str], text: str = "text", cfg: TrainConfig | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def zero_shot(
+    model: Any,
+    data: AlignmentData,
+    categories: dict[str, str],
+    names: list[str],
+    prompt_latents: torch.Tensor,
+    directions: list[str],
+    text: str = "text",
+    cfg: TrainConfig | None = None,
+) -> list[dict[str, Any]]:
     """Classify each test item of every ``m->text`` direction by its nearest category prompt.
 
     ``prompt_latents`` are the text encoder's vectors of ``PROMPT.format(name)`` for ``names``. Returns one row
@@ -192,12 +236,16 @@ def zero_shot(model: Any, data: AlignmentData, categories: dict[str, str], names
         keep = [i for i, sid in enumerate(pairs.ids) if categories.get(sid) in names]
         if not keep:
             continue
-        queries = F.normalize(model(d, *inputs(cfg or TrainConfig(), data, src, pairs.src_rows[keep])).contrastive.float(), dim=-1)
+        queries = F.normalize(
+            model(d, *inputs(cfg or TrainConfig(), data, src, pairs.src_rows[keep])).contrastive.float(), dim=-1
+        )
         keys = F.normalize(model.embed_target(d, prompt_latents).float(), dim=-1)
         predicted = (queries @ keys.t()).argmax(1).tolist()
         truth = [names.index(categories[pairs.ids[i]]) for i in keep]
         accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(keep)
-        rows.append({"query": src, "classes": len(names), "accuracy": accuracy, "chance": 1 / len(names), "n": len(keep)})
+        rows.append(
+            {"query": src, "classes": len(names), "accuracy": accuracy, "chance": 1 / len(names), "n": len(keep)}
+        )
     return rows
 
 
@@ -224,7 +272,9 @@ def check_run_identity(out: Path, identity: dict[str, Any]) -> None:
     latents is never resumed or reported under new labels. Keys a run does not know yet are added."""
     path = out / RUN
     before = read_json(path) if path.is_file() else {}
-    differs = [f"{k}: {before[k]!r} in {path}, {v!r} now" for k, v in identity.items() if k in before and before[k] != v]
+    differs = [
+        f"{k}: {before[k]!r} in {path}, {v!r} now" for k, v in identity.items() if k in before and before[k] != v
+    ]
     if differs:
         raise ValueError(f"{out} holds a run of other inputs ({'; '.join(differs)}). Use a new --out folder.")
     if any(k not in before for k in identity) and is_rank0():
@@ -242,15 +292,26 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     # what the folder's connectors depend on: checked before any extraction, then with the encoders' weights
     records = read_manifest(cfg.manifest)  # a missing or malformed manifest is named here
     check_encoders(cfg, {k for r in records for k in r})
-    check_run_identity(out, {"manifest_sha256": file_sha256(cfg.manifest), "encoders": dict(cfg.encoders), "directions": directions,
-                             "token_inputs": cfg.train.token_inputs})  # fmt: skip
+    check_run_identity(
+        out,
+        {
+            "manifest_sha256": file_sha256(cfg.manifest),
+            "encoders": dict(cfg.encoders),
+            "directions": directions,
+            "token_inputs": cfg.train.token_inputs,
+        },
+    )
     stores = extract_all(cfg, progress)
-    check_run_identity(out, {"encoder_weights": {m: LatentStore.open(p).index.get("weights_hash") for m, p in stores.items()}})
+    check_run_identity(
+        out, {"encoder_weights": {m: LatentStore.open(p).index.get("weights_hash") for m, p in stores.items()}}
+    )
     data = AlignmentData(cfg.manifest, stores, tokens=cfg.train.token_inputs)
     rows, curves, loads, zeroshot, betas = [], {}, {}, [], {}
     prompts = _category_prompts(cfg, records) if is_rank0() else None
     priors = {}
-    if cfg.label_prior and (is_rank0() or cfg.train.prior_weight > 0):  # every rank trains with it; rank 0 alone scores it
+    if cfg.label_prior and (
+        is_rank0() or cfg.train.prior_weight > 0
+    ):  # every rank trains with it; rank 0 alone scores it
         priors = build_label_priors({m: _field_of(m, spec, set())[0] for m, spec in cfg.encoders.items()})
     zero_shot_prior = prior_rows(data, directions, priors)
     for method in cfg.methods:
@@ -265,7 +326,10 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
             for r in evaluate(model, data, directions, "test", cfg=tcfg) + fused:
                 rows.append({"method": method, "seed": seed, **r})
             if prompts is not None:
-                zeroshot += [{"method": method, "seed": seed, **r} for r in zero_shot(model, data, *prompts, directions, cfg=tcfg)]
+                zeroshot += [
+                    {"method": method, "seed": seed, **r}
+                    for r in zero_shot(model, data, *prompts, directions, cfg=tcfg)
+                ]
             if seed == cfg.seeds[0]:
                 curves[method] = result["history"]
                 if hasattr(model, "save_pretrained"):
@@ -281,8 +345,15 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     if zeroshot:
         write_json(out / "zeroshot.json", zeroshot)
     if priors:  # the weight of the prior in each fused score, picked on validation (omnimoe.align.prior)
-        write_json(out / "prior.json", {"prompt": PRIOR_PROMPT, "modalities": {m: p.text for m, p in priors.items()},
-                                        "prior_weight": cfg.train.prior_weight, "beta": betas})  # fmt: skip
+        write_json(
+            out / "prior.json",
+            {
+                "prompt": PRIOR_PROMPT,
+                "modalities": {m: p.text for m, p in priors.items()},
+                "prior_weight": cfg.train.prior_weight,
+                "beta": betas,
+            },
+        )
     (out / "results.md").write_text(markdown_table(summary) + zero_shot_table(zeroshot))
     from omnimoe.eval.plots import plot_expert_load, plot_recall, plot_training_curves
 
@@ -290,8 +361,23 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     if any(s["head"] == "contrastive+prior" for s in summary):
         plots.append(plot_recall(summary, out / "recall_with_prior.png", head="contrastive+prior"))
     for method, load in loads.items():
-        plots.append(plot_expert_load(load, out / f"expert_load_{method}.png", title=f"{method}: expert load per direction (test)"))
-    write_json(out / "summary.json", {"summary": summary, "manifest": relative_path(cfg.manifest, out), "encoders": cfg.encoders,
-                                      "modalities": list(cfg.encoders), "methods": cfg.methods, "stores": {m: relative_path(p, out) for m, p in stores.items()}, "directions": directions,
-                                      "train_config": dataclasses.asdict(cfg.train), "plots": [p.name for p in plots]})  # fmt: skip
+        plots.append(
+            plot_expert_load(
+                load, out / f"expert_load_{method}.png", title=f"{method}: expert load per direction (test)"
+            )
+        )
+    write_json(
+        out / "summary.json",
+        {
+            "summary": summary,
+            "manifest": relative_path(cfg.manifest, out),
+            "encoders": cfg.encoders,
+            "modalities": list(cfg.encoders),
+            "methods": cfg.methods,
+            "stores": {m: relative_path(p, out) for m, p in stores.items()},
+            "directions": directions,
+            "train_config": dataclasses.asdict(cfg.train),
+            "plots": [p.name for p in plots],
+        },
+    )
     return {"rows": rows, "summary": summary, "plots": plots, "directions": directions, "zeroshot": zeroshot}

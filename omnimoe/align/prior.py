@@ -120,7 +120,9 @@ def pick_beta(learned: torch.Tensor, prior: torch.Tensor, groups: list[str]) -> 
     return best
 
 
-def prior_rows(data: AlignmentData, directions: list[str], priors: dict[str, LabelPrior], split: str = "test") -> list[dict[str, Any]]:
+def prior_rows(
+    data: AlignmentData, directions: list[str], priors: dict[str, LabelPrior], split: str = "test"
+) -> list[dict[str, Any]]:
     """Zero-shot recall of the prior alone (head ``"prior"``) for every direction it applies to."""
     rows = []
     for d in directions:
@@ -128,13 +130,26 @@ def prior_rows(data: AlignmentData, directions: list[str], priors: dict[str, Lab
         pairs = data.pairs(d, split)
         if prior is not None and len(pairs):
             src, tgt = parse_direction(d)
-            rows.append({"query": src, "target": tgt, "head": "prior", **recall_from_scores(prior.scores(data, d, pairs), pairs.groups, pairs.groups)})
+            rows.append(
+                {
+                    "query": src,
+                    "target": tgt,
+                    "head": "prior",
+                    **recall_from_scores(prior.scores(data, d, pairs), pairs.groups, pairs.groups),
+                }
+            )
     return rows
 
 
 @torch.no_grad()
-def fused_rows(model: torch.nn.Module, data: AlignmentData, directions: list[str], priors: dict[str, LabelPrior], cfg: Any = None,
-               split: str = "test") -> tuple[list[dict[str, Any]], dict[str, float]]:  # fmt: skip
+def fused_rows(
+    model: torch.nn.Module,
+    data: AlignmentData,
+    directions: list[str],
+    priors: dict[str, LabelPrior],
+    cfg: Any = None,
+    split: str = "test",
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Recall of the learned contrastive score fused with the prior (head ``"contrastive+prior"``) for every
     direction a prior applies to, and the weight of the prior in each.
 
@@ -153,12 +168,25 @@ def fused_rows(model: torch.nn.Module, data: AlignmentData, directions: list[str
         beta = weight
         if not weight and len(data.pairs(d, "val")) > 1:
             pairs, con, keys, _ = embed_pairs(model, data, d, "val", cfg=cfg)
-            beta = pick_beta(F.normalize(con, dim=-1) @ F.normalize(keys, dim=-1).t(), prior.scores(data, d, pairs), pairs.groups)
+            beta = pick_beta(
+                F.normalize(con, dim=-1) @ F.normalize(keys, dim=-1).t(), prior.scores(data, d, pairs), pairs.groups
+            )
         pairs, con, keys, _ = embed_pairs(model, data, d, split, cfg=cfg)
         learned = F.normalize(con, dim=-1) @ F.normalize(keys, dim=-1).t()
-        scores = learned + weight * prior.scores(data, d, pairs) if weight else fuse(learned, prior.scores(data, d, pairs), beta)
+        scores = (
+            learned + weight * prior.scores(data, d, pairs)
+            if weight
+            else fuse(learned, prior.scores(data, d, pairs), beta)
+        )
         src, tgt = parse_direction(d)
-        rows.append({"query": src, "target": tgt, "head": "contrastive+prior", **recall_from_scores(scores, pairs.groups, pairs.groups)})
+        rows.append(
+            {
+                "query": src,
+                "target": tgt,
+                "head": "contrastive+prior",
+                **recall_from_scores(scores, pairs.groups, pairs.groups),
+            }
+        )
         betas[d] = beta
     model.train()
     return rows, betas

@@ -14,8 +14,14 @@ import torch
 
 
 class DirectionSchedule:
-    def __init__(self, directions: list[str], kind: str = "alternate", steps_per_direction: int = 1, seed: int = 0,
-                 temperature: float = 0.1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        directions: list[str],
+        kind: str = "alternate",
+        steps_per_direction: int = 1,
+        seed: int = 0,
+        temperature: float = 0.1,
+    ) -> None:
         if kind not in ("alternate", "adaptive", "joint"):
             raise ValueError(f"schedule must be alternate, adaptive or joint, got {kind!r}")
         if not directions:

@@ -37,8 +37,18 @@ from omnimoe.align.schedules import DirectionSchedule
 from omnimoe.config import ConfigError, check_ranges
 from omnimoe.eval.metrics import recall_at_k
 from omnimoe.io import write_json
-from omnimoe.runtime import (autocast_dtype, init_distributed, remove_temporaries, require_finite, resolve_device, restore_rng, rng_state,
-                             save_checkpoint, tensorboard, warmup_cosine)  # fmt: skip
+from omnimoe.runtime import (
+    autocast_dtype,
+    init_distributed,
+    remove_temporaries,
+    require_finite,
+    resolve_device,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    tensorboard,
+    warmup_cosine,
+)
 
 Method = Literal["moe-alternating", "moe-joint", "mlp-alternating", "linear"]
 METHODS: tuple[str, ...] = ("linear", "mlp-alternating", "moe-joint", "moe-alternating")
@@ -74,7 +84,9 @@ class TrainConfig:
     prior_weight: float = 0.0
     eval_every: int = 25
     patience: int = 10  # evaluations without improvement before stopping
-    select_on: str = "mean"  # validation score for early stopping and the best checkpoint: R@1, R@5, R@10, mean (of the three)
+    select_on: str = (
+        "mean"  # validation score for early stopping and the best checkpoint: R@1, R@5, R@10, mean (of the three)
+    )
     dtype: str = "auto"
     device: str = "auto"  # auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU; or cpu, cuda, cuda:1
     seed: int = 0
@@ -87,17 +99,41 @@ class TrainConfig:
     router_aux_loss_coef: float = 0.0
 
     def __post_init__(self) -> None:
-        check_ranges(self, {"steps": "[1, inf)", "batch_size": "[2, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)",
-                            "warmup_steps": "[0, inf)", "weight_decay": "[0, inf)", "weight_decay_end": "[0, inf)",
-                            "grad_clip": "[0, inf)", "temperature": "(0, inf)", "regression_weight": "[0, inf)",
-                            "contrastive_weight": "[0, inf)", "steps_per_direction": "[1, inf)", "mixup_alpha": "[0, inf)",
-                            "input_noise": "[0, inf)", "prior_weight": "[0, inf)", "eval_every": "[1, inf)", "patience": "[1, inf)",
-                            "seed": "[0, inf)", "hidden_size": "[1, inf)", "contrastive_dim": "[1, inf)", "num_experts": "[1, inf)",
-                            "num_experts_per_tok": "[1, inf)", "dropout": "[0, 1)", "router_aux_loss_coef": "[0, inf)"})  # fmt: skip
+        check_ranges(
+            self,
+            {
+                "steps": "[1, inf)",
+                "batch_size": "[2, inf)",
+                "lr": "(0, inf)",
+                "min_lr": "[0, inf)",
+                "warmup_steps": "[0, inf)",
+                "weight_decay": "[0, inf)",
+                "weight_decay_end": "[0, inf)",
+                "grad_clip": "[0, inf)",
+                "temperature": "(0, inf)",
+                "regression_weight": "[0, inf)",
+                "contrastive_weight": "[0, inf)",
+                "steps_per_direction": "[1, inf)",
+                "mixup_alpha": "[0, inf)",
+                "input_noise": "[0, inf)",
+                "prior_weight": "[0, inf)",
+                "eval_every": "[1, inf)",
+                "patience": "[1, inf)",
+                "seed": "[0, inf)",
+                "hidden_size": "[1, inf)",
+                "contrastive_dim": "[1, inf)",
+                "num_experts": "[1, inf)",
+                "num_experts_per_tok": "[1, inf)",
+                "dropout": "[0, 1)",
+                "router_aux_loss_coef": "[0, inf)",
+            },
+        )
         if self.regression_weight + self.contrastive_weight <= 0:
             raise ConfigError("regression_weight + contrastive_weight must be > 0 (nothing would be learned)")
         if self.num_experts_per_tok > self.num_experts:
-            raise ConfigError(f"num_experts_per_tok: {self.num_experts_per_tok} is more than num_experts ({self.num_experts})")
+            raise ConfigError(
+                f"num_experts_per_tok: {self.num_experts_per_tok} is more than num_experts ({self.num_experts})"
+            )
 
 
 class PairStep(nn.Module):
@@ -108,19 +144,28 @@ class PairStep(nn.Module):
         super().__init__()
         self.model, self.scale = model, scale
 
-    def forward(self, direction: str, source: torch.Tensor, target: torch.Tensor,
-                mask: torch.Tensor | None = None) -> tuple[ConnectorOutput, torch.Tensor, torch.Tensor]:  # fmt: skip
+    def forward(
+        self, direction: str, source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[ConnectorOutput, torch.Tensor, torch.Tensor]:
         return self.model(direction, source, mask), self.model.embed_target(direction, target), self.scale()
 
 
 def build_model(cfg: TrainConfig, widths: dict[str, int], directions: list[str]) -> nn.Module:
     if cfg.method == "linear":
         return LinearTwoTower(widths, cfg.contrastive_dim)
-    return AltMoEConnector(ConnectorConfig(
-        modalities=dict(widths), directions=list(directions), hidden_size=cfg.hidden_size, contrastive_dim=cfg.contrastive_dim,
-        num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok, dropout=cfg.dropout,
-        router_aux_loss_coef=cfg.router_aux_loss_coef, use_moe=cfg.method != "mlp-alternating",
-    ))  # fmt: skip
+    return AltMoEConnector(
+        ConnectorConfig(
+            modalities=dict(widths),
+            directions=list(directions),
+            hidden_size=cfg.hidden_size,
+            contrastive_dim=cfg.contrastive_dim,
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok,
+            dropout=cfg.dropout,
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+            use_moe=cfg.method != "mlp-alternating",
+        )
+    )
 
 
 def schedule_for(cfg: TrainConfig, directions: list[str]) -> DirectionSchedule:
@@ -138,9 +183,15 @@ def weight_decay_at(cfg: TrainConfig, step: int) -> float:
     return cfg.weight_decay + (cfg.weight_decay_end - cfg.weight_decay) * min(1.0, step / max(1, cfg.steps))
 
 
-def augment(cfg: TrainConfig, source: torch.Tensor, target: torch.Tensor, std: torch.Tensor, gen: torch.Generator,
-            mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+def augment(
+    cfg: TrainConfig,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    std: torch.Tensor,
+    gen: torch.Generator,
+    mask: torch.Tensor | None = None,
+    pooled: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Mixup of whole pairs (a mixed pair stays a positive pair) and noise on the source side. Token inputs
     (B, L, D) mix position by position, and the mixed row keeps the tokens of both. ``pooled`` (B, D), the
     pooled latents of token inputs' rows, is mixed with the same weights (the label prior reads it).
@@ -160,23 +211,30 @@ def augment(cfg: TrainConfig, source: torch.Tensor, target: torch.Tensor, std: t
     return source, target, mask, pooled
 
 
-def inputs(cfg: TrainConfig, data: AlignmentData, modality: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def inputs(
+    cfg: TrainConfig, data: AlignmentData, modality: str, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Source inputs of ``rows``: token states + mask for ``token_inputs`` (not for the linear two-tower, which
     projects pooled vectors), else pooled vectors."""
     if cfg.token_inputs and cfg.method != "linear":
         if modality not in data.tokens:
-            raise ValueError(f"token_inputs: no token states for {modality!r}; load AlignmentData(..., tokens=True) from stores extracted with --tokens")
+            raise ValueError(
+                f"token_inputs: no token states for {modality!r}; load AlignmentData(..., tokens=True) from stores extracted with --tokens"
+            )
         return data.source(modality, rows)
     return data.latents[modality][rows], None
 
 
-def _to(args: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _to(
+    args: tuple[torch.Tensor, torch.Tensor | None], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     return args[0].to(device), None if args[1] is None else args[1].to(device)
 
 
 @torch.no_grad()
-def embed_pairs(model: nn.Module, data: AlignmentData, direction: str, split: str, batch: int = 512,
-                cfg: TrainConfig | None = None) -> tuple[Pairs, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def embed_pairs(
+    model: nn.Module, data: AlignmentData, direction: str, split: str, batch: int = 512, cfg: TrainConfig | None = None
+) -> tuple[Pairs, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``direction``'s pairs of ``split`` through ``model``: (pairs, contrastive queries, target keys,
     regression outputs or None), on the CPU in float32. The caller puts the model in eval mode."""
     cfg = cfg or TrainConfig(method="linear" if isinstance(model, LinearTwoTower) else "moe-alternating")
@@ -184,7 +242,10 @@ def embed_pairs(model: nn.Module, data: AlignmentData, direction: str, split: st
     src, tgt = parse_direction(direction)
     pairs = data.pairs(direction, split)
     target = data.latents[tgt][pairs.tgt_rows].to(device)
-    outs = [model(direction, *_to(inputs(cfg, data, src, pairs.src_rows[i : i + batch]), device)) for i in range(0, len(pairs), batch)]
+    outs = [
+        model(direction, *_to(inputs(cfg, data, src, pairs.src_rows[i : i + batch]), device))
+        for i in range(0, len(pairs), batch)
+    ]
     con = torch.cat([o.contrastive for o in outs]).float().cpu()
     keys = model.embed_target(direction, target).float().cpu()
     reg = torch.cat([o.regression for o in outs]).float().cpu() if outs[0].regression is not None else None
@@ -192,8 +253,14 @@ def embed_pairs(model: nn.Module, data: AlignmentData, direction: str, split: st
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: AlignmentData, directions: list[str], split: str, batch: int = 512,
-             cfg: TrainConfig | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def evaluate(
+    model: nn.Module,
+    data: AlignmentData,
+    directions: list[str],
+    split: str,
+    batch: int = 512,
+    cfg: TrainConfig | None = None,
+) -> list[dict[str, Any]]:
     """Recall@1/5/10 per direction on ``split``, for the contrastive head and (if any) the regression head.
     ``cfg`` says whether the model reads token states (``token_inputs``)."""
     model.eval()
@@ -203,10 +270,19 @@ def evaluate(model: nn.Module, data: AlignmentData, directions: list[str], split
         if not len(data.pairs(d, split)):
             continue
         pairs, con, keys, reg = embed_pairs(model, data, d, split, batch, cfg)
-        rows.append({"query": src, "target": tgt, "head": "contrastive", **recall_at_k(con, keys, pairs.groups, pairs.groups)})
+        rows.append(
+            {"query": src, "target": tgt, "head": "contrastive", **recall_at_k(con, keys, pairs.groups, pairs.groups)}
+        )
         if reg is not None:
             target = data.latents[tgt][pairs.tgt_rows]
-            rows.append({"query": src, "target": tgt, "head": "regression", **recall_at_k(reg, target, pairs.groups, pairs.groups)})
+            rows.append(
+                {
+                    "query": src,
+                    "target": tgt,
+                    "head": "regression",
+                    **recall_at_k(reg, target, pairs.groups, pairs.groups),
+                }
+            )
     model.train()
     return rows
 
@@ -234,8 +310,15 @@ def selection_score(rows: list[dict[str, Any]], select_on: str = "R@1") -> float
     return sum(best.values()) / len(best) if best else 0.0
 
 
-def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str | Path, progress: bool = True,
-          stop_at_step: int | None = None, priors: dict[str, LabelPrior] | None = None) -> dict[str, Any]:  # fmt: skip
+def train(
+    data: AlignmentData,
+    directions: list[str],
+    cfg: TrainConfig,
+    out: str | Path,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+    priors: dict[str, LabelPrior] | None = None,
+) -> dict[str, Any]:
     """Train ``cfg.method`` on the train split; resume from ``out/state.pt`` when present.
 
     ``priors`` (from :func:`omnimoe.align.prior.build_label_priors`) are used when ``cfg.prior_weight > 0``:
@@ -262,7 +345,10 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
     schedule = schedule_for(cfg, directions)
     priors = priors if cfg.prior_weight > 0 else None
     if cfg.prior_weight > 0 and not any(prior_for(priors, d) for d in directions):
-        warnings.warn(f"prior_weight={cfg.prior_weight} but no label prior applies to {directions}: training without it", stacklevel=2)
+        warnings.warn(
+            f"prior_weight={cfg.prior_weight} but no label prior applies to {directions}: training without it",
+            stacklevel=2,
+        )
     device_priors = {m: p.to(device) for m, p in (priors or {}).items()}
     train_pairs = {d: data.pairs(d, "train") for d in directions}
     for d, p in train_pairs.items():
@@ -289,11 +375,19 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
         opt.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         restore_rng(state, device)
-        step, best, best_step, history, bad_evals = state["step"], state["best"], state["best_step"], state["history"], state["bad_evals"]
+        step, best, best_step, history, bad_evals = (
+            state["step"],
+            state["best"],
+            state["best_step"],
+            state["history"],
+            state["bad_evals"],
+        )
     model.train()
     writer = tensorboard(out / "tb", step) if rank == 0 else None
     pending: dict[str, list[float]] = {}
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.method}", disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps, initial=step, desc=f"train {cfg.method}", disable=not progress or rank != 0, dynamic_ncols=True
+    )
     stopped_early = bad_evals >= cfg.patience  # a finished run that stopped early stays stopped when called again
     # ``step`` counts direction-batches (one direction's batch through the model): an alternating optimizer
     # step advances it by 1, a joint one by the number of directions. Budgets (steps, warm-up, evaluation)
@@ -317,7 +411,9 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
                 pooled = data.latents[src][pairs.src_rows[pick]] if mask is not None else None  # for the prior
                 source, target, mask, pooled = augment(cfg, source, target, feature_std[src], batch_gen, mask, pooled)
                 source, target = source.to(device, non_blocking=True), target.to(device, non_blocking=True)
-                pooled = source if pooled is None else pooled.to(device, non_blocking=True)  # on the device, like what it is gathered with
+                pooled = (
+                    source if pooled is None else pooled.to(device, non_blocking=True)
+                )  # on the device, like what it is gathered with
                 mask = None if mask is None else mask.to(device)
                 o, keys, logit_scale = step_module(d, source, target, mask)
                 # Negatives from every rank: the ranks' mean loss is the loss of one big batch.
@@ -329,8 +425,16 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
                         source_all, target_all = gather_rows(pooled.float())[0], gather_rows(target.float())[0]
                         prior_qk = cfg.prior_weight * prior.pair_scores(d, pooled, target_all)
                         prior_kq = cfg.prior_weight * prior.pair_scores(d, source_all, target).t()
-                con = info_nce(o.contrastive, keys, logit_scale, key_all=keys_all, query_all=queries_all, offset=offset,
-                               prior_qk=prior_qk, prior_kq=prior_kq)  # fmt: skip
+                con = info_nce(
+                    o.contrastive,
+                    keys,
+                    logit_scale,
+                    key_all=keys_all,
+                    query_all=queries_all,
+                    offset=offset,
+                    prior_qk=prior_qk,
+                    prior_kq=prior_kq,
+                )
                 part = cfg.contrastive_weight * con + o.router_loss
                 if o.regression is not None:
                     part = part + cfg.regression_weight * regression_loss(o.regression, target, cfg.regression_loss)
@@ -358,8 +462,16 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
             if priors:
                 rows += fused_rows(model, data, directions, priors, cfg, split="val")[0]
             val = selection_score(rows, cfg.select_on)
-            history.append({"step": step, "loss": loss.item(), "val_score": val, "val_mean_r1": selection_score(rows),
-                            "lr": lr_at(cfg, step - 1), "losses": logs})  # fmt: skip
+            history.append(
+                {
+                    "step": step,
+                    "loss": loss.item(),
+                    "val_score": val,
+                    "val_mean_r1": selection_score(rows),
+                    "lr": lr_at(cfg, step - 1),
+                    "losses": logs,
+                }
+            )
             schedule.update({f"{r['query']}->{r['target']}": r["R@1"] for r in rows if r["head"] == "contrastive"})
             if writer is not None:
                 writer.add_scalar("val/score", val, step)
@@ -372,14 +484,29 @@ def train(data: AlignmentData, directions: list[str], cfg: TrainConfig, out: str
             if val > best:
                 best, best_step, bad_evals = val, step, 0
                 if rank == 0:
-                    save_checkpoint(out / "best.pt", {"model": model.state_dict(), "scale": scale.state_dict(), "step": step})
+                    save_checkpoint(
+                        out / "best.pt", {"model": model.state_dict(), "scale": scale.state_dict(), "step": step}
+                    )
             else:
                 bad_evals += 1
                 stopped_early = bad_evals >= cfg.patience
             if rank == 0:
-                save_checkpoint(state_path, {"config": dataclasses.asdict(cfg), "model": model.state_dict(), "scale": scale.state_dict(),
-                                             "optimizer": opt.state_dict(), "schedule": schedule.state_dict(), **rng_state(device),
-                                             "step": step, "best": best, "best_step": best_step, "history": history, "bad_evals": bad_evals})  # fmt: skip
+                save_checkpoint(
+                    state_path,
+                    {
+                        "config": dataclasses.asdict(cfg),
+                        "model": model.state_dict(),
+                        "scale": scale.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        **rng_state(device),
+                        "step": step,
+                        "best": best,
+                        "best_step": best_step,
+                        "history": history,
+                        "bad_evals": bad_evals,
+                    },
+                )
             if world > 1:
                 dist.barrier()
     bar.close()

@@ -136,7 +136,11 @@ def manifest_from_llava(
             raise ManifestError(f"{json_path} record {n}: expected an object with a 'conversations' list")
         turns = rec["conversations"]
         answer = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
-        out_rec: dict[str, Any] = {"id": str(rec.get("id", n)), "split": split, "text": _strip_placeholders(answer) if answer else None}
+        out_rec: dict[str, Any] = {
+            "id": str(rec.get("id", n)),
+            "split": split,
+            "text": _strip_placeholders(answer) if answer else None,
+        }
         for src, dst in (("image", "image"), ("voice", "audio"), ("audio", "audio")):
             value = rec.get(src)
             if isinstance(value, list):

@@ -92,7 +92,9 @@ def media_path(manifest: str | Path, value: str) -> Path:
     return p if p.is_absolute() else Path(manifest).resolve().parent / p
 
 
-def validate_manifest(path: str | Path, check_files: bool = True, decode: Callable[[str, Path], None] | None = None) -> ValidationReport:
+def validate_manifest(
+    path: str | Path, check_files: bool = True, decode: Callable[[str, Path], None] | None = None
+) -> ValidationReport:
     """Check ids (unique), splits, field types, empty captions and (optionally) that media files exist.
     ``decode(field, path)``, when given, reads each existing media file and raises ``ValueError`` (any
     subclass) for one that cannot be decoded: the reason becomes that record's problem."""

@@ -41,7 +41,9 @@ def fetch_tuxpaint(cache: str | Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for tool in ("apt-get", "dpkg"):
         if shutil.which(tool) is None:
-            raise RuntimeError(f"fetching Tux Paint needs {tool} (a Debian/Ubuntu machine); or pass a cache holding {STAMPS}")
+            raise RuntimeError(
+                f"fetching Tux Paint needs {tool} (a Debian/Ubuntu machine); or pass a cache holding {STAMPS}"
+            )
     debs = sorted(root.glob(f"{PACKAGE}_*.deb"))
     if not debs:
         got = subprocess.run(["apt-get", "download", PACKAGE], cwd=root, capture_output=True, text=True)
@@ -106,7 +108,10 @@ def build_tuxpaint_manifest(
     stamps = fetch_tuxpaint(cache)
     if not stamps.is_dir():
         raise RuntimeError(f"{stamps} is missing: the package layout changed?")
-    records, stats = [], {"images": 0, "no_caption": 0, "spoken_en": 0, "spoken_synth": 0, "sound": 0, "symbols_dropped": 0}
+    records, stats = (
+        [],
+        {"images": 0, "no_caption": 0, "spoken_en": 0, "spoken_synth": 0, "sound": 0, "symbols_dropped": 0},
+    )
     espeak_ok = synthesize_speech and (shutil.which("espeak-ng") or shutil.which("espeak")) is not None
     # One image per stamp: a stamp drawn both as PNG and SVG keeps the PNG; "_mirror" files are flipped copies.
     by_stem: dict[Path, Path] = {}
@@ -127,8 +132,13 @@ def build_tuxpaint_manifest(
             stats["no_caption"] += 1
             continue
         sid = str(img.relative_to(stamps).with_suffix("")).replace(os.sep, "/")
-        rec: dict[str, Any] = {"id": sid, "split": grouped_split(normalise_caption(caption), test_fraction, seed=seed),
-                               "text": caption, "image": os.path.relpath(img, out.resolve()), "category": category}  # fmt: skip
+        rec: dict[str, Any] = {
+            "id": sid,
+            "split": grouped_split(normalise_caption(caption), test_fraction, seed=seed),
+            "text": caption,
+            "image": os.path.relpath(img, out.resolve()),
+            "category": category,
+        }
         spoken = _spoken(img.parent, img.stem)
         if spoken is not None:
             rec["audio"], rec["audio_source"] = os.path.relpath(spoken, out.resolve()), "recorded"

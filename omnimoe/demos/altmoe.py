@@ -23,7 +23,12 @@ from omnimoe.align.trainer import METHODS, TrainConfig
 from omnimoe.data.manifest import media_path, read_manifest, write_manifest
 from omnimoe.data.tuxpaint import build_tuxpaint_manifest
 
-ENCODERS = {"text": "minilm", "image": "efficientnet-lite0", "speech": "whisper-tiny@audio", "sound": "whisper-tiny@sound"}
+ENCODERS = {
+    "text": "minilm",
+    "image": "efficientnet-lite0",
+    "speech": "whisper-tiny@audio",
+    "sound": "whisper-tiny@sound",
+}
 
 
 def _slice(manifest: Path, every: int) -> Path:
@@ -38,11 +43,15 @@ def comparison(summary: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> s
     lines = []
     for head, methods in (("contrastive", METHODS), ("prior", ("label-prior",)), ("contrastive+prior", METHODS)):
         for method in methods:
-            rows = [s for s in summary if s["method"] == method and s["head"] == head and (s["query"], s["target"]) in pairs]
+            rows = [
+                s for s in summary if s["method"] == method and s["head"] == head and (s["query"], s["target"]) in pairs
+            ]
             if rows:
                 mean = statistics.fmean(r["R@1"] for r in rows)
                 spread = statistics.fmean(r["R@1_std"] for r in rows)
-                lines.append(f"  {method + (' + prior' if head == 'contrastive+prior' else ''):<25} mean R@1 {mean:.3f} (spread over seeds ±{spread:.3f})")
+                lines.append(
+                    f"  {method + (' + prior' if head == 'contrastive+prior' else ''):<25} mean R@1 {mean:.3f} (spread over seeds ±{spread:.3f})"
+                )
     return "\n".join(lines)
 
 
@@ -56,22 +65,37 @@ def build_retrieval(out: Path, manifest: Path, method: str = "moe-alternating") 
     examples = []
     if test:
         sample = test[0]
-        for kind, query, target in (("text", sample["text"], "image"), ("image", str(media_path(manifest, sample["image"])), "text")):
+        for kind, query, target in (
+            ("text", sample["text"], "image"),
+            ("image", str(media_path(manifest, sample["image"])), "text"),
+        ):
             source = retriever.source_for(kind, target)
             retriever.search(source, target, [query], 3)  # the first query loads the encoder; time the second
             hits, ms = retriever.timed_search(source, target, [query], 3)
-            examples.append({"query": sample["text"] if kind == "text" else sample["id"] + " (image)", "direction": f"{source}->{target}",
-                             "ms": ms, "hits": [(h.id, h.score, (retriever.item(h.id) or {}).get("text")) for h in hits[0]]})  # fmt: skip
+            examples.append(
+                {
+                    "query": sample["text"] if kind == "text" else sample["id"] + " (image)",
+                    "direction": f"{source}->{target}",
+                    "ms": ms,
+                    "hits": [(h.id, h.score, (retriever.item(h.id) or {}).get("text")) for h in hits[0]],
+                }
+            )
     return {"method": method, "index": str(retriever.index_root), "sizes": sizes, "examples": examples}
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, cache: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "runs/demo", quick: bool = False, cache: str | Path | None = None, progress: bool = True
+) -> dict[str, Any]:
     out = Path(out)
     manifest, stats = build_tuxpaint_manifest(out / "data", cache, synthesize_speech=True)
     if quick:
         manifest = _slice(manifest, 6)
-        train = TrainConfig(steps=240, eval_every=60, warmup_steps=10, num_experts=4, num_experts_per_tok=2, hidden_size=64)
-        cfg = AlignConfig(str(manifest), dict(ENCODERS), str(out), methods=["linear", "moe-alternating"], seeds=[0], train=train)
+        train = TrainConfig(
+            steps=240, eval_every=60, warmup_steps=10, num_experts=4, num_experts_per_tok=2, hidden_size=64
+        )
+        cfg = AlignConfig(
+            str(manifest), dict(ENCODERS), str(out), methods=["linear", "moe-alternating"], seeds=[0], train=train
+        )
     else:
         train = TrainConfig(steps=1800, eval_every=100)
         cfg = AlignConfig(str(manifest), dict(ENCODERS), str(out), methods=list(METHODS), seeds=[0, 1, 2], train=train)
@@ -97,5 +121,5 @@ def report(result: dict[str, Any]) -> str:
             text += f"\n  {ex['direction']} for {ex['query']!r} ({ex['ms']:.1f} ms):"
             for sid, score, caption in ex["hits"]:
                 text += f"\n    {score:.3f}  {sid}  {caption or ''}"
-        text += "\nTry: omnimoe search \"a red fire truck\" --target image -k 5   |   omnimoe serve  (then open http://127.0.0.1:8000)"
+        text += '\nTry: omnimoe search "a red fire truck" --target image -k 5   |   omnimoe serve  (then open http://127.0.0.1:8000)'
     return text

@@ -42,8 +42,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = EngineDemoConfig(num_experts=args.num_experts, steps=args.steps)
     task = ClusterTask(cfg)
     torch.manual_seed(0)  # identical initial weights on every rank
-    moe = MoELayer(MoEConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.expert_size, num_experts=cfg.num_experts,
-                             num_experts_per_tok=cfg.num_experts_per_tok, router_aux_loss_coef=cfg.router_aux_loss_coef))  # fmt: skip
+    moe = MoELayer(
+        MoEConfig(
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.expert_size,
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok,
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+        )
+    )
     model = parallelize_experts(Regressor(cfg.hidden_size, moe)).to(device)
     ddp = data_parallel(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
@@ -65,8 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     state = model.ffn.state_dict()  # collective: every rank gathers the full expert tensors
     if rank == 0:
         save_pretrained(args.out / "moe_layer", MoELayer.model_type, dataclasses.asdict(moe.config), state)
-        write_json(args.out / "summary.json", {"world_size": world, "first_mse": losses[0], "last_mse": losses[-1],
-                                               "backend": backend, "experts_per_rank": cfg.num_experts // world})  # fmt: skip
+        write_json(
+            args.out / "summary.json",
+            {
+                "world_size": world,
+                "first_mse": losses[0],
+                "last_mse": losses[-1],
+                "backend": backend,
+                "experts_per_rank": cfg.num_experts // world,
+            },
+        )
         print(f"saved {args.out / 'moe_layer'} (loads at any world size)")
     # Shut down in step: DDP's reducer holds the process group, and a rank that tears the group down while
     # another is still saving can abort both.

@@ -160,9 +160,12 @@ def run_engine_demo(cfg: EngineDemoConfig, out_dir: str | Path) -> dict:
     x_test, y_test, c_test = task.sample(cfg.test_tokens, torch.Generator().manual_seed(cfg.seed + 1))
     active = cfg.num_experts_per_tok * cfg.expert_size
     moe_cfg = MoEConfig(
-        hidden_size=cfg.hidden_size, intermediate_size=cfg.expert_size, num_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.num_experts_per_tok, router_aux_loss_coef=cfg.router_aux_loss_coef,
-    )  # fmt: skip
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.expert_size,
+        num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+    )
     rows, curves = [], {}
 
     def record(name: str, model: Regressor, curve: list[float], seconds: float) -> dict:
@@ -175,15 +178,22 @@ def run_engine_demo(cfg: EngineDemoConfig, out_dir: str | Path) -> dict:
     torch.manual_seed(cfg.seed)
     dense = Regressor(cfg.hidden_size, SwiGLUMLP(cfg.hidden_size, active))
     t = time.perf_counter()
-    record(f"dense MLP (width {active})", dense, _train(dense, task, cfg.steps, cfg, "dense", cfg.seed + 2), time.perf_counter() - t)
+    record(
+        f"dense MLP (width {active})",
+        dense,
+        _train(dense, task, cfg.steps, cfg, "dense", cfg.seed + 2),
+        time.perf_counter() - t,
+    )
 
     torch.manual_seed(cfg.seed)
     moe = Regressor(cfg.hidden_size, MoELayer(moe_cfg))
     t = time.perf_counter()
     moe_row = record(
-        f"MoE {cfg.num_experts}x{cfg.expert_size}, top-{cfg.num_experts_per_tok}", moe,
-        _train(moe, task, cfg.steps, cfg, "moe", cfg.seed + 2), time.perf_counter() - t,
-    )  # fmt: skip
+        f"MoE {cfg.num_experts}x{cfg.expert_size}, top-{cfg.num_experts_per_tok}",
+        moe,
+        _train(moe, task, cfg.steps, cfg, "moe", cfg.seed + 2),
+        time.perf_counter() - t,
+    )
 
     # Sparse upcycling: copy the trained dense FFN into every expert (widths must match: one expert = dense).
     up_cfg = dataclasses.replace(moe_cfg, intermediate_size=active, num_experts_per_tok=1)
@@ -192,9 +202,11 @@ def run_engine_demo(cfg: EngineDemoConfig, out_dir: str | Path) -> dict:
     start = _evaluate(upcycled, x_test, y_test, c_test, cfg.num_experts)["test_mse"]
     t = time.perf_counter()
     up_row = record(
-        f"MoE upcycled from the dense MLP (+{cfg.upcycle_steps} steps)", upcycled,
-        _train(upcycled, task, cfg.upcycle_steps, cfg, "upcycled", cfg.seed + 3), time.perf_counter() - t,
-    )  # fmt: skip
+        f"MoE upcycled from the dense MLP (+{cfg.upcycle_steps} steps)",
+        upcycled,
+        _train(upcycled, task, cfg.upcycle_steps, cfg, "upcycled", cfg.seed + 3),
+        time.perf_counter() - t,
+    )
     up_row["test_mse_at_upcycling"] = start
 
     # Persistence: the trained MoE layer survives save_pretrained / from_pretrained exactly.
@@ -208,7 +220,12 @@ def run_engine_demo(cfg: EngineDemoConfig, out_dir: str | Path) -> dict:
         raise RuntimeError("the reloaded MoE layer does not reproduce the trained one")
 
     plots = _plot(out_dir, curves, moe_row["routing_table"])
-    result = {"config": dataclasses.asdict(cfg), "rows": rows, "reload_identical": same, "plots": [p.name for p in plots]}
+    result = {
+        "config": dataclasses.asdict(cfg),
+        "rows": rows,
+        "reload_identical": same,
+        "plots": [p.name for p in plots],
+    }
     write_json(out_dir / "results.json", result)
     return result
 

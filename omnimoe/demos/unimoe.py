@@ -26,10 +26,21 @@ QUICK = {"prealign": 5, "steps1": 2, "steps2": 2, "steps3": 2, "eval_per_task": 
 
 
 def _recipe(stage: int, tasks: Path, **extra: Any) -> dict[str, Any]:
-    return {"stage": stage, "llm": "gemma3-270m", "template": "auto", "batch_size": 8, "warmup_steps": 10, "save_every": 25, "log_every": 10,
-            "connectors": {"image": {"kind": "mlp", "max_tokens": 16}, "audio": {"kind": "mlp", "max_tokens": 16}},
-            "moe": {"layers": "every:2", "num_experts_per_tok": 2, "router_aux_loss_coef": 0.01},
-            "eval_data": str(tasks / "test-eval.json"), "eval_max_new_tokens": 12, "eval_batch_size": 8, **extra}  # fmt: skip
+    return {
+        "stage": stage,
+        "llm": "gemma3-270m",
+        "template": "auto",
+        "batch_size": 8,
+        "warmup_steps": 10,
+        "save_every": 25,
+        "log_every": 10,
+        "connectors": {"image": {"kind": "mlp", "max_tokens": 16}, "audio": {"kind": "mlp", "max_tokens": 16}},
+        "moe": {"layers": "every:2", "num_experts_per_tok": 2, "router_aux_loss_coef": 0.01},
+        "eval_data": str(tasks / "test-eval.json"),
+        "eval_max_new_tokens": 12,
+        "eval_batch_size": 8,
+        **extra,
+    }
 
 
 def _config(data: dict[str, Any], overrides: list[str]) -> MLLMTrainConfig:
@@ -45,8 +56,11 @@ def eval_subset(tasks: Path, per_task: int, seed: int = 0, split: str = "test") 
     for r in records:
         by_task.setdefault(r["task"], []).append(r)
     rng = random.Random(seed)
-    picked = [r for _, rs in sorted(by_task.items())
-              for r in sorted(rng.sample(rs, min(per_task or len(rs), len(rs))), key=lambda r: r["id"])]  # fmt: skip
+    picked = [
+        r
+        for _, rs in sorted(by_task.items())
+        for r in sorted(rng.sample(rs, min(per_task or len(rs), len(rs))), key=lambda r: r["id"])
+    ]
     path = tasks / f"{split}-eval.json"
     write_json(path, picked)
     return path
@@ -67,8 +81,11 @@ def blind_rows(tasks: Path, seed: int = 0, split: str = "test") -> list[dict[str
         if (tasks / name).is_file():
             for r in json.loads((tasks / name).read_text()):
                 answers.setdefault(r["task"], Counter())[r["answer"]] += 1
-    scored = [{"task": r["task"], "group": r["group"], "score": score(r, answers[r["task"]].most_common(1)[0][0])}
-              for r in json.loads((tasks / f"{split}-eval.json").read_text()) if r["task"] in answers]  # fmt: skip
+    scored = [
+        {"task": r["task"], "group": r["group"], "score": score(r, answers[r["task"]].most_common(1)[0][0])}
+        for r in json.loads((tasks / f"{split}-eval.json").read_text())
+        if r["task"] in answers
+    ]
     summary = summarise(scored)
     for info in summary["tasks"].values():
         info["swapped"], info["seeing_gain"] = info["mean"], 0.0
@@ -80,7 +97,9 @@ def _phrase(record: dict[str, Any]) -> str:
     return text.split("Is this ", 1)[-1].split("? Answer yes or no.", 1)[0]
 
 
-def probe_rows(tasks: Path, features: Any, model: Any, tokenizer: Any, seed: int = 0, split: str = "test") -> list[dict[str, Any]]:
+def probe_rows(
+    tasks: Path, features: Any, model: Any, tokenizer: Any, seed: int = 0, split: str = "test"
+) -> list[dict[str, Any]]:
     """The probe ceiling of each closed task (:mod:`omnimoe.mllm.probe`) on the held-out records of
     ``<split>-eval.json``, trained on ``stage3.json``; ``swapped``: the same probe on the media-swapped records."""
     import torch
@@ -94,8 +113,14 @@ def probe_rows(tasks: Path, features: Any, model: Any, tokenizer: Any, seed: int
     def key(r: dict[str, Any]) -> str:
         return MediaFeatures.key(features.root, root, r["image"])
 
-    def usable(name: str) -> list[dict[str, Any]]:  # records whose image was encoded (the evaluation drops the others too)
-        return [r for r in json.loads((tasks / name).read_text()) if "image" in r and features.problem("image", key(r)) is None]
+    def usable(
+        name: str,
+    ) -> list[dict[str, Any]]:  # records whose image was encoded (the evaluation drops the others too)
+        return [
+            r
+            for r in json.loads((tasks / name).read_text())
+            if "image" in r and features.problem("image", key(r)) is None
+        ]
 
     train, test = usable("stage3.json"), usable(f"{split}-eval.json")
 
@@ -119,30 +144,65 @@ def probe_rows(tasks: Path, features: Any, model: Any, tokenizer: Any, seed: int
         sw = [te_swap.get(r["id"], r) for r in te]
         groups = [r["source_id"] for r in tr]
         if task == "image-category":
-            res = category_probe(pooled(tr), [r["answer"] for r in tr], pooled(te), [r["answer"] for r in te], groups, seed,
-                                 control_x=pooled(sw))  # fmt: skip
+            res = category_probe(
+                pooled(tr),
+                [r["answer"] for r in tr],
+                pooled(te),
+                [r["answer"] for r in te],
+                groups,
+                seed,
+                control_x=pooled(sw),
+            )
         else:
             yes = [[r["answer"].lower().startswith("yes") for r in recs] for recs in (tr, te)]
-            res = yesno_probe(pooled(tr), phrases(tr), yes[0], pooled(te), phrases(te), yes[1], groups, seed, control_x=pooled(sw))
-        rows.append({"stage": "-", "model": PROBE, "task": task, "group": "image", "score": res["score"], "n": res["n"],
-                     "swapped": res["control"], "seeing_gain": res["score"] - res["control"], "seed": seed,
-                     "weight_decay": res["weight_decay"]})  # fmt: skip
+            res = yesno_probe(
+                pooled(tr), phrases(tr), yes[0], pooled(te), phrases(te), yes[1], groups, seed, control_x=pooled(sw)
+            )
+        rows.append(
+            {
+                "stage": "-",
+                "model": PROBE,
+                "task": task,
+                "group": "image",
+                "score": res["score"],
+                "n": res["n"],
+                "swapped": res["control"],
+                "seeing_gain": res["score"] - res["control"],
+                "seed": seed,
+                "weight_decay": res["weight_decay"],
+            }
+        )
     return rows
 
 
 def _rows(stage: str, model: str, summary: dict[str, Any], seed: int = 0) -> list[dict[str, Any]]:
     rows = []
     for t, v in summary.get("tasks", {}).items():
-        row = {"stage": stage, "model": model, "task": t, "group": v["group"], "score": v["mean"], "n": v["n"],
-               "swapped": v.get("swapped"), "seeing_gain": v.get("seeing_gain"), "seed": seed}  # fmt: skip
+        row = {
+            "stage": stage,
+            "model": model,
+            "task": t,
+            "group": v["group"],
+            "score": v["mean"],
+            "n": v["n"],
+            "swapped": v.get("swapped"),
+            "seeing_gain": v.get("seeing_gain"),
+            "seed": seed,
+        }
         if "replies" in v:
             row["replies"] = v["replies"]
         rows.append(row)
     return rows
 
 
-def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] | None = None, progress: bool = True,
-                    seed: int = 0, held_out: str = "test") -> dict[str, Any]:  # fmt: skip
+def run_unimoe_demo(
+    out: str | Path,
+    quick: bool = False,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    held_out: str = "test",
+) -> dict[str, Any]:
     """Every stage, both stage-3 models, every held-out record scored with its own and with swapped media,
     the blind and probe-ceiling rows, chat answers on held-out stamps, plots. ``seed`` seeds every stage
     (the task files and the held-out split stay those of seed 0, so seeds compare on the same records).
@@ -162,23 +222,45 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
     if (tasks / "tasks.json").is_file():  # the stages of this folder were trained on those task files
         before = json.loads((tasks / "tasks.json").read_text())["counts"].get("val_fraction", 0.0)
         if before != val_fraction:
-            raise ValueError(f"{out} holds a run with held_out={'val' if before else 'test'}; use another output folder")
+            raise ValueError(
+                f"{out} holds a run with held_out={'val' if before else 'test'}; use another output folder"
+            )
     manifest, _ = build_tuxpaint_manifest(out / "data")
-    counts = build_tuxpaint_tasks(manifest, tasks, max_per_task=size["max_per_task"] or None,
-                                  val_fraction=val_fraction)  # fmt: skip
+    counts = build_tuxpaint_tasks(manifest, tasks, max_per_task=size["max_per_task"] or None, val_fraction=val_fraction)
     evals = eval_subset(tasks, size["eval_per_task"], split=held_out)
     rows: list[dict[str, Any]] = blind_rows(tasks, seed, held_out)
     summaries: dict[str, Any] = {}
 
-    s1 = _config(_recipe(1, tasks, eval_data=str(evals), data=str(tasks / "stage1.json"), steps=size["steps1"],
-                         prealign={"steps": size["prealign"]}), overrides)  # fmt: skip
+    s1 = _config(
+        _recipe(
+            1,
+            tasks,
+            eval_data=str(evals),
+            data=str(tasks / "stage1.json"),
+            steps=size["steps1"],
+            prealign={"steps": size["prealign"]},
+        ),
+        overrides,
+    )
     r1 = run_stage(s1, out / "stage1", progress)
-    rows += probe_rows(tasks, features_for(s1, [tasks / "stage3.json", evals], False), r1["model"], r1["tokenizer"], seed, held_out)
+    rows += probe_rows(
+        tasks, features_for(s1, [tasks / "stage3.json", evals], False), r1["model"], r1["tokenizer"], seed, held_out
+    )
     summaries["stage1"] = evaluate_folder(r1["model"], r1["tokenizer"], s1, out / "stage1", progress)
     rows += _rows("1", "stage1 (connectors)", summaries["stage1"], seed)
     del r1
 
-    s2 = _config(_recipe(2, tasks, eval_data=str(evals), data=str(tasks / "stage3.json"), init=str(out / "stage1"), steps=size["steps2"]), overrides)
+    s2 = _config(
+        _recipe(
+            2,
+            tasks,
+            eval_data=str(evals),
+            data=str(tasks / "stage3.json"),
+            init=str(out / "stage1"),
+            steps=size["steps2"],
+        ),
+        overrides,
+    )
     r2 = run_stage(s2, out / "stage2", progress)
     for group in r2["groups"]:
         model, tok, cfg = load_stage(out / "stage2" / group)
@@ -192,8 +274,19 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
 
     loads, expert_names, chats = {}, [], []
     for name, dense in (("moe", False), ("dense-equal-active", True)):
-        cfg = _config(_recipe(3, tasks, eval_data=str(evals), data=str(tasks / "stage3.json"), init=str(out / "stage1"), experts=experts, dense=dense,
-                              steps=size["steps3"]), overrides)  # fmt: skip
+        cfg = _config(
+            _recipe(
+                3,
+                tasks,
+                eval_data=str(evals),
+                data=str(tasks / "stage3.json"),
+                init=str(out / "stage1"),
+                experts=experts,
+                dense=dense,
+                steps=size["steps3"],
+            ),
+            overrides,
+        )
         folder = out / f"stage3-{name}"
         r3 = run_stage(cfg, folder, progress)
         summaries[f"stage3-{name}"] = evaluate_folder(r3["model"], r3["tokenizer"], cfg, folder, progress)
@@ -202,9 +295,19 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
             from omnimoe.mllm.data import ConversationData, template_for
 
             model, tok = r3["model"], r3["tokenizer"]
-            data = ConversationData(evals, features_for(cfg, [evals], False), tok, template_for(tok, cfg.template), model.config.placeholder_ids, lambda m, n: model.connectors[m].num_tokens(n))  # fmt: skip
+            data = ConversationData(
+                evals,
+                features_for(cfg, [evals], False),
+                tok,
+                template_for(tok, cfg.template),
+                model.config.placeholder_ids,
+                lambda m, n: model.connectors[m].num_tokens(n),
+            )
             loads = expert_load_by_group(model, data)
-            expert_names = [src.split(":")[1] if src.startswith("stage2:") else "base" for src in next(iter(model.config.expert_sources.values()), [])]
+            expert_names = [
+                src.split(":")[1] if src.startswith("stage2:") else "base"
+                for src in next(iter(model.config.expert_sources.values()), [])
+            ]
             write_json(folder / "expert_load.json", loads)
             del r3
             chats = chat_examples(folder, tasks, 2 if quick else 10, seed=0, split=held_out)
@@ -212,16 +315,26 @@ def run_unimoe_demo(out: str | Path, quick: bool = False, overrides: list[str] |
         else:
             del r3
     spread = {k: v.get("spread") for k, v in summaries.items()}
-    result = {"rows": rows, "summaries": summaries, "spread": spread, "counts": counts["files"], "quick": quick, "seed": seed,
-              "held_out": held_out, "chat": chats, "plots": []}  # fmt: skip
+    result = {
+        "rows": rows,
+        "summaries": summaries,
+        "spread": spread,
+        "counts": counts["files"],
+        "quick": quick,
+        "seed": seed,
+        "held_out": held_out,
+        "chat": chats,
+        "plots": [],
+    }
     write_json(out / "results.json", rows)
     write_json(out / "summary.json", {k: v for k, v in result.items() if k != "rows"})
     result["plots"] = _plots(out, rows, loads, expert_names) + ([_chat_sheet(out, chats)] if chats else [])
     return result
 
 
-def chat_examples(model_dir: Path, tasks: Path, count: int = 10, seed: int = 0, question: str = "What is this?",
-                  split: str = "test") -> list[dict[str, Any]]:  # fmt: skip
+def chat_examples(
+    model_dir: Path, tasks: Path, count: int = 10, seed: int = 0, question: str = "What is this?", split: str = "test"
+) -> list[dict[str, Any]]:
     """``omnimoe mllm chat --image <stamp> "What is this?"`` on ``count`` held-out stamps drawn at random
     (fixed seed), through the live encoder as a user runs it: ``{image, answer, caption, category}``."""
     from omnimoe.mllm.chat import ChatSession
@@ -237,8 +350,17 @@ def chat_examples(model_dir: Path, tasks: Path, count: int = 10, seed: int = 0, 
         path = (tasks / r["image"]).resolve()
         reply = session.ask(question, images=[str(path)], max_new_tokens=16)
         caption = r["answer"]
-        rows.append({"id": r["source_id"], "image": str(path), "question": question, "answer": reply, "caption": caption,
-                     "category": categories.get(r["source_id"]), "token_f1": token_f1(reply, caption)})  # fmt: skip
+        rows.append(
+            {
+                "id": r["source_id"],
+                "image": str(path),
+                "question": question,
+                "answer": reply,
+                "caption": caption,
+                "category": categories.get(r["source_id"]),
+                "token_f1": token_f1(reply, caption),
+            }
+        )
     return grade_chat(rows, tasks, split)
 
 
@@ -254,13 +376,23 @@ def grade_chat(rows: list[dict[str, Any]], tasks: Path, split: str = "test") -> 
         if (tasks / name).is_file():
             records += json.loads((tasks / name).read_text())
     category = {r["source_id"]: r["answer"] for r in records if r["task"] == "image-category"}
-    objects = {normalise_answer(r["answer"]): (r["answer"], category.get(r["source_id"])) for r in records if r["task"] == "image-what"}
+    objects = {
+        normalise_answer(r["answer"]): (r["answer"], category.get(r["source_id"]))
+        for r in records
+        if r["task"] == "image-what"
+    }
     graded = []
     for row in rows:
         named, named_category = objects.get(normalise_answer(row["answer"]), (None, None))
-        graded.append({**row, "named": named, "named_category": named_category,
-                       "right_object": normalise_answer(row["answer"]) == normalise_answer(row["caption"]),
-                       "right_category": named_category is not None and named_category == row["category"]})  # fmt: skip
+        graded.append(
+            {
+                **row,
+                "named": named,
+                "named_category": named_category,
+                "right_object": normalise_answer(row["answer"]) == normalise_answer(row["caption"]),
+                "right_category": named_category is not None and named_category == row["category"],
+            }
+        )
     return graded
 
 
@@ -293,7 +425,12 @@ def _chat_sheet(out: Path, chats: list[dict[str, Any]]) -> str:
     return str(path)
 
 
-def _plots(out: Path, rows: list[dict[str, Any]], loads: dict[str, dict[int, list[float]]], expert_names: list[str] | None = None) -> list[str]:
+def _plots(
+    out: Path,
+    rows: list[dict[str, Any]],
+    loads: dict[str, dict[int, list[float]]],
+    expert_names: list[str] | None = None,
+) -> list[str]:
     """``scores.png`` (every task after every stage) and ``expert_load.png`` (share of each group's routed
     tokens per expert, per MoE layer; experts named by where they came from: the base FFN or a stage-2 group)."""
     import matplotlib
@@ -310,10 +447,19 @@ def _plots(out: Path, rows: list[dict[str, Any]], loads: dict[str, dict[int, lis
     for j, m in enumerate(models):
         vals = [next((r["score"] for r in rows if r["model"] == m and r["task"] == t), np.nan) for t in task_names]
         ax.bar(np.arange(len(task_names)) + j * width, vals, width, label=m)
-        swapped = [next((r.get("swapped") for r in rows if r["model"] == m and r["task"] == t), None) for t in task_names]
+        swapped = [
+            next((r.get("swapped") for r in rows if r["model"] == m and r["task"] == t), None) for t in task_names
+        ]
         xs = [x for x, v in zip(np.arange(len(task_names)) + j * width, swapped) if v is not None]
-        ax.scatter(xs, [v for v in swapped if v is not None], marker="_", s=60, color="black", zorder=3,
-                   label="swapped media" if j == 0 else None)  # fmt: skip
+        ax.scatter(
+            xs,
+            [v for v in swapped if v is not None],
+            marker="_",
+            s=60,
+            color="black",
+            zorder=3,
+            label="swapped media" if j == 0 else None,
+        )
     ax.set_xticks(np.arange(len(task_names)) + 0.4 - width / 2, task_names, rotation=20)
     ax.set_ylabel("score (accuracy / token F1)")
     ax.set_title("Held-out Tux Paint tasks after each stage (black: the same records with swapped media)")
@@ -333,7 +479,9 @@ def _plots(out: Path, rows: list[dict[str, Any]], loads: dict[str, dict[int, lis
             grid = grids[layer]
             ax.imshow(grid, vmin=0, vmax=top, cmap="viridis")  # colour scale up to the largest share (uniform = 1/E)
             for (i, j), v in np.ndenumerate(grid):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 * top else "black")
+                ax.text(
+                    j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v < 0.6 * top else "black"
+                )
             ax.set_title(f"layer {layer}", fontsize=8)
             ax.set_yticks(range(len(groups)), groups if layer == layers[0] else [""] * len(groups), fontsize=7)
             ax.set_xticks(range(grid.shape[1]), names[: grid.shape[1]], fontsize=6, rotation=45)
@@ -350,8 +498,12 @@ def format_table(result: dict[str, Any]) -> str:
     rows = result["rows"]
     tasks = sorted({r["task"] for r in rows})
     models = list(dict.fromkeys(r["model"] for r in rows))
-    lines = ["score (swapped-media score) per task; image-yesno also [share of yes replies]", "",
-             "| model | " + " | ".join(tasks) + " | spread (max-min) |", "|---" * (len(tasks) + 2) + "|"]  # fmt: skip
+    lines = [
+        "score (swapped-media score) per task; image-yesno also [share of yes replies]",
+        "",
+        "| model | " + " | ".join(tasks) + " | spread (max-min) |",
+        "|---" * (len(tasks) + 2) + "|",
+    ]
 
     def cell(r: dict[str, Any]) -> str:
         text = f"{r['score']:.3f}"
@@ -387,10 +539,23 @@ def aggregate_seeds(runs: list[Path]) -> dict[str, Any]:
             cell["yes"].append(r["replies"]["yes"])
 
     def ms(v: list[float]) -> dict[str, float] | None:
-        return {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0, "n": len(v)} if v else None
+        return (
+            {"mean": statistics.fmean(v), "std": statistics.pstdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+            if v
+            else None
+        )
 
-    table = {f"{m} | {t}": {"model": m, "task": t, "score": ms(c["score"]), "swapped": ms(c["swapped"]), "yes_share": ms(c["yes"]),
-                            "seeds": sorted(set(c["seed"]))} for (m, t), c in cells.items()}  # fmt: skip
+    table = {
+        f"{m} | {t}": {
+            "model": m,
+            "task": t,
+            "score": ms(c["score"]),
+            "swapped": ms(c["swapped"]),
+            "yes_share": ms(c["yes"]),
+            "seeds": sorted(set(c["seed"])),
+        }
+        for (m, t), c in cells.items()
+    }
     ceilings = {c["task"]: c["score"]["mean"] for c in table.values() if c["model"] == PROBE}
     spread = {}
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -398,16 +563,29 @@ def aggregate_seeds(runs: list[Path]) -> dict[str, Any]:
         if len(means) < 2:
             continue
         rel = [means[t] / ceilings[t] for t in means if t in ceilings and ceilings[t] > 0]
-        spread[model] = {"max_min": max(means.values()) - min(means.values()), "std": statistics.pstdev(means.values()),
-                         "relative_to_ceiling": {"max_min": max(rel) - min(rel), "std": statistics.pstdev(rel)} if len(rel) > 1 else None}  # fmt: skip
+        spread[model] = {
+            "max_min": max(means.values()) - min(means.values()),
+            "std": statistics.pstdev(means.values()),
+            "relative_to_ceiling": {"max_min": max(rel) - min(rel), "std": statistics.pstdev(rel)}
+            if len(rel) > 1
+            else None,
+        }
     chat = []
     for run in map(Path, runs):  # chat on held-out stamps, graded here too for runs written before the grading
         if (run / "chat.json").is_file() and (run / "summary.json").is_file():
             info = json.loads((run / "summary.json").read_text())
-            graded = grade_chat(json.loads((run / "chat.json").read_text()), run / "tasks", info.get("held_out", "test"))
-            chat.append({"run": str(run), "seed": info.get("seed", 0), "n": len(graded),
-                         "right_object": sum(g["right_object"] for g in graded),
-                         "right_category": sum(g["right_category"] for g in graded)})  # fmt: skip
+            graded = grade_chat(
+                json.loads((run / "chat.json").read_text()), run / "tasks", info.get("held_out", "test")
+            )
+            chat.append(
+                {
+                    "run": str(run),
+                    "seed": info.get("seed", 0),
+                    "n": len(graded),
+                    "right_object": sum(g["right_object"] for g in graded),
+                    "right_category": sum(g["right_category"] for g in graded),
+                }
+            )
     return {"cells": table, "spread": spread, "chat": chat, "runs": [str(r) for r in runs]}
 
 

@@ -3,4 +3,13 @@
 from omnimoe.encoders.base import BadInput, EncoderOptions, EncoderOutput, FrozenEncoder, LabelHead
 from omnimoe.encoders.registry import REGISTRY, encoder_modality, load_encoder
 
-__all__ = ["BadInput", "EncoderOptions", "EncoderOutput", "FrozenEncoder", "LabelHead", "REGISTRY", "encoder_modality", "load_encoder"]
+__all__ = [
+    "BadInput",
+    "EncoderOptions",
+    "EncoderOutput",
+    "FrozenEncoder",
+    "LabelHead",
+    "REGISTRY",
+    "encoder_modality",
+    "load_encoder",
+]

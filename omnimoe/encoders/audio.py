@@ -52,7 +52,12 @@ class FasterWhisperEncoder(FrozenEncoder):
         return int(np.array(out).shape[-1])
 
     def preprocessing(self) -> dict[str, Any]:
-        return {"rate": AUDIO_RATE, "window_s": self.options.max_audio_seconds, "pooling": self.options.pooling, "compute_type": "int8"}
+        return {
+            "rate": AUDIO_RATE,
+            "window_s": self.options.max_audio_seconds,
+            "pooling": self.options.pooling,
+            "compute_type": "int8",
+        }
 
     def load_item(self, item: Any) -> np.ndarray:
         return read_audio(item)

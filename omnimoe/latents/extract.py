@@ -118,7 +118,13 @@ def extract(
     n_shards = math.ceil(len(items) / shard_size)
     mine = [i for i in range(n_shards) if i % world == rank]
     recorded = _recorded_shards(out)
-    todo = [i for i in mine if not _shard_is_current(out / shard_name(i), items[i * shard_size : (i + 1) * shard_size], recorded.get(shard_name(i)))]
+    todo = [
+        i
+        for i in mine
+        if not _shard_is_current(
+            out / shard_name(i), items[i * shard_size : (i + 1) * shard_size], recorded.get(shard_name(i))
+        )
+    ]
     for i in todo:  # leftovers of a killed run (never renamed into place), or a shard that no longer fits
         for stale in [*out.glob(f".{shard_name(i)}.*.tmp"), out / shard_name(i)]:
             stale.unlink(missing_ok=True)
@@ -128,7 +134,9 @@ def extract(
                 path.unlink()
 
     total = sum(len(items[i * shard_size : (i + 1) * shard_size]) for i in todo)
-    bar = tqdm(total=total, unit="item", desc=f"extract {enc.name}", disable=not progress or rank != 0, dynamic_ncols=True)
+    bar = tqdm(
+        total=total, unit="item", desc=f"extract {enc.name}", disable=not progress or rank != 0, dynamic_ncols=True
+    )
     batch_size = enc.options.batch_size
     with ThreadPoolExecutor(max_workers=1) as pool:  # reads/decodes the next batch while this one encodes
         for i in todo:
@@ -174,7 +182,11 @@ def extract(
     index = None
     if rank == 0:
         complete = all((out / shard_name(i)).is_file() for i in range(n_shards))
-        index = rebuild_index(out, record, extra={"manifest": relative_path(manifest, out), "complete": complete, "shard_size": shard_size})
+        index = rebuild_index(
+            out,
+            record,
+            extra={"manifest": relative_path(manifest, out), "complete": complete, "shard_size": shard_size},
+        )
     if world > 1:
         dist.barrier()  # and the index too, before any rank opens the store
     return index
@@ -187,7 +199,11 @@ def _recorded_shards(out: Path) -> dict[str, dict[str, Any]]:
         index = read_json(out / INDEX)
     except (FileNotFoundError, ValueError):
         return {}
-    return {s["file"]: s for s in index.get("shards", []) if isinstance(s, dict) and "file" in s} if isinstance(index, dict) else {}
+    return (
+        {s["file"]: s for s in index.get("shards", []) if isinstance(s, dict) and "file" in s}
+        if isinstance(index, dict)
+        else {}
+    )
 
 
 def _shard_is_current(path: Path, chunk: list[Item], recorded: dict[str, Any] | None = None) -> bool:

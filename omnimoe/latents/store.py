@@ -59,8 +59,12 @@ def shard_metadata(path: Path) -> dict[str, Any]:
     header, _ = read_header(path)
     meta = header.get("__metadata__", {})
     try:
-        return {"encoder": json.loads(meta["encoder"]), "ids": json.loads(meta["ids"]), "skipped": json.loads(meta.get("skipped", "[]")),
-                "index": int(meta["index"])}  # fmt: skip
+        return {
+            "encoder": json.loads(meta["encoder"]),
+            "ids": json.loads(meta["ids"]),
+            "skipped": json.loads(meta.get("skipped", "[]")),
+            "index": int(meta["index"]),
+        }
     except (KeyError, json.JSONDecodeError):
         raise StoreError(f"{path} is not an omnimoe latent shard (metadata missing)") from None
 
@@ -91,20 +95,33 @@ def encoder_matches(found: dict[str, Any], expected: dict[str, Any]) -> str | No
     return None
 
 
-def write_shard(path: Path, index: int, record: dict[str, Any], ids: list[str], skipped: list[dict[str, str]],
-                tensors: dict[str, torch.Tensor]) -> None:  # fmt: skip
+def write_shard(
+    path: Path,
+    index: int,
+    record: dict[str, Any],
+    ids: list[str],
+    skipped: list[dict[str, str]],
+    tensors: dict[str, torch.Tensor],
+) -> None:
     """Atomically write one self-describing shard (see the module docstring)."""
     from safetensors.torch import save_file
 
     from omnimoe.io import atomic_path
 
-    metadata = {"encoder": json.dumps(record, sort_keys=True), "ids": json.dumps(ids), "skipped": json.dumps(skipped), "index": str(index)}
+    metadata = {
+        "encoder": json.dumps(record, sort_keys=True),
+        "ids": json.dumps(ids),
+        "skipped": json.dumps(skipped),
+        "index": str(index),
+    }
     tensors = {k: (v.float() if v.is_floating_point() else v.long()).contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def write_store(folder: str | Path, ids: list[str], pooled: torch.Tensor, record: dict[str, Any], shard_size: int = 4096) -> "LatentStore":
+def write_store(
+    folder: str | Path, ids: list[str], pooled: torch.Tensor, record: dict[str, Any], shard_size: int = 4096
+) -> "LatentStore":
     """Write vectors computed elsewhere (``pooled`` (N, D) for ``ids``) as a store. ``record`` describes their
     origin and needs at least ``encoder`` and ``modality``; ``dim`` is filled in."""
     folder = Path(folder)
@@ -112,24 +129,49 @@ def write_store(folder: str | Path, ids: list[str], pooled: torch.Tensor, record
         raise StoreError(f"write_store: {len(ids)} ids (unique: {len(set(ids))}) for {len(pooled)} vectors")
     if not torch.isfinite(pooled).all():
         raise StoreError("write_store: the vectors contain NaN or inf")
-    record = {"weights_hash": None, "preprocessing": {}, "field": record.get("modality"), "tokens": False, **record, "dim": int(pooled.shape[1])}
+    record = {
+        "weights_hash": None,
+        "preprocessing": {},
+        "field": record.get("modality"),
+        "tokens": False,
+        **record,
+        "dim": int(pooled.shape[1]),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(0, max(1, len(ids)), shard_size):
-        write_shard(folder / shard_name(i // shard_size), i // shard_size, record, ids[i : i + shard_size], [],
-                    {"pooled": pooled[i : i + shard_size].float()})  # fmt: skip
+        write_shard(
+            folder / shard_name(i // shard_size),
+            i // shard_size,
+            record,
+            ids[i : i + shard_size],
+            [],
+            {"pooled": pooled[i : i + shard_size].float()},
+        )
     rebuild_index(folder, record, extra={"complete": True, "shard_size": shard_size})
     return LatentStore.open(folder)
 
 
-def rebuild_index(folder: Path, encoder: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def rebuild_index(
+    folder: Path, encoder: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Scan the shard files and write ``store.json`` (atomically)."""
     shards = []
     for path in sorted(folder.glob("shard-*.safetensors")):
         meta = shard_metadata(path)
         if encoder is not None and (why := encoder_matches(meta["encoder"], encoder)):
-            raise StoreError(f"{path} was written by a different encoder: {why}. Use a new --out folder or delete the store.")
+            raise StoreError(
+                f"{path} was written by a different encoder: {why}. Use a new --out folder or delete the store."
+            )
         encoder = encoder or meta["encoder"]
-        shards.append({"file": path.name, "index": meta["index"], "rows": len(meta["ids"]), "skipped": meta["skipped"], **file_record(path)})
+        shards.append(
+            {
+                "file": path.name,
+                "index": meta["index"],
+                "rows": len(meta["ids"]),
+                "skipped": meta["skipped"],
+                **file_record(path),
+            }
+        )
     index = {"format": FORMAT_VERSION, **(encoder or {}), **(extra or {}), "shards": shards}
     write_json(folder / INDEX, index)
     return index
@@ -154,7 +196,9 @@ class LatentStore:
         try:
             index = read_json(folder / INDEX)
         except ValueError as exc:
-            raise StoreError(f"{exc}; rebuild it from the shards with `omnimoe extract` (same command, same --out)") from None
+            raise StoreError(
+                f"{exc}; rebuild it from the shards with `omnimoe extract` (same command, same --out)"
+            ) from None
         if not isinstance(index, dict) or index.get("format") != FORMAT_VERSION:
             found = index.get("format") if isinstance(index, dict) else type(index).__name__
             raise StoreError(f"{folder}: store format {found!r} is not supported (expected {FORMAT_VERSION})")
@@ -169,7 +213,9 @@ class LatentStore:
                 raise StoreError(f"{why}. Run `omnimoe store verify {folder}`, then re-extract the store.")
             meta = shard_metadata(path)
             if len(meta["ids"]) != shard.get("rows", len(meta["ids"])):
-                raise StoreError(f"{path}: {len(meta['ids'])} ids in the shard, {shard['rows']} in {INDEX} (a damaged store: re-extract it)")
+                raise StoreError(
+                    f"{path}: {len(meta['ids'])} ids in the shard, {shard['rows']} in {INDEX} (a damaged store: re-extract it)"
+                )
             ids.extend(meta["ids"])
             rows.append(len(meta["ids"]))
             files.append(path)
@@ -217,12 +263,16 @@ class LatentStore:
         for i, n in enumerate(self._shard_rows):
             shard = self.shard_pooled(i)
             if shard.shape != (n, self.dim):
-                raise StoreError(f"{self._shard_files[i]}: vectors of shape {tuple(shard.shape)}, expected ({n}, {self.dim}) (a damaged shard: re-extract the store)")
+                raise StoreError(
+                    f"{self._shard_files[i]}: vectors of shape {tuple(shard.shape)}, expected ({n}, {self.dim}) (a damaged shard: re-extract the store)"
+                )
             out[start : start + n] = shard
             bad = np.flatnonzero(~np.isfinite(out[start : start + n]).all(1))
             if len(bad):
                 names = [self.ids[start + int(b)] for b in bad[:5]]
-                raise StoreError(f"{self._shard_files[i]}: {len(bad)} row(s) hold NaN or inf, e.g. {names} (a damaged shard: re-extract the store)")
+                raise StoreError(
+                    f"{self._shard_files[i]}: {len(bad)} row(s) hold NaN or inf, e.g. {names} (a damaged shard: re-extract the store)"
+                )
             start += n
         return torch.from_numpy(out)
 
@@ -243,7 +293,9 @@ class LatentStore:
             if row < n:
                 lengths = memmap_tensor(path, "lengths")
                 start = int(lengths[:row].sum())
-                return torch.from_numpy(np.array(memmap_tensor(path, "tokens")[start : start + int(lengths[row])], dtype=np.float32))
+                return torch.from_numpy(
+                    np.array(memmap_tensor(path, "tokens")[start : start + int(lengths[row])], dtype=np.float32)
+                )
             row -= n
         raise AssertionError("unreachable")
 
@@ -253,7 +305,7 @@ class LatentStore:
         if not self.has_tokens:
             raise StoreError(f"{self.folder} holds pooled vectors only; extract with --tokens")
         lengths = [memmap_tensor(path, "lengths") for path in self._shard_files]
-        longest = max((int(l.max()) for l in lengths if len(l)), default=1)
+        longest = max((int(n.max()) for n in lengths if len(n)), default=1)
         width = min(longest, max_len) if max_len else longest
         out = torch.zeros(len(self.ids), width, self.dim)
         mask = torch.zeros(len(self.ids), width, dtype=torch.bool)

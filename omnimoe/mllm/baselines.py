@@ -34,13 +34,18 @@ def moe_active_parameters(layer: MoELayer, include_router: bool = False) -> int:
     return layer.config.num_experts_per_tok * per_expert + shared + router
 
 
-def _moe_like_moefy(dense: nn.Module, config: MoELLMConfig, ffns: list[nn.Module] | None,
-                    generator: torch.Generator | None) -> MoELayer:  # fmt: skip
+def _moe_like_moefy(
+    dense: nn.Module, config: MoELLMConfig, ffns: list[nn.Module] | None, generator: torch.Generator | None
+) -> MoELayer:
     """The MoE layer moefy would put in place of ``dense`` (same recipe, same expert initialisation)."""
     if ffns:
-        return upcycle_from_ffns(ffns, noise_std=config.noise_std, generator=generator, **{**config.routing(), "num_experts": len(ffns)})
+        return upcycle_from_ffns(
+            ffns, noise_std=config.noise_std, generator=generator, **{**config.routing(), "num_experts": len(ffns)}
+        )
     if config.init == "sliced":
-        return upcycle_sliced(dense, config.num_experts, **{k: v for k, v in config.routing().items() if k != "num_experts"})
+        return upcycle_sliced(
+            dense, config.num_experts, **{k: v for k, v in config.routing().items() if k != "num_experts"}
+        )
     return upcycle_from_ffns([dense], noise_std=config.noise_std, generator=generator, copies=True, **config.routing())
 
 
@@ -80,7 +85,9 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) ->
     return lin
 
 
-def _widened(mlp: nn.Module, w_in: torch.Tensor, b_in: torch.Tensor | None, w_down: torch.Tensor, b_down: torch.Tensor | None) -> nn.Module:
+def _widened(
+    mlp: nn.Module, w_in: torch.Tensor, b_in: torch.Tensor | None, w_down: torch.Tensor, b_down: torch.Tensor | None
+) -> nn.Module:
     """A module of ``mlp``'s own class, activation and layout whose Linear children carry these weights."""
     children = dict(mlp.named_children())
     layout = next((names for names in _LAYOUTS if all(isinstance(children.get(n), nn.Linear) for n in names)), None)
@@ -105,8 +112,12 @@ def _widened(mlp: nn.Module, w_in: torch.Tensor, b_in: torch.Tensor | None, w_do
     return wide
 
 
-def dense_equal_active(llm: nn.Module, config: MoELLMConfig, ffns: dict[int, list[nn.Module]] | None = None,
-                       generator: torch.Generator | None = None) -> list[int]:  # fmt: skip
+def dense_equal_active(
+    llm: nn.Module,
+    config: MoELLMConfig,
+    ffns: dict[int, list[nn.Module]] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
     """In place: the FFN of every layer :func:`moefy` would choose becomes a dense FFN with the MoE's active
     parameters (see the module docstring); returns the layer indices.
 

@@ -55,7 +55,14 @@ class ChatSession:
         return self._states("image" if modality == "image" else "audio", path)
 
     @torch.no_grad()
-    def ask(self, text: str, images: list[str] = (), audios: list[str] = (), videos: list[str] = (), max_new_tokens: int = 64) -> str:  # type: ignore[assignment]
+    def ask(
+        self,
+        text: str,
+        images: list[str] = (),
+        audios: list[str] = (),
+        videos: list[str] = (),
+        max_new_tokens: int = 64,
+    ) -> str:  # type: ignore[assignment]
         given = {"image": list(images), "audio": list(audios), "video": list(videos)}
         prompt = text
         for modality in ("video", "audio", "image"):
@@ -67,10 +74,18 @@ class ChatSession:
         model: MultimodalLLM = self.model
         counts = {m: [model.connectors[m].num_tokens(len(s)) for s in ss] for m, ss in states.items()}
         template = template_for(self.tokenizer, self.cfg.template)
-        enc = encode_turns([("user", prompt)], self.tokenizer, template, model.config.placeholder_ids, counts, generation=True)
+        enc = encode_turns(
+            [("user", prompt)], self.tokenizer, template, model.config.placeholder_ids, counts, generation=True
+        )
         media = {m: pad_items(ss) for m, ss in states.items()}
         ids = torch.tensor([enc.input_ids])
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        out = model.generate(ids, media=media, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=stop_ids(self.tokenizer, self.cfg.template))  # fmt: skip
+        out = model.generate(
+            ids,
+            media=media,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=stop_ids(self.tokenizer, self.cfg.template),
+        )
         return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()

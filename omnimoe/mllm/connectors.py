@@ -101,7 +101,9 @@ class MLPConnector(nn.Module):
         super().__init__()
         self.spec = spec
         hidden = spec.hidden_dim or spec.out_dim
-        self.net = nn.Sequential(nn.Linear(spec.in_dim, hidden), nn.GELU(), nn.Dropout(spec.dropout), nn.Linear(hidden, spec.out_dim))
+        self.net = nn.Sequential(
+            nn.Linear(spec.in_dim, hidden), nn.GELU(), nn.Dropout(spec.dropout), nn.Linear(hidden, spec.out_dim)
+        )
         self.norm = output_norm(spec)
 
     def num_tokens(self, encoder_tokens: int) -> int:
@@ -138,7 +140,9 @@ class QFormerConnector(nn.Module):
     def __init__(self, spec: ConnectorSpec) -> None:
         super().__init__()
         self.spec = spec
-        width = spec.in_dim if spec.in_dim % spec.num_heads == 0 else spec.num_heads * max(1, spec.in_dim // spec.num_heads)
+        width = (
+            spec.in_dim if spec.in_dim % spec.num_heads == 0 else spec.num_heads * max(1, spec.in_dim // spec.num_heads)
+        )
         self.inp = nn.Identity() if width == spec.in_dim else nn.Linear(spec.in_dim, width)
         self.queries = nn.Parameter(torch.randn(spec.num_queries, width) * 0.02)
         self.blocks = nn.ModuleList(QFormerBlock(width, spec.num_heads, spec.dropout) for _ in range(spec.num_layers))

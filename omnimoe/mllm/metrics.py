@@ -24,8 +24,10 @@ def normalise_answer(s: str) -> str:
     a/an/the, collapse whitespace. Apostrophes are deleted as in SQuAD ("The Koala's!" -> "koalas"); other
     punctuation becomes a space, so words joined by a dash or slash stay apart ("Mercury—the planet" ->
     "mercury planet", "yes/no" -> "yes no")."""
-    s = "".join("" if c in _APOSTROPHES else " " if c in _ASCII_PUNCT or unicodedata.category(c).startswith("P") else c
-                for c in str(s).lower())  # fmt: skip
+    s = "".join(
+        "" if c in _APOSTROPHES else " " if c in _ASCII_PUNCT or unicodedata.category(c).startswith("P") else c
+        for c in str(s).lower()
+    )
     return " ".join(_ARTICLES.sub(" ", s).split())
 
 
@@ -71,8 +73,7 @@ def resolve_choice(prediction: str, choices: Sequence[str]) -> str | None:
         return None if hedged else c
     # mentions anywhere; an occurrence inside a longer choice's ("cream" in "ice cream") does not count
     spans = [(c, i, i + len(n)) for c, n in norm for i in _find_all(pred, n)]
-    mentioned = {c for c, s, e in spans
-                 if not any(s2 <= s and e <= e2 and e2 - s2 > e - s for _, s2, e2 in spans)}  # fmt: skip
+    mentioned = {c for c, s, e in spans if not any(s2 <= s and e <= e2 and e2 - s2 > e - s for _, s2, e2 in spans)}
     distinct = {tuple(normalise_answer(c).split()) for c in mentioned}
     return min(mentioned) if len(distinct) == 1 else None
 
@@ -85,7 +86,7 @@ def closed_correct(prediction: str, answer: str, choices: Sequence[str]) -> bool
 
 
 def task_kind(record: dict[str, Any]) -> str:
-    """"open" or "closed": from :data:`TASKS`, or for a task it does not list, closed when it has choices."""
+    """ "open" or "closed": from :data:`TASKS`, or for a task it does not list, closed when it has choices."""
     spec = TASKS.get(record.get("task", ""))
     if spec is not None:
         return spec["kind"]
@@ -130,8 +131,10 @@ def summarise(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
         g["means"].append(d["mean"])
         g["n"] += d["n"]
         g["tasks"].append(t)
-    groups = {g: {"mean": sum(d["means"]) / len(d["means"]), "n": d["n"], "tasks": d["tasks"]}
-              for g, d in sorted(groups.items())}  # fmt: skip
+    groups = {
+        g: {"mean": sum(d["means"]) / len(d["means"]), "n": d["n"], "tasks": d["tasks"]}
+        for g, d in sorted(groups.items())
+    }
     means = [d["mean"] for d in tasks.values()]
     return {
         "tasks": tasks,

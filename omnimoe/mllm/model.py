@@ -28,6 +28,7 @@ from omnimoe.mllm.connectors import ConnectorSpec, build_connector
 from omnimoe.mllm.moe_llm import MoELLMConfig, decoder_layers, empty_moe, moe_mlps, moefy, router_loss, set_token_mask
 from omnimoe.runtime import is_rank0
 
+
 def causal_lm(llm: nn.Module) -> nn.Module:
     """The Hugging Face causal LM under any PEFT wrapper."""
     get_base = getattr(llm, "get_base_model", None)
@@ -65,7 +66,9 @@ class MLLMConfig:
     experts_per_layer: dict[str, int] = field(default_factory=dict)  # str(layer) -> experts (JSON keys are strings)
     expert_sources: dict[str, list[str]] = field(default_factory=dict)  # str(layer) -> where each expert came from
     lora: dict[str, Any] | None = None  # the PEFT LoRA config of unmerged adapters (None: none, or merged)
-    dense_layers: dict[str, int] = field(default_factory=dict)  # str(layer) -> widened dense FFN width (the dense baseline)
+    dense_layers: dict[str, int] = field(
+        default_factory=dict
+    )  # str(layer) -> widened dense FFN width (the dense baseline)
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -96,11 +99,18 @@ class MultimodalLLM(nn.Module):
             raise ValueError(f"no placeholder token id for modality {missing}")
         self.llm = llm
         self.connectors = nn.ModuleDict({m: build_connector(spec) for m, spec in connectors.items()})
-        self.config = MLLMConfig(llm=llm.config.to_dict(), connectors=dict(connectors), placeholder_ids=dict(placeholder_ids))
+        self.config = MLLMConfig(
+            llm=llm.config.to_dict(), connectors=dict(connectors), placeholder_ids=dict(placeholder_ids)
+        )
 
     # -- the MoE ------------------------------------------------------------------------------------------
-    def moefy(self, config: MoELLMConfig, ffns: dict[int, list[nn.Module]] | None = None, sources: dict[int, list[str]] | None = None,
-              generator: torch.Generator | None = None) -> list[int]:  # fmt: skip
+    def moefy(
+        self,
+        config: MoELLMConfig,
+        ffns: dict[int, list[nn.Module]] | None = None,
+        sources: dict[int, list[str]] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[int]:
         """Make the chosen FFNs sparse (see :func:`omnimoe.mllm.moe_llm.moefy`); ``sources`` records where
         each expert came from (e.g. the stage-2 run of each modality FFN)."""
         layers = moefy(self.llm, config, ffns, generator)
@@ -123,18 +133,31 @@ class MultimodalLLM(nn.Module):
             batch = (media or {}).get(modality)
             if batch is None:
                 if where.any():
-                    raise ValueError(f"the input has {int(where.sum())} {modality} placeholder tokens but no {modality} inputs")
+                    raise ValueError(
+                        f"the input has {int(where.sum())} {modality} placeholder tokens but no {modality} inputs"
+                    )
                 continue
-            soft, soft_mask = self.connectors[modality](batch.tokens.to(embeds.device, embeds.dtype), batch.mask.to(embeds.device))
+            soft, soft_mask = self.connectors[modality](
+                batch.tokens.to(embeds.device, embeds.dtype), batch.mask.to(embeds.device)
+            )
             values = soft[soft_mask]
             if len(values) != int(where.sum()):
-                raise ValueError(f"{modality}: {int(where.sum())} placeholder positions for {len(values)} soft tokens "
-                                 f"(expand each placeholder by MultimodalLLM.soft_tokens)")  # fmt: skip
+                raise ValueError(
+                    f"{modality}: {int(where.sum())} placeholder positions for {len(values)} soft tokens "
+                    f"(expand each placeholder by MultimodalLLM.soft_tokens)"
+                )
             embeds = embeds.masked_scatter(where.unsqueeze(-1), values.to(embeds.dtype))
         return embeds
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                media: dict[str, MediaBatch] | None = None, loss_per: str = "token", **kwargs: Any) -> Any:  # fmt: skip
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        media: dict[str, MediaBatch] | None = None,
+        loss_per: str = "token",
+        **kwargs: Any,
+    ) -> Any:
         """With ``labels``: a dict with ``loss`` = LM loss + MoE router losses (also ``lm_loss`` and
         ``router_loss`` apart). Only labelled positions go through the LM head (answers are a few tokens,
         and Gemma's head has 262k rows), so no full ``logits`` come back. Without labels: the LM output.
@@ -179,8 +202,13 @@ class MultimodalLLM(nn.Module):
         return mask
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, media: dict[str, MediaBatch] | None = None,
-                 **kwargs: Any) -> torch.Tensor:  # fmt: skip
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        media: dict[str, MediaBatch] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         """New tokens only (B, T), from the spliced prompt (greedy unless sampling options are given)."""
         set_token_mask(self.llm, None)
         if attention_mask is None:
@@ -189,8 +217,14 @@ class MultimodalLLM(nn.Module):
         return self.llm.generate(inputs_embeds=self.embed(input_ids, media), attention_mask=attention_mask, **kwargs)
 
     # -- LoRA ---------------------------------------------------------------------------------------------
-    def apply_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules: list[str] | None = None,
-                   target_parameters: list[str] | None = None) -> None:  # fmt: skip
+    def apply_lora(
+        self,
+        r: int = 8,
+        alpha: int = 16,
+        dropout: float = 0.05,
+        target_modules: list[str] | None = None,
+        target_parameters: list[str] | None = None,
+    ) -> None:
         """PEFT LoRA on the LLM's ``target_modules`` (nn.Linear names, e.g. attention) and
         ``target_parameters`` (stacked expert weights, one adapter per expert). PEFT freezes everything
         else; the caller unfreezes what trains fully (router, connectors). PEFT's parameter LoRA has no
@@ -199,8 +233,13 @@ class MultimodalLLM(nn.Module):
 
         if self.config.lora is not None:
             raise ValueError("LoRA is already applied")
-        cfg = {"r": r, "lora_alpha": alpha, "lora_dropout": 0.0 if target_parameters else dropout,
-               "target_modules": list(target_modules or []), "target_parameters": list(target_parameters or [])}  # fmt: skip
+        cfg = {
+            "r": r,
+            "lora_alpha": alpha,
+            "lora_dropout": 0.0 if target_parameters else dropout,
+            "target_modules": list(target_modules or []),
+            "target_parameters": list(target_parameters or []),
+        }
         self.llm = get_peft_model(self.llm, LoraConfig(**cfg))
         self.config.lora = cfg
 
@@ -242,28 +281,39 @@ class MultimodalLLM(nn.Module):
         if raw.pop("model_type", None) != MODEL_TYPE:
             raise ValueError(f"{folder} is not a saved {MODEL_TYPE} model")
         cfg = from_dict(MLLMConfig, raw)
-        cfg.connectors = {m: v if isinstance(v, ConnectorSpec) else from_dict(ConnectorSpec, v) for m, v in cfg.connectors.items()}
+        cfg.connectors = {
+            m: v if isinstance(v, ConnectorSpec) else from_dict(ConnectorSpec, v) for m, v in cfg.connectors.items()
+        }
         if isinstance(cfg.moe, dict):
             cfg.moe = from_dict(MoELLMConfig, cfg.moe)
         llm_cfg = dict(cfg.llm)
-        llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg), attn_implementation="eager")
+        llm = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg), attn_implementation="eager"
+        )
         model = cls(llm, cfg.connectors, cfg.placeholder_ids)
         if cfg.dense_layers:
             from omnimoe.mllm.baselines import dense_equal_active
 
             dense_equal_active(llm, dataclasses.replace(cfg.moe, layers=",".join(cfg.dense_layers)))
         elif cfg.moe is not None:
-            empty_moe(llm, dataclasses.replace(cfg.moe, layers=",".join(map(str, cfg.moe_layers))),
-                      {int(k): v for k, v in cfg.experts_per_layer.items()})  # fmt: skip
+            empty_moe(
+                llm,
+                dataclasses.replace(cfg.moe, layers=",".join(map(str, cfg.moe_layers))),
+                {int(k): v for k, v in cfg.experts_per_layer.items()},
+            )
         if cfg.lora is not None:
             lora = dict(cfg.lora)
-            model.apply_lora(lora["r"], lora["lora_alpha"], lora["lora_dropout"], lora["target_modules"], lora["target_parameters"])
+            model.apply_lora(
+                lora["r"], lora["lora_alpha"], lora["lora_dropout"], lora["target_modules"], lora["target_parameters"]
+            )
         model.config = cfg
         state = load_file(str(folder / "model.safetensors"))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not _tied_copy(model, k, state)]
         if missing or unexpected:
-            raise ValueError(f"{folder}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ValueError(
+                f"{folder}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         return model.eval()
 
     def num_moe_layers(self) -> int:

@@ -49,17 +49,42 @@ class MoELLMConfig:
             self.layers = ",".join(str(int(i)) for i in self.layers)
         if self.init not in ("copy", "sliced"):
             raise ValueError(f"init {self.init!r}: choose 'copy' or 'sliced'")
-        check_ranges(self, {"num_experts": "[1, inf)", "num_experts_per_tok": "[1, inf)", "num_shared_experts": "[0, inf)",
-                            "num_null_experts": "[0, inf)", "top_p": "[0, 1]", "router_aux_loss_coef": "[0, inf)",
-                            "router_z_loss_coef": "[0, inf)", "router_jitter_noise": "[0, inf)", "capacity_factor": "(0, inf)",
-                            "noise_std": "[0, inf)"})  # fmt: skip
+        check_ranges(
+            self,
+            {
+                "num_experts": "[1, inf)",
+                "num_experts_per_tok": "[1, inf)",
+                "num_shared_experts": "[0, inf)",
+                "num_null_experts": "[0, inf)",
+                "top_p": "[0, 1]",
+                "router_aux_loss_coef": "[0, inf)",
+                "router_z_loss_coef": "[0, inf)",
+                "router_jitter_noise": "[0, inf)",
+                "capacity_factor": "(0, inf)",
+                "noise_std": "[0, inf)",
+            },
+        )
 
     def routing(self) -> dict[str, Any]:
         """The MoEConfig fields this config sets."""
         names = {f.name for f in fields(MoEConfig)}
-        return {k: getattr(self, k) for k in ("num_experts", "num_experts_per_tok", "norm_topk_prob", "num_shared_experts", "num_null_experts",
-                                               "top_p", "router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise",
-                                               "capacity_factor", "backend") if k in names}  # fmt: skip
+        return {
+            k: getattr(self, k)
+            for k in (
+                "num_experts",
+                "num_experts_per_tok",
+                "norm_topk_prob",
+                "num_shared_experts",
+                "num_null_experts",
+                "top_p",
+                "router_aux_loss_coef",
+                "router_z_loss_coef",
+                "router_jitter_noise",
+                "capacity_factor",
+                "backend",
+            )
+            if k in names
+        }
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -67,7 +92,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for _, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) and all(hasattr(block, "mlp") for block in module):
             return module
-    raise ValueError(f"{type(model).__name__}: found no list of decoder blocks with an 'mlp' child (Llama/Qwen/Gemma/Mistral layout)")
+    raise ValueError(
+        f"{type(model).__name__}: found no list of decoder blocks with an 'mlp' child (Llama/Qwen/Gemma/Mistral layout)"
+    )
 
 
 def select_layers(spec: str, n: int) -> list[int]:
@@ -106,7 +133,12 @@ class MoEMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         mask = self.token_mask
-        if mask is not None and hidden_states.dim() == 3 and mask.shape[0] == hidden_states.shape[0] and mask.shape[1] >= hidden_states.shape[1]:
+        if (
+            mask is not None
+            and hidden_states.dim() == 3
+            and mask.shape[0] == hidden_states.shape[0]
+            and mask.shape[1] >= hidden_states.shape[1]
+        ):
             mask = mask[:, -hidden_states.shape[1] :]  # under a KV cache only the newest positions come through
         else:
             mask = None
@@ -119,8 +151,12 @@ def moe_mlps(model: nn.Module) -> list[MoEMLP]:
     return [m for m in model.modules() if isinstance(m, MoEMLP)]
 
 
-def moefy(model: nn.Module, config: MoELLMConfig, ffns: dict[int, list[nn.Module]] | None = None,
-          generator: torch.Generator | None = None) -> list[int]:  # fmt: skip
+def moefy(
+    model: nn.Module,
+    config: MoELLMConfig,
+    ffns: dict[int, list[nn.Module]] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[int]:
     """Replace the FFN of the chosen layers by MoE layers, in place; returns the layer indices.
 
     ``ffns``: for a layer index, the FFN modules its experts start from (one per expert, e.g. Uni-MoE's
@@ -134,12 +170,20 @@ def moefy(model: nn.Module, config: MoELLMConfig, ffns: dict[int, list[nn.Module
             raise ValueError(f"layer {i} already has an MoE")
         dense = block.mlp
         if ffns and i in ffns:
-            layer = upcycle_from_ffns(ffns[i], noise_std=config.noise_std, generator=generator,
-                                      **{**config.routing(), "num_experts": len(ffns[i])})  # fmt: skip
+            layer = upcycle_from_ffns(
+                ffns[i],
+                noise_std=config.noise_std,
+                generator=generator,
+                **{**config.routing(), "num_experts": len(ffns[i])},
+            )
         elif config.init == "sliced":
-            layer = upcycle_sliced(dense, config.num_experts, **{k: v for k, v in config.routing().items() if k != "num_experts"})
+            layer = upcycle_sliced(
+                dense, config.num_experts, **{k: v for k, v in config.routing().items() if k != "num_experts"}
+            )
         else:
-            layer = upcycle_from_ffns([dense], noise_std=config.noise_std, generator=generator, copies=True, **config.routing())
+            layer = upcycle_from_ffns(
+                [dense], noise_std=config.noise_std, generator=generator, copies=True, **config.routing()
+            )
         ref = next(dense.parameters())
         block.mlp = MoEMLP(layer.to(device=ref.device, dtype=ref.dtype))
     return chosen
@@ -152,10 +196,18 @@ def empty_moe(model: nn.Module, config: MoELLMConfig, experts: dict[int, int] | 
     chosen = select_layers(config.layers, len(blocks))
     for i in chosen:
         dense = read_ffn(blocks[i].mlp)
-        intermediate = dense.intermediate_size // config.num_experts if config.init == "sliced" else dense.intermediate_size
+        intermediate = (
+            dense.intermediate_size // config.num_experts if config.init == "sliced" else dense.intermediate_size
+        )
         routing = {**config.routing(), "num_experts": (experts or {}).get(i, config.num_experts)}
-        cfg = MoEConfig(hidden_size=dense.hidden_size, intermediate_size=intermediate, expert_type=dense.expert_type,  # type: ignore[arg-type]
-                        hidden_act=dense.hidden_act or "silu", expert_bias=dense.b_in is not None or dense.b_down is not None, **routing)  # fmt: skip
+        cfg = MoEConfig(
+            hidden_size=dense.hidden_size,
+            intermediate_size=intermediate,
+            expert_type=dense.expert_type,  # type: ignore[arg-type]
+            hidden_act=dense.hidden_act or "silu",
+            expert_bias=dense.b_in is not None or dense.b_down is not None,
+            **routing,
+        )
         ref = next(blocks[i].mlp.parameters())
         blocks[i].mlp = MoEMLP(MoELayer(cfg).to(device=ref.device, dtype=ref.dtype))
     return chosen
@@ -176,4 +228,8 @@ def router_loss(model: nn.Module) -> torch.Tensor:
 def expert_load(model: nn.Module) -> dict[int, torch.Tensor]:
     """Tokens per expert in the last forward, per decoder layer index."""
     blocks = decoder_layers(model)
-    return {i: b.mlp.last.tokens_per_expert for i, b in enumerate(blocks) if isinstance(b.mlp, MoEMLP) and b.mlp.last is not None}
+    return {
+        i: b.mlp.last.tokens_per_expert
+        for i, b in enumerate(blocks)
+        if isinstance(b.mlp, MoEMLP) and b.mlp.last is not None
+    }

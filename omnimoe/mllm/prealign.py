@@ -37,7 +37,9 @@ from omnimoe.mllm.data import ConversationData, pad_items
 @dataclass
 class PrealignRecipe:
     steps: int = 0  # 0: off
-    tasks: list[str] = field(default_factory=lambda: ["caption-image", "image-category", "transcribe-speech", "caption-sound"])
+    tasks: list[str] = field(
+        default_factory=lambda: ["caption-image", "image-category", "transcribe-speech", "caption-sound"]
+    )
     batch_size: int = 64  # items per modality and step
     lr: float = 1e-3
     temperature: float = 0.05
@@ -55,8 +57,9 @@ def _answer_direction(text: str, tokenizer: Any, embedding: nn.Module) -> torch.
     return F.normalize(embedding(torch.tensor(ids, device=device)).float().mean(0), dim=-1).cpu()
 
 
-def prealign_targets(data: ConversationData, tokenizer: Any, embedding: nn.Module,
-                     tasks: list[str]) -> dict[str, tuple[list[list[str]], torch.Tensor, list[int]]]:  # fmt: skip
+def prealign_targets(
+    data: ConversationData, tokenizer: Any, embedding: nn.Module, tasks: list[str]
+) -> dict[str, tuple[list[list[str]], torch.Tensor, list[int]]]:
     """Per modality: the items (feature keys), their targets ``(N, width)`` and a target id per item (equal
     ids: equal answers). Records count when their ``task`` is in ``tasks`` (``"*"``: every record) and they
     hold exactly one media item."""
@@ -93,14 +96,27 @@ def _connector_input(connector: nn.Module, tokens: torch.Tensor) -> torch.Tensor
     call (an MLP connector with ``max_tokens`` and no global token: the same numbers, Whisper's 1500 frames
     read once instead of every step)."""
     spec = getattr(connector, "spec", None)
-    if spec is None or spec.kind != "mlp" or spec.max_tokens <= 0 or spec.global_token or len(tokens) <= spec.max_tokens:
+    if (
+        spec is None
+        or spec.kind != "mlp"
+        or spec.max_tokens <= 0
+        or spec.global_token
+        or len(tokens) <= spec.max_tokens
+    ):
         return tokens
     pooled, _ = pool_tokens(tokens.unsqueeze(0), torch.ones(1, len(tokens), dtype=torch.bool), spec.max_tokens)
     return pooled[0]
 
 
-def prealign(connectors: nn.ModuleDict, data: ConversationData, tokenizer: Any, embedding: nn.Module, recipe: PrealignRecipe,
-             seed: int = 0, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def prealign(
+    connectors: nn.ModuleDict,
+    data: ConversationData,
+    tokenizer: Any,
+    embedding: nn.Module,
+    recipe: PrealignRecipe,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Fit ``connectors`` to the targets of :func:`prealign_targets` (in place). Returns ``{"items": {modality:
     n}, "history": [{"step", "loss"}...]}``; raises when no record of ``recipe.tasks`` holds a media item."""
     targets = prealign_targets(data, tokenizer, embedding, recipe.tasks)
@@ -108,7 +124,10 @@ def prealign(connectors: nn.ModuleDict, data: ConversationData, tokenizer: Any, 
     if not targets:
         raise ValueError(f"prealign: no record of tasks {recipe.tasks} with one media item in {data.path}")
     device = next(connectors.parameters()).device
-    inputs = {m: [_connector_input(connectors[m], data.features.item(m, keys)) for keys in items] for m, (items, _, _) in targets.items()}
+    inputs = {
+        m: [_connector_input(connectors[m], data.features.item(m, keys)) for keys in items]
+        for m, (items, _, _) in targets.items()
+    }
     params = [p for m in targets for p in connectors[m].parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     rng = random.Random(seed)

@@ -30,14 +30,18 @@ def _split(groups: list[str], seed: int) -> tuple[list[int], list[int]]:
     return [i for i, g in enumerate(groups) if g not in held], [i for i, g in enumerate(groups) if g in held]
 
 
-def _fit(make: Callable[[], torch.nn.Module], x: tuple[torch.Tensor, ...], y: torch.Tensor, wd: float, steps: int, seed: int) -> torch.nn.Module:
+def _fit(
+    make: Callable[[], torch.nn.Module], x: tuple[torch.Tensor, ...], y: torch.Tensor, wd: float, steps: int, seed: int
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = make()
     opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(model(*x), y) + wd * sum((p**2).sum() for n, p in model.named_parameters() if "bias" not in n)
+        loss = F.cross_entropy(model(*x), y) + wd * sum(
+            (p**2).sum() for n, p in model.named_parameters() if "bias" not in n
+        )
         loss.backward()
         return loss
 
@@ -72,8 +76,14 @@ class _Bilinear(torch.nn.Module):
         return torch.cat([torch.zeros_like(yes), yes], -1)
 
 
-def _choose_and_fit(make: Callable[[], torch.nn.Module], xs_train: tuple[torch.Tensor, ...], y: torch.Tensor, groups: list[str],
-                    seed: int, steps: int) -> tuple[torch.nn.Module, float]:  # fmt: skip
+def _choose_and_fit(
+    make: Callable[[], torch.nn.Module],
+    xs_train: tuple[torch.Tensor, ...],
+    y: torch.Tensor,
+    groups: list[str],
+    seed: int,
+    steps: int,
+) -> tuple[torch.nn.Module, float]:
     fit_i, val_i = _split(groups, seed)
     best, best_acc = WEIGHT_DECAYS[0], -1.0
     for wd in WEIGHT_DECAYS:
@@ -89,8 +99,16 @@ def _accuracy(pred: list[Any], truth: list[Any]) -> float:
     return sum(p == t for p, t in zip(pred, truth)) / len(truth)
 
 
-def category_probe(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, test_y: list[str], groups: list[str],
-                   seed: int = 0, steps: int = 200, control_x: torch.Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+def category_probe(
+    train_x: torch.Tensor,
+    train_y: list[str],
+    test_x: torch.Tensor,
+    test_y: list[str],
+    groups: list[str],
+    seed: int = 0,
+    steps: int = 200,
+    control_x: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """Multinomial logistic regression: accuracy on the test rows, the chosen L2 weight, n; with
     ``control_x`` (e.g. the test rows' swapped media) also ``control``, the same probe's accuracy on those."""
     classes = sorted(set(train_y))
@@ -105,9 +123,19 @@ def category_probe(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tens
     return out
 
 
-def yesno_probe(train_x: torch.Tensor, train_t: torch.Tensor, train_y: list[bool], test_x: torch.Tensor, test_t: torch.Tensor,
-                test_y: list[bool], groups: list[str], seed: int = 0, rank: int = 32, steps: int = 200,
-                control_x: torch.Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+def yesno_probe(
+    train_x: torch.Tensor,
+    train_t: torch.Tensor,
+    train_y: list[bool],
+    test_x: torch.Tensor,
+    test_t: torch.Tensor,
+    test_y: list[bool],
+    groups: list[str],
+    seed: int = 0,
+    rank: int = 32,
+    steps: int = 200,
+    control_x: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """Bilinear logistic regression between media features ``x`` and phrase features ``t``: test accuracy
     (and ``control``: the accuracy with ``control_x`` in place of the test media, same phrases)."""
     xtr, xte, *xc = _standardise(train_x.float(), test_x.float(), *([] if control_x is None else [control_x.float()]))

@@ -56,23 +56,63 @@ YESNO_PROMPT = "Is this {phrase}? Answer yes or no."
 
 # name -> description. stage "align" tasks go to stage1.json; "instruct" tasks to stage2-*/stage3/test.
 TASKS: dict[str, dict[str, str]] = {
-    "caption-image": {"group": "image", "stage": "align", "kind": "open", "metric": "token_f1",
-                      "prompt": "Describe the image."},
-    "transcribe-speech": {"group": "speech", "stage": "align", "kind": "open", "metric": "token_f1",
-                          "prompt": "Transcribe the speech."},
-    "caption-sound": {"group": "sound", "stage": "align", "kind": "open", "metric": "token_f1",
-                      "prompt": "Describe the sound."},
-    "image-what": {"group": "image", "stage": "instruct", "kind": "open", "metric": "token_f1",
-                   "prompt": "What is this?"},
-    "image-category": {"group": "image", "stage": "instruct", "kind": "closed", "metric": "accuracy",
-                       "prompt": CATEGORY_PROMPT},
-    "image-yesno": {"group": "image", "stage": "instruct", "kind": "closed", "metric": "accuracy",
-                    "prompt": YESNO_PROMPT},
-    "speech-what": {"group": "speech", "stage": "instruct", "kind": "open", "metric": "token_f1",
-                    "prompt": "What does the speaker say?"},
-    "sound-what": {"group": "sound", "stage": "instruct", "kind": "open", "metric": "token_f1",
-                   "prompt": "What makes this sound?"},
-}  # fmt: skip
+    "caption-image": {
+        "group": "image",
+        "stage": "align",
+        "kind": "open",
+        "metric": "token_f1",
+        "prompt": "Describe the image.",
+    },
+    "transcribe-speech": {
+        "group": "speech",
+        "stage": "align",
+        "kind": "open",
+        "metric": "token_f1",
+        "prompt": "Transcribe the speech.",
+    },
+    "caption-sound": {
+        "group": "sound",
+        "stage": "align",
+        "kind": "open",
+        "metric": "token_f1",
+        "prompt": "Describe the sound.",
+    },
+    "image-what": {
+        "group": "image",
+        "stage": "instruct",
+        "kind": "open",
+        "metric": "token_f1",
+        "prompt": "What is this?",
+    },
+    "image-category": {
+        "group": "image",
+        "stage": "instruct",
+        "kind": "closed",
+        "metric": "accuracy",
+        "prompt": CATEGORY_PROMPT,
+    },
+    "image-yesno": {
+        "group": "image",
+        "stage": "instruct",
+        "kind": "closed",
+        "metric": "accuracy",
+        "prompt": YESNO_PROMPT,
+    },
+    "speech-what": {
+        "group": "speech",
+        "stage": "instruct",
+        "kind": "open",
+        "metric": "token_f1",
+        "prompt": "What does the speaker say?",
+    },
+    "sound-what": {
+        "group": "sound",
+        "stage": "instruct",
+        "kind": "open",
+        "metric": "token_f1",
+        "prompt": "What makes this sound?",
+    },
+}
 ALIGN_TASKS = tuple(t for t, d in TASKS.items() if d["stage"] == "align")
 INSTRUCT_TASKS = tuple(t for t, d in TASKS.items() if d["stage"] == "instruct")
 YESNO_CHOICES = ["yes", "no"]
@@ -80,9 +120,43 @@ YESNO_CHOICES = ["yes", "no"]
 # Where a caption's first noun phrase ends: a sentence end, a dash, a bracket or a colon.
 _PHRASE_ENDS = (". ", "! ", "? ", "\u2014", "\u2013", " - ", " (", "(", ": ")
 _QUOTE_MARKS = re.compile("[\"\u201c\u201d\u201e]|(?<!\\w)['\u2018\u2019]|['\u2018\u2019](?!\\w)")  # not "it's"
-_STOP = {"a", "an", "the", "some", "of", "and", "or", "with", "in", "on", "for", "to", "is", "are", "it", "its", "this",
-         "that", "our", "your", "two", "three", "big", "small", "little", "red", "blue", "green", "yellow", "white",
-         "black", "brown", "pink", "orange", "purple"}  # fmt: skip
+_STOP = {
+    "a",
+    "an",
+    "the",
+    "some",
+    "of",
+    "and",
+    "or",
+    "with",
+    "in",
+    "on",
+    "for",
+    "to",
+    "is",
+    "are",
+    "it",
+    "its",
+    "this",
+    "that",
+    "our",
+    "your",
+    "two",
+    "three",
+    "big",
+    "small",
+    "little",
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "white",
+    "black",
+    "brown",
+    "pink",
+    "orange",
+    "purple",
+}
 
 
 def _unquote(text: str) -> str:
@@ -113,8 +187,16 @@ def _record(task: str, item: dict[str, Any], media: str, prompt: str, answer: st
     group = TASKS[task]["group"]
     field = MEDIA_FIELD[group]
     turns = [{"from": "human", "value": f"{PLACEHOLDERS[field]}\n{prompt}"}, {"from": "gpt", "value": answer}]
-    rec: dict[str, Any] = {"id": f"{task}/{item['id']}", field: media, "conversations": turns, "group": group,
-                           "task": task, "answer": answer, **extra, "source_id": item["id"]}  # fmt: skip
+    rec: dict[str, Any] = {
+        "id": f"{task}/{item['id']}",
+        field: media,
+        "conversations": turns,
+        "group": group,
+        "task": task,
+        "answer": answer,
+        **extra,
+        "source_id": item["id"],
+    }
     if group == "speech" and item.get("audio_source"):
         rec["audio_source"] = item["audio_source"]
     return rec
@@ -133,8 +215,11 @@ def _yesno_negative(item: dict[str, Any], pool: list[dict[str, Any]], rng: rando
     "bunny" is not asked about as "a little rabbit") and short (a thing, not a sentence), falling back
     one preference at a time."""
     mine, words = normalise_caption(item["text"]), _content_words(noun_phrase(item["text"]))
-    others = [o for o in pool if normalise_caption(o["text"]) != mine
-              and noun_phrase(o["text"]).lower() != noun_phrase(item["text"]).lower()]  # fmt: skip
+    others = [
+        o
+        for o in pool
+        if normalise_caption(o["text"]) != mine and noun_phrase(o["text"]).lower() != noun_phrase(item["text"]).lower()
+    ]
     if not others:
         raise ValueError(f"image-yesno: no item with a caption other than {item['text']!r} to ask about")
     disjoint = [o for o in others if not _content_words(noun_phrase(o["text"])) & words]
@@ -143,8 +228,15 @@ def _yesno_negative(item: dict[str, Any], pool: list[dict[str, Any]], rng: rando
     return rng.choice(short or elsewhere or disjoint or others)
 
 
-def _split_tasks(items: list[dict[str, Any]], media: dict[str, dict[str, str]], split: str, tasks: tuple[str, ...],
-                 categories: list[str], seed: int, max_per_task: int | None) -> dict[str, list[dict[str, Any]]]:
+def _split_tasks(
+    items: list[dict[str, Any]],
+    media: dict[str, dict[str, str]],
+    split: str,
+    tasks: tuple[str, ...],
+    categories: list[str],
+    seed: int,
+    max_per_task: int | None,
+) -> dict[str, list[dict[str, Any]]]:
     """The records of each task on one split. ``media[group][id]`` is the item's path relative to ``out``."""
     out: dict[str, list[dict[str, Any]]] = {}
     for task in tasks:
@@ -160,20 +252,32 @@ def _split_tasks(items: list[dict[str, Any]], media: dict[str, dict[str, str]], 
             for i, it in enumerate(chosen):
                 asked = it if i in positive else _yesno_negative(it, eligible, rng)
                 prompt = YESNO_PROMPT.format(phrase=noun_phrase(asked["text"]))
-                recs.append(_record(task, it, media["image"][it["id"]], prompt, "Yes." if i in positive else "No.",
-                                    choices=list(YESNO_CHOICES)))  # fmt: skip
+                recs.append(
+                    _record(
+                        task,
+                        it,
+                        media["image"][it["id"]],
+                        prompt,
+                        "Yes." if i in positive else "No.",
+                        choices=list(YESNO_CHOICES),
+                    )
+                )
         elif task == "image-category":
             prompt = CATEGORY_PROMPT.format(choices=", ".join(categories))
-            recs = [_record(task, it, media["image"][it["id"]], prompt, it["category"], choices=list(categories))
-                    for it in chosen if it.get("category")]  # fmt: skip
+            recs = [
+                _record(task, it, media["image"][it["id"]], prompt, it["category"], choices=list(categories))
+                for it in chosen
+                if it.get("category")
+            ]
         else:
             recs = [_record(task, it, media[spec["group"]][it["id"]], spec["prompt"], it["text"]) for it in chosen]
         out[task] = recs
     return out
 
 
-def build_tuxpaint_tasks(manifest: Path, out: Path, seed: int = 0, max_per_task: int | None = None,
-                        val_fraction: float = 0.0) -> dict[str, Any]:
+def build_tuxpaint_tasks(
+    manifest: Path, out: Path, seed: int = 0, max_per_task: int | None = None, val_fraction: float = 0.0
+) -> dict[str, Any]:
     """Write the stage-1/2/3 and test task files (see the module docstring); returns the counts.
 
     Items without a caption are dropped; an item without the media a task needs (no field, or the file is
@@ -202,6 +306,7 @@ def build_tuxpaint_tasks(manifest: Path, out: Path, seed: int = 0, max_per_task:
             else:
                 skipped[f"{r['split']}/{group}"] += 1
     categories = sorted({r["category"] for r in records if r.get("category")})
+
     def split_of(r: dict[str, Any]) -> str:
         if r["split"] == "train" and val_fraction > 0:
             return grouped_split("val:" + normalise_caption(r["text"]), 0.0, val_fraction, seed=seed)
@@ -234,24 +339,37 @@ def build_tuxpaint_tasks(manifest: Path, out: Path, seed: int = 0, max_per_task:
 
     counts: dict[str, Any] = {
         "files": {name: len(recs) for name, recs in files.items()},
-        "tasks": {"train": {t: len(v) for t, v in {**train_align, **train}.items()},
-                  "test": {t: len(v) for t, v in test.items()},
-                  **({"val": {t: len(v) for t, v in val.items()}} if val else {})},
+        "tasks": {
+            "train": {t: len(v) for t, v in {**train_align, **train}.items()},
+            "test": {t: len(v) for t, v in test.items()},
+            **({"val": {t: len(v) for t, v in val.items()}} if val else {}),
+        },
         "groups": {name: dict(Counter(r["group"] for r in recs)) for name, recs in files.items()},
         "no_media": dict(sorted(skipped.items())),  # "split/group": items without that group's media
         "categories": categories,
-        "speech_sources": {s: dict(Counter(r.get("audio_source", "?") for r in recs["speech-what"]))
-                           for s, recs in (("train", train), ("test", test))},
+        "speech_sources": {
+            s: dict(Counter(r.get("audio_source", "?") for r in recs["speech-what"]))
+            for s, recs in (("train", train), ("test", test))
+        },
         "seed": seed,
         "max_per_task": max_per_task,
         "val_fraction": val_fraction,
-    }  # fmt: skip
+    }
     for name, recs in files.items():
         write_json(out / name, recs)
     choices = {"image-category": categories, "image-yesno": YESNO_CHOICES}
-    described = [{"name": t, **d, "prompt": d["prompt"].format(choices=", ".join(categories), phrase="<noun phrase>"),
-                  **({"choices": choices[t]} if t in choices else {})} for t, d in TASKS.items()]  # fmt: skip
+    described = [
+        {
+            "name": t,
+            **d,
+            "prompt": d["prompt"].format(choices=", ".join(categories), phrase="<noun phrase>"),
+            **({"choices": choices[t]} if t in choices else {}),
+        }
+        for t, d in TASKS.items()
+    ]
     by_file = {n: sorted({r["task"] for r in recs}) for n, recs in files.items()}
-    write_json(out / "tasks.json", {"tasks": described, "files": by_file,
-                                    "counts": counts, "manifest": os.path.relpath(manifest.resolve(), base)})  # fmt: skip
+    write_json(
+        out / "tasks.json",
+        {"tasks": described, "files": by_file, "counts": counts, "manifest": os.path.relpath(manifest.resolve(), base)},
+    )
     return counts

@@ -35,8 +35,19 @@ from tqdm.auto import tqdm
 
 from omnimoe.config import ConfigError, check_ranges, from_dict
 from omnimoe.io import atomic_path, read_json, write_json
-from omnimoe.runtime import (autocast_dtype, init_distributed, is_rank0, remove_temporaries, require_finite, resolve_device, restore_rng,
-                             rng_state, save_checkpoint, tensorboard, warmup_cosine)  # fmt: skip
+from omnimoe.runtime import (
+    autocast_dtype,
+    init_distributed,
+    is_rank0,
+    remove_temporaries,
+    require_finite,
+    resolve_device,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    tensorboard,
+    warmup_cosine,
+)
 from omnimoe.mllm.connectors import ConnectorSpec, embedding_rms
 from omnimoe.mllm.data import ConversationData, MediaFeatures, read_conversations, report_bad, template_for
 from omnimoe.mllm.llm import add_placeholders, load_llm
@@ -58,8 +69,17 @@ class ConnectorRecipe:
     global_token: bool = False  # mlp: one more soft token from the mean of the item's encoder tokens
 
     def __post_init__(self) -> None:
-        check_ranges(self, {"hidden_dim": "[0, inf)", "max_tokens": "[0, inf)", "num_queries": "[1, inf)", "num_layers": "[1, inf)",
-                            "num_heads": "[1, inf)", "dropout": "[0, 1)"})  # fmt: skip
+        check_ranges(
+            self,
+            {
+                "hidden_dim": "[0, inf)",
+                "max_tokens": "[0, inf)",
+                "num_queries": "[1, inf)",
+                "num_layers": "[1, inf)",
+                "num_heads": "[1, inf)",
+                "dropout": "[0, 1)",
+            },
+        )
 
 
 @dataclass
@@ -82,14 +102,21 @@ class MLLMTrainConfig:
     tiny_hidden: int = 64
     tiny_layers: int = 2
     encoders: dict[str, str] = field(default_factory=lambda: {"image": "efficientnet-lite0", "audio": "whisper-tiny"})
-    connectors: dict[str, Any] = field(default_factory=lambda: {"image": {"kind": "mlp"}, "audio": {"kind": "mlp", "max_tokens": 32},
-                                                                "video": {"kind": "mlp"}})  # fmt: skip
+    connectors: dict[str, Any] = field(
+        default_factory=lambda: {
+            "image": {"kind": "mlp"},
+            "audio": {"kind": "mlp", "max_tokens": 32},
+            "video": {"kind": "mlp"},
+        }
+    )
     template: str = "auto"  # chat template: auto | gemma | chatml | llama3 | vicuna
     data: str = ""  # training file (LLaVA-style JSON)
     eval_data: str = ""  # held-out file, scored at the end (omnimoe.mllm.evaluate)
     features: str = ""  # encoder feature cache; default: <data folder>/features
     init: str = ""  # stage 2/3: the stage-1 folder (its connectors)
-    experts: dict[str, str] = field(default_factory=dict)  # stage 3: group -> stage-2 folder (its FFN becomes an expert)
+    experts: dict[str, str] = field(
+        default_factory=dict
+    )  # stage 3: group -> stage-2 folder (its FFN becomes an expert)
     groups: list[str] = field(default_factory=list)  # stage 2: groups to train (default: every group in the data)
     moe: MoELLMConfig = field(default_factory=MoELLMConfig)  # stage 2: whose FFNs train; stage 3: the MoE
     dense: bool = False  # stage 3: the dense equal-active baseline instead of the MoE
@@ -105,7 +132,9 @@ class MLLMTrainConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    loss_per: str = "token"  # token: mean over every answer token of a batch | sample: each record's answer weighs the same
+    loss_per: str = (
+        "token"  # token: mean over every answer token of a batch | sample: each record's answer weighs the same
+    )
     grouped_batches: bool = True
     max_len: int = 512
     seed: int = 0
@@ -120,12 +149,33 @@ class MLLMTrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
             raise ConfigError(f"stage: {self.stage!r} is not one of 1, 2, 3")
-        check_ranges(self, {"tiny_hidden": "[1, inf)", "tiny_layers": "[1, inf)", "steps": "[1, inf)", "batch_size": "[1, inf)",
-                            "grad_accum": "[1, inf)", "lr": "(0, inf)", "connector_lr": "(0, inf)", "weight_decay": "[0, inf)",
-                            "warmup_steps": "[0, inf)", "min_lr_ratio": "[0, 1]", "grad_clip": "[0, inf)", "max_len": "[2, inf)",
-                            "seed": "[0, inf)", "save_every": "[1, inf)", "log_every": "[1, inf)", "eval_batch_size": "[1, inf)",
-                            "eval_max_new_tokens": "[1, inf)", "eval_limit": "[0, inf)"})  # fmt: skip
-        for m, recipe in self.connectors.items():  # checked now (a bad key fails before any extraction), kept as written
+        check_ranges(
+            self,
+            {
+                "tiny_hidden": "[1, inf)",
+                "tiny_layers": "[1, inf)",
+                "steps": "[1, inf)",
+                "batch_size": "[1, inf)",
+                "grad_accum": "[1, inf)",
+                "lr": "(0, inf)",
+                "connector_lr": "(0, inf)",
+                "weight_decay": "[0, inf)",
+                "warmup_steps": "[0, inf)",
+                "min_lr_ratio": "[0, 1]",
+                "grad_clip": "[0, inf)",
+                "max_len": "[2, inf)",
+                "seed": "[0, inf)",
+                "save_every": "[1, inf)",
+                "log_every": "[1, inf)",
+                "eval_batch_size": "[1, inf)",
+                "eval_max_new_tokens": "[1, inf)",
+                "eval_limit": "[0, inf)",
+            },
+        )
+        for (
+            m,
+            recipe,
+        ) in self.connectors.items():  # checked now (a bad key fails before any extraction), kept as written
             if not isinstance(recipe, dict):
                 raise ConfigError(f"connectors.{m}: expected a mapping of connector settings, got {recipe!r}")
             from_dict(ConnectorRecipe, dict(recipe), prefix=f"connectors.{m}.")
@@ -142,12 +192,15 @@ def _rel(path: Path, start: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
 
 
-def connector_specs(cfg: MLLMTrainConfig, dims: dict[str, int], width: int, modalities: list[str],
-                    embed_rms: float = 1.0) -> dict[str, ConnectorSpec]:  # fmt: skip
+def connector_specs(
+    cfg: MLLMTrainConfig, dims: dict[str, int], width: int, modalities: list[str], embed_rms: float = 1.0
+) -> dict[str, ConnectorSpec]:
     """The connectors of ``modalities``; those whose recipe has ``norm`` end at the LM's ``embed_rms``."""
     specs = {}
     for m in modalities:
-        recipe = dataclasses.asdict(from_dict(ConnectorRecipe, dict(cfg.connectors.get(m, {})), prefix=f"connectors.{m}."))
+        recipe = dataclasses.asdict(
+            from_dict(ConnectorRecipe, dict(cfg.connectors.get(m, {})), prefix=f"connectors.{m}.")
+        )
         scale = embed_rms if recipe.pop("norm") else 0.0
         specs[m] = ConnectorSpec(in_dim=dims[m], out_dim=width, out_scale=scale, **recipe)
     return specs
@@ -182,8 +235,10 @@ def _load_connectors(model: MultimodalLLM, folder: Path) -> None:
     state = load_file(str(path))
     own = model.connectors.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        raise ValueError(f"{path}: the connectors do not match this recipe's modalities/encoders/LLM (stage 1 had "
-                         f"{sorted({k.split('.')[0] for k in state})})")  # fmt: skip
+        raise ValueError(
+            f"{path}: the connectors do not match this recipe's modalities/encoders/LLM (stage 1 had "
+            f"{sorted({k.split('.')[0] for k in state})})"
+        )
     model.connectors.load_state_dict(state)
 
 
@@ -197,8 +252,17 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[str, Any]], cfg: MLLMTrainConfig, out: Path,
-               desc: str, progress: bool = True, stop_at_step: int | None = None, pad_id: int = 0) -> dict[str, Any]:  # fmt: skip
+def train_loop(
+    model: MultimodalLLM,
+    data: ConversationData,
+    groups: list[dict[str, Any]],
+    cfg: MLLMTrainConfig,
+    out: Path,
+    desc: str,
+    progress: bool = True,
+    stop_at_step: int | None = None,
+    pad_id: int = 0,
+) -> dict[str, Any]:
     """AdamW over ``groups`` (param groups with their base ``lr``), warm-up + cosine, clipping, bf16
     autocast; resumes from ``out/state.pt``. Returns ``{"steps", "history"}`` (``interrupted_at`` when
     stopped by ``stop_at_step``)."""
@@ -236,7 +300,9 @@ def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[s
         opt.load_state_dict(state["optimizer"])
         restore_rng(state, device)
         step, history = state["step"], state["history"]
-    per_epoch = len(data.batches(cfg.batch_size, 0, cfg.seed, cfg.grouped_batches, world)) // world  # steps (of every rank)
+    per_epoch = (
+        len(data.batches(cfg.batch_size, 0, cfg.seed, cfg.grouped_batches, world)) // world
+    )  # steps (of every rank)
     if not per_epoch:
         raise ValueError(f"{data.path}: fewer records than one batch per rank")
     writer = tensorboard(out / "tb", step) if rank == 0 else None
@@ -259,11 +325,21 @@ def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[s
             if epoch != order_epoch:
                 order, order_epoch = data.batches(cfg.batch_size, epoch, cfg.seed, cfg.grouped_batches, world), epoch
             batch = data.collate(order[pos * world + rank], pad_id)  # rank r takes every world-th batch
-            media = {m: dataclasses.replace(b, tokens=b.tokens.to(device), mask=b.mask.to(device)) for m, b in batch["media"].items()}
+            media = {
+                m: dataclasses.replace(b, tokens=b.tokens.to(device), mask=b.mask.to(device))
+                for m, b in batch["media"].items()
+            }
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                res = module(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device), media,
-                             loss_per=cfg.loss_per)  # fmt: skip
-            require_finite(res.loss, f"step {step}, batch of records " + ", ".join(e.sample.id for e in batch["examples"][:8]))
+                res = module(
+                    batch["input_ids"].to(device),
+                    batch["attention_mask"].to(device),
+                    batch["labels"].to(device),
+                    media,
+                    loss_per=cfg.loss_per,
+                )
+            require_finite(
+                res.loss, f"step {step}, batch of records " + ", ".join(e.sample.id for e in batch["examples"][:8])
+            )
             (res.loss / cfg.grad_accum).backward()
             total += res.lm_loss.item() / cfg.grad_accum
             tokens += res.tokens
@@ -284,8 +360,17 @@ def train_loop(model: MultimodalLLM, data: ConversationData, groups: list[dict[s
                 writer.flush()
         if step % cfg.save_every == 0 or step == cfg.steps:
             if rank == 0 or cfg.expert_parallel:
-                save_checkpoint(state_path, {"config": dataclasses.asdict(cfg), "trainable": _trainable_state(model), "optimizer": opt.state_dict(),
-                                             **rng_state(device), "step": step, "history": history})  # fmt: skip
+                save_checkpoint(
+                    state_path,
+                    {
+                        "config": dataclasses.asdict(cfg),
+                        "trainable": _trainable_state(model),
+                        "optimizer": opt.state_dict(),
+                        **rng_state(device),
+                        "step": step,
+                        "history": history,
+                    },
+                )
     bar.close()
     if writer is not None:
         writer.close()
@@ -304,10 +389,25 @@ def _setup(cfg: MLLMTrainConfig, files: list[Path], progress: bool) -> tuple[Med
     return features, features.dims()
 
 
-def _dataset(cfg: MLLMTrainConfig, path: Path, features: MediaFeatures, model: MultimodalLLM, tokenizer: Any, generation: bool = False,
-             report: bool = True) -> ConversationData:  # fmt: skip
-    data = ConversationData(path, features, tokenizer, template_for(tokenizer, cfg.template), model.config.placeholder_ids,
-                            lambda m, n: model.connectors[m].num_tokens(n), cfg.max_len, generation=generation)  # fmt: skip
+def _dataset(
+    cfg: MLLMTrainConfig,
+    path: Path,
+    features: MediaFeatures,
+    model: MultimodalLLM,
+    tokenizer: Any,
+    generation: bool = False,
+    report: bool = True,
+) -> ConversationData:
+    data = ConversationData(
+        path,
+        features,
+        tokenizer,
+        template_for(tokenizer, cfg.template),
+        model.config.placeholder_ids,
+        lambda m, n: model.connectors[m].num_tokens(n),
+        cfg.max_len,
+        generation=generation,
+    )
     if report and is_rank0():
         report_bad(path, data.bad)
     return data
@@ -322,7 +422,9 @@ def _write_stage(out: Path, cfg: MLLMTrainConfig, info: dict[str, Any]) -> None:
         write_json(out / "stage.json", {"stage": cfg.stage, "recipe": dataclasses.asdict(cfg), **info})
 
 
-def run_stage(cfg: MLLMTrainConfig, out: str | Path, progress: bool = True, stop_at_step: int | None = None) -> dict[str, Any]:
+def run_stage(
+    cfg: MLLMTrainConfig, out: str | Path, progress: bool = True, stop_at_step: int | None = None
+) -> dict[str, Any]:
     """Run ``cfg.stage`` into ``out``; returns the stage summary (also in ``out/stage.json``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -347,12 +449,21 @@ def _stage1(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
     aligned = None
     if cfg.prealign.steps and not (out / "state.pt").is_file():  # a resumed run restores the connectors from state.pt
         torch.manual_seed(cfg.seed)
-        aligned = prealign(model.connectors.to(resolve_device(cfg.device)), data, tokenizer, causal_lm(model.llm).get_input_embeddings(),
-                           cfg.prealign, cfg.seed, progress and is_rank0())  # fmt: skip
+        aligned = prealign(
+            model.connectors.to(resolve_device(cfg.device)),
+            data,
+            tokenizer,
+            causal_lm(model.llm).get_input_embeddings(),
+            cfg.prealign,
+            cfg.seed,
+            progress and is_rank0(),
+        )
         if is_rank0():
             write_json(out / "prealign.json", aligned)
     groups = [{"params": list(model.connectors.parameters()), "lr": cfg.connector_lr}]
-    result = train_loop(model, data, groups, cfg, out, "stage 1: connectors", progress, stop_at_step, _pad_id(tokenizer))
+    result = train_loop(
+        model, data, groups, cfg, out, "stage 1: connectors", progress, stop_at_step, _pad_id(tokenizer)
+    )
     if "interrupted_at" in result:
         return result
     if aligned is None and (out / "prealign.json").is_file():
@@ -362,8 +473,13 @@ def _stage1(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
 
         with atomic_path(out / "connectors.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in model.connectors.state_dict().items()}, str(tmp))
-    info = {"llm": cfg.llm, "modalities": modalities, "train": result, "bad_records": len(data.bad),
-            **({"prealign": aligned} if aligned is not None else {})}  # fmt: skip
+    info = {
+        "llm": cfg.llm,
+        "modalities": modalities,
+        "train": result,
+        "bad_records": len(data.bad),
+        **({"prealign": aligned} if aligned is not None else {}),
+    }
     _write_stage(out, cfg, info)
     return {**info, "model": model, "tokenizer": tokenizer}
 
@@ -397,24 +513,48 @@ def _stage2(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
             full = _dataset(cfg, Path(cfg.data), features, model, tokenizer)
         data = copy.copy(full)
         data.examples = [e for e in full.examples if e.sample.group == group]
-        result = train_loop(model, data, [{"params": ffn_params, "lr": cfg.lr}], cfg, folder, f"stage 2: {group} FFNs", progress,
-                            stop_at_step, _pad_id(tokenizer))  # fmt: skip
+        result = train_loop(
+            model,
+            data,
+            [{"params": ffn_params, "lr": cfg.lr}],
+            cfg,
+            folder,
+            f"stage 2: {group} FFNs",
+            progress,
+            stop_at_step,
+            _pad_id(tokenizer),
+        )
         if "interrupted_at" in result:
             return result
         if is_rank0():
             from safetensors.torch import save_file
 
             with atomic_path(folder / "ffn.safetensors") as tmp:
-                save_file(_ffn_state(model.llm, layers), str(tmp), metadata={"layers": ",".join(map(str, layers)), "group": group})
-            write_json(folder / "stage.json", {"stage": 2, "group": group, "init": _rel(init, folder), "layers": layers, "train": result,
-                                               "recipe": dataclasses.asdict(cfg)})  # fmt: skip
+                save_file(
+                    _ffn_state(model.llm, layers),
+                    str(tmp),
+                    metadata={"layers": ",".join(map(str, layers)), "group": group},
+                )
+            write_json(
+                folder / "stage.json",
+                {
+                    "stage": 2,
+                    "group": group,
+                    "init": _rel(init, folder),
+                    "layers": layers,
+                    "train": result,
+                    "recipe": dataclasses.asdict(cfg),
+                },
+            )
         summaries[group] = result
     info = {"llm": cfg.llm, "init": _rel(init, out), "groups": wanted, "train": summaries}
     _write_stage(out, cfg, info)
     return info
 
 
-def _expert_ffns(cfg: MLLMTrainConfig, model: MultimodalLLM, out: Path) -> tuple[dict[int, list[nn.Module]], dict[int, list[str]]]:
+def _expert_ffns(
+    cfg: MLLMTrainConfig, model: MultimodalLLM, out: Path
+) -> tuple[dict[int, list[nn.Module]], dict[int, list[str]]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -425,11 +565,15 @@ def _expert_ffns(cfg: MLLMTrainConfig, model: MultimodalLLM, out: Path) -> tuple
     for group, folder in sorted(cfg.experts.items()):
         path = Path(folder) / "ffn.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"expert {group}: {path} missing (a finished stage-2 group folder, e.g. runs/stage2/{group})")
+            raise FileNotFoundError(
+                f"expert {group}: {path} missing (a finished stage-2 group folder, e.g. runs/stage2/{group})"
+            )
         with safe_open(str(path), "pt") as f:
             trained = [int(x) for x in (f.metadata() or {}).get("layers", "").split(",") if x]
         if sorted(trained) != layers:
-            raise ValueError(f"expert {group}: {path} trained layers {trained}, this MoE uses {layers} (use the same moe.layers)")
+            raise ValueError(
+                f"expert {group}: {path} trained layers {trained}, this MoE uses {layers} (use the same moe.layers)"
+            )
         state = load_file(str(path))
         for i in layers:
             ffn = copy.deepcopy(blocks[i].mlp)
@@ -455,7 +599,9 @@ def _stage3(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
         model.moefy(moe_cfg, ffns, sources, generator=torch.Generator().manual_seed(cfg.seed))
         if cfg.expert_parallel and world > 1:
             if not cfg.lora.merge:
-                raise ValueError("expert_parallel needs lora.merge: true (the saved model gathers merged experts from every rank)")
+                raise ValueError(
+                    "expert_parallel needs lora.merge: true (the saved model gathers merged experts from every rank)"
+                )
             from omnimoe.moe.parallel import parallelize_experts
 
             parallelize_experts(model.llm)
@@ -463,7 +609,13 @@ def _stage3(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
     params_targets: list[str] = []
     if cfg.lora.experts:
         if cfg.dense:
-            targets += sorted({n.rsplit(".", 1)[-1] for n, m in decoder_layers(model.llm)[0].mlp.named_modules() if isinstance(m, nn.Linear)})
+            targets += sorted(
+                {
+                    n.rsplit(".", 1)[-1]
+                    for n, m in decoder_layers(model.llm)[0].mlp.named_modules()
+                    if isinstance(m, nn.Linear)
+                }
+            )
         else:
             from omnimoe.moe.experts import Experts
 
@@ -480,16 +632,34 @@ def _stage3(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
                 p.register_hook(lambda g: g / world)
         _ignore_local_adapters(model)
     data = _dataset(cfg, Path(cfg.data), features, model, tokenizer)
-    groups = [{"params": lora, "lr": cfg.lr}, {"params": list(model.connectors.parameters()) + routers, "lr": cfg.connector_lr}]
-    result = train_loop(model, data, groups, cfg, out, "stage 3: " + ("dense" if cfg.dense else "MoE") + " + LoRA", progress, stop_at_step,
-                        _pad_id(tokenizer))  # fmt: skip
+    groups = [
+        {"params": lora, "lr": cfg.lr},
+        {"params": list(model.connectors.parameters()) + routers, "lr": cfg.connector_lr},
+    ]
+    result = train_loop(
+        model,
+        data,
+        groups,
+        cfg,
+        out,
+        "stage 3: " + ("dense" if cfg.dense else "MoE") + " + LoRA",
+        progress,
+        stop_at_step,
+        _pad_id(tokenizer),
+    )
     if "interrupted_at" in result:
         return result
     if cfg.lora.merge:
         model.merge_lora()
     model.save_pretrained(out / "model", tokenizer=tokenizer)
-    info = {"llm": cfg.llm, "init": _rel(Path(cfg.init), out), "experts": {g: _rel(Path(f), out) for g, f in cfg.experts.items()},
-            "dense": cfg.dense, "train": result, "bad_records": len(data.bad)}  # fmt: skip
+    info = {
+        "llm": cfg.llm,
+        "init": _rel(Path(cfg.init), out),
+        "experts": {g: _rel(Path(f), out) for g, f in cfg.experts.items()},
+        "dense": cfg.dense,
+        "train": result,
+        "bad_records": len(data.bad),
+    }
     _write_stage(out, cfg, info)
     return {**info, "model": model, "tokenizer": tokenizer}
 
@@ -528,17 +698,23 @@ def load_stage(folder: str | Path) -> tuple[MultimodalLLM, Any, MLLMTrainConfig]
     for m in s1["modalities"]:
         first = next(k for k in state if k.startswith(f"{m}."))
         dims[m] = _connector_in_dim(state, m, first)
-        normed = any(k.startswith(f"{m}.") and k.endswith("norm.gain") for k in state)  # saved before soft-token norms: none
+        normed = any(
+            k.startswith(f"{m}.") and k.endswith("norm.gain") for k in state
+        )  # saved before soft-token norms: none
         cfg.connectors = {**cfg.connectors, m: {**dict(cfg.connectors.get(m, {})), "norm": normed}}
     model, tokenizer = base_model(cfg, s1["modalities"], dims)
     model.connectors.load_state_dict(state)
     if info["stage"] == 2:
         if "group" not in info:
-            raise ValueError(f"{folder} is the stage-2 parent folder: pass one group's folder ({', '.join(info.get('groups', []))})")
+            raise ValueError(
+                f"{folder} is the stage-2 parent folder: pass one group's folder ({', '.join(info.get('groups', []))})"
+            )
         blocks = decoder_layers(model.llm)
         ffn = load_file(str(folder / "ffn.safetensors"))
         for i in info["layers"]:
-            blocks[i].mlp.load_state_dict({k.split(".", 1)[1]: v for k, v in ffn.items() if k.split(".", 1)[0] == str(i)})
+            blocks[i].mlp.load_state_dict(
+                {k.split(".", 1)[1]: v for k, v in ffn.items() if k.split(".", 1)[0] == str(i)}
+            )
     return model.eval(), tokenizer, cfg
 
 

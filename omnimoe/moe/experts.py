@@ -149,7 +149,9 @@ class Experts(nn.Module):
             anchor = (x.sum() + sum(p.sum() for p in self.parameters(recurse=False))).to(dtype)
             return x.new_zeros(0, self.hidden_size) + 0 * anchor
         backend = self.resolve_backend(dtype, x.device)
-        if backend == "grouped_mm" and not grouped_mm_supported(dtype, x.device, self.hidden_size, self.intermediate_size):
+        if backend == "grouped_mm" and not grouped_mm_supported(
+            dtype, x.device, self.hidden_size, self.intermediate_size
+        ):
             raise ValueError(
                 f"grouped_mm cannot run {dtype} hidden={self.hidden_size} intermediate={self.intermediate_size} on "
                 f"{x.device.type}; use backend='loop' or 'auto'"
@@ -168,7 +170,9 @@ class Experts(nn.Module):
         w_in = self.w_in.to(dtype).unbind(0)
         w_out = self.down_proj.to(dtype).unbind(0)
         b_in = self.b_in.to(dtype).unbind(0) if self.b_in is not None else [None] * self.num_experts
-        b_out = self.down_proj_bias.to(dtype).unbind(0) if self.down_proj_bias is not None else [None] * self.num_experts
+        b_out = (
+            self.down_proj_bias.to(dtype).unbind(0) if self.down_proj_bias is not None else [None] * self.num_experts
+        )
         outs = []
         for e, xe in enumerate(x.split(counts)):
             if xe.shape[0] == 0:

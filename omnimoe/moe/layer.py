@@ -64,7 +64,9 @@ class MoELayer(nn.Module):
         valid = None
         if attention_mask is not None:
             if attention_mask.shape != shape[:-1]:
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input shape {tuple(shape[:-1])}")
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} != input shape {tuple(shape[:-1])}"
+                )
             valid = attention_mask.reshape(-1).bool()
 
         # 1. Route (fp32).

@@ -60,12 +60,20 @@ class ExpertParallelExperts(Experts):
         world = dist.get_world_size(group)
         rank = dist.get_rank(group)
         if full.num_experts % world:
-            raise ValueError(f"num_experts={full.num_experts} is not divisible by the expert-parallel world size {world}")
+            raise ValueError(
+                f"num_experts={full.num_experts} is not divisible by the expert-parallel world size {world}"
+            )
         local = full.num_experts // world
         super().__init__(
-            local, full.hidden_size, full.intermediate_size, full.expert_type, full.hidden_act,
-            full.b_in is not None, full.dropout, full.backend,
-        )  # fmt: skip
+            local,
+            full.hidden_size,
+            full.intermediate_size,
+            full.expert_type,
+            full.hidden_act,
+            full.b_in is not None,
+            full.dropout,
+            full.backend,
+        )
         self.group, self.world, self.rank = group, world, rank
         self.global_num_experts = full.num_experts
         self.first_expert = rank * local
@@ -76,7 +84,10 @@ class ExpertParallelExperts(Experts):
         self.register_load_state_dict_pre_hook(_slice_full_state)
 
     def extra_repr(self) -> str:
-        return f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1} of {self.global_num_experts}, " + super().extra_repr()
+        return (
+            f"experts {self.first_expert}..{self.first_expert + self.num_experts - 1} of {self.global_num_experts}, "
+            + super().extra_repr()
+        )
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         if len(counts) != self.global_num_experts:
@@ -93,7 +104,11 @@ class ExpertParallelExperts(Experts):
 
         received = all_to_all(x, recv_splits, send_splits, self.group)
         # Regroup rows from (source rank, local expert) order to local-expert order.
-        row_expert = torch.arange(local, device=x.device).repeat(world).repeat_interleave(recv_counts, output_size=received.shape[0])
+        row_expert = (
+            torch.arange(local, device=x.device)
+            .repeat(world)
+            .repeat_interleave(recv_counts, output_size=received.shape[0])
+        )
         perm = torch.argsort(row_expert, stable=True)
         out_local = super().forward(received[perm], recv_matrix.sum(0).tolist())
         back = torch.empty_like(perm)
@@ -126,7 +141,9 @@ def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None = None
     Every rank must hold the same full weights beforehand (same seed, or the same checkpoint loaded).
     """
     if not dist.is_initialized():
-        raise RuntimeError("parallelize_experts needs torch.distributed to be initialised (torchrun / init_process_group)")
+        raise RuntimeError(
+            "parallelize_experts needs torch.distributed to be initialised (torchrun / init_process_group)"
+        )
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MoELayer to parallelise")

@@ -60,7 +60,13 @@ def _activation_name(ffn: nn.Module) -> str | None:
         if isinstance(mod, nn.GELU):
             return "gelu_pytorch_tanh" if mod.approximate == "tanh" else "gelu"
         cls = type(mod).__name__.lower()
-        for key, name in (("tanh", "gelu_pytorch_tanh"), ("gelu", "gelu"), ("silu", "silu"), ("swish", "silu"), ("relu", "relu")):
+        for key, name in (
+            ("tanh", "gelu_pytorch_tanh"),
+            ("gelu", "gelu"),
+            ("silu", "silu"),
+            ("swish", "silu"),
+            ("relu", "relu"),
+        ):
             if key in cls:
                 return name
     return None
@@ -86,15 +92,21 @@ def read_ffn(ffn: nn.Module) -> DenseFFN:
             b_in = None
             if gate.bias is not None or up.bias is not None:
                 zeros = torch.zeros(gate.out_features)
-                b_in = torch.cat([_bias(gate) if gate.bias is not None else zeros, _bias(up) if up.bias is not None else zeros])
+                b_in = torch.cat(
+                    [_bias(gate) if gate.bias is not None else zeros, _bias(up) if up.bias is not None else zeros]
+                )
             w_in = torch.cat([gate.weight.detach(), up.weight.detach()])
             return DenseFFN("glu", w_in, b_in, down.weight.detach(), _bias(down), act)
     found = lin("gate_up_proj", "down_proj")
     if found:
-        return DenseFFN("glu", found[0].weight.detach(), _bias(found[0]), found[1].weight.detach(), _bias(found[1]), act)
+        return DenseFFN(
+            "glu", found[0].weight.detach(), _bias(found[0]), found[1].weight.detach(), _bias(found[1]), act
+        )
     found = lin("fc1", "fc2")
     if found:
-        return DenseFFN("mlp", found[0].weight.detach(), _bias(found[0]), found[1].weight.detach(), _bias(found[1]), act)
+        return DenseFFN(
+            "mlp", found[0].weight.detach(), _bias(found[0]), found[1].weight.detach(), _bias(found[1]), act
+        )
     raise ValueError(
         f"cannot upcycle {type(ffn).__name__}: expected nn.Linear children gate_proj/up_proj/down_proj, w1/w3/w2, "
         f"gate_up_proj/down_proj or fc1/fc2; found {sorted(names)}"
@@ -117,7 +129,9 @@ def _config_for(dense: DenseFFN, config: MoEConfig | None, overrides: dict[str, 
 
 
 @torch.no_grad()
-def _load_expert(layer: MoELayer, e: int, dense: DenseFFN, rows: slice | None = None, down_bias_scale: float = 1.0) -> None:
+def _load_expert(
+    layer: MoELayer, e: int, dense: DenseFFN, rows: slice | None = None, down_bias_scale: float = 1.0
+) -> None:
     ex = layer.experts
     f = ex.intermediate_size
     if rows is None:
@@ -175,8 +189,14 @@ def upcycle_from_ffns(
     dense = [read_ffn(f) for f in ffns]
     first = dense[0]
     for i, d in enumerate(dense[1:], 1):
-        if d.w_in.shape != first.w_in.shape or d.w_down.shape != first.w_down.shape or d.expert_type != first.expert_type:
-            raise ValueError(f"FFN {i} has shapes {tuple(d.w_in.shape)}/{tuple(d.w_down.shape)}, FFN 0 has {tuple(first.w_in.shape)}/{tuple(first.w_down.shape)}")
+        if (
+            d.w_in.shape != first.w_in.shape
+            or d.w_down.shape != first.w_down.shape
+            or d.expert_type != first.expert_type
+        ):
+            raise ValueError(
+                f"FFN {i} has shapes {tuple(d.w_in.shape)}/{tuple(d.w_down.shape)}, FFN 0 has {tuple(first.w_in.shape)}/{tuple(first.w_down.shape)}"
+            )
         if d.hidden_act != first.hidden_act:
             raise ValueError(f"FFN {i} uses {d.hidden_act!r}, FFN 0 uses {first.hidden_act!r}")
     if not copies:

@@ -3,4 +3,14 @@
 from omnimoe.retrieval.index import KINDS, IndexMismatch, IndexSpec, VectorIndex, faiss_available
 from omnimoe.retrieval.retriever import DEFAULT_METHOD, Hit, QueryError, Retriever
 
-__all__ = ["DEFAULT_METHOD", "KINDS", "Hit", "IndexMismatch", "IndexSpec", "QueryError", "Retriever", "VectorIndex", "faiss_available"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "KINDS",
+    "Hit",
+    "IndexMismatch",
+    "IndexSpec",
+    "QueryError",
+    "Retriever",
+    "VectorIndex",
+    "faiss_available",
+]

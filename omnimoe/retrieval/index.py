@@ -61,7 +61,9 @@ class IndexSpec:
 
 def normalise(x: torch.Tensor | np.ndarray, what: str = "vectors") -> np.ndarray:
     """float32, contiguous, unit rows; NaN / inf and all-zero rows are refused by row number."""
-    a = np.ascontiguousarray(x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32))
+    a = np.ascontiguousarray(
+        x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float32)
+    )
     if a.ndim != 2:
         raise ValueError(f"{what}: expected a (n, dim) matrix, got shape {a.shape}")
     bad = np.flatnonzero(~np.isfinite(a).all(1))
@@ -100,14 +102,21 @@ class VectorIndex:
         self._pos: dict[str, int] = {}
         self.backend = "torch" if self.spec.kind == "torch" or not faiss_available() else "faiss"
         if self.backend == "torch" and self.spec.kind != "torch":
-            warnings.warn(f"faiss is not installed: the {self.spec.kind!r} index falls back to exact torch search", stacklevel=2)
+            warnings.warn(
+                f"faiss is not installed: the {self.spec.kind!r} index falls back to exact torch search", stacklevel=2
+            )
         self._faiss: Any = None
         self._vectors = torch.zeros(0, dim)
 
     # -- building -------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, vectors: torch.Tensor | np.ndarray, ids: list[str], spec: IndexSpec | None = None,
-              record: dict[str, Any] | None = None) -> "VectorIndex":  # fmt: skip
+    def build(
+        cls,
+        vectors: torch.Tensor | np.ndarray,
+        ids: list[str],
+        spec: IndexSpec | None = None,
+        record: dict[str, Any] | None = None,
+    ) -> "VectorIndex":
         a = normalise(vectors)
         index = cls(a.shape[1], spec, record)
         index._create(a)
@@ -128,12 +137,18 @@ class VectorIndex:
             self._faiss.hnsw.efSearch = s.ef_search
         else:  # ivf
             if len(train) == 0:
-                raise ValueError("an ivf index is trained on the vectors it is built from: build it from at least one vector")
+                raise ValueError(
+                    "an ivf index is trained on the vectors it is built from: build it from at least one vector"
+                )
             nlist = s.nlist or max(1, min(round(len(train) ** 0.5), len(train) // 39))
             self.spec.nlist = nlist = min(nlist, len(train))
             self._faiss = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
             # k-means on at most 64 vectors a cell: enough for the centroids, and 1M items train in seconds
-            sample = train if len(train) <= 64 * nlist else train[np.random.default_rng(0).choice(len(train), 64 * nlist, replace=False)]
+            sample = (
+                train
+                if len(train) <= 64 * nlist
+                else train[np.random.default_rng(0).choice(len(train), 64 * nlist, replace=False)]
+            )
             self._faiss.train(sample)
             self._faiss.nprobe = min(s.nprobe, nlist)
 
@@ -200,8 +215,18 @@ class VectorIndex:
         else:
             data = folder / "vectors.safetensors"
             save_tensors(data, {"vectors": self._vectors})
-        write_json(folder / META, {"format": FORMAT_VERSION, "dim": self.dim, "backend": self.backend, "spec": asdict(self.spec),
-                                   "record": self.record, "ids": self.ids, "files": {data.name: file_record(data)}})  # fmt: skip
+        write_json(
+            folder / META,
+            {
+                "format": FORMAT_VERSION,
+                "dim": self.dim,
+                "backend": self.backend,
+                "spec": asdict(self.spec),
+                "record": self.record,
+                "ids": self.ids,
+                "files": {data.name: file_record(data)},
+            },
+        )
         return folder
 
     @classmethod
@@ -212,10 +237,14 @@ class VectorIndex:
             raise FileNotFoundError(f"{folder} is not a saved index (no {META})")
         meta = read_json(folder / META)
         if meta.get("format") != FORMAT_VERSION:
-            raise IndexMismatch(f"{folder}: index format {meta.get('format')!r} is not supported (expected {FORMAT_VERSION})")
+            raise IndexMismatch(
+                f"{folder}: index format {meta.get('format')!r} is not supported (expected {FORMAT_VERSION})"
+            )
         for key, want in (expect or {}).items():
             if meta["record"].get(key) != want:
-                raise IndexMismatch(f"{folder} was built for {key}={meta['record'].get(key)!r}, not {want!r}: rebuild it")
+                raise IndexMismatch(
+                    f"{folder} was built for {key}={meta['record'].get(key)!r}, not {want!r}: rebuild it"
+                )
         for name, record in meta.get("files", {}).items():  # written with the index: any changed byte is refused
             if why := check_file(folder / name, record):
                 raise IndexMismatch(f"{why} (a damaged index: rebuild it)")
@@ -241,4 +270,3 @@ class VectorIndex:
 
 def ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
-

@@ -48,16 +48,29 @@ class Hit:
 class Retriever:
     """Search the stored items of one modality with a query of another, through a trained connector."""
 
-    def __init__(self, run: str | Path, method: str = DEFAULT_METHOD, spec: IndexSpec | None = None,
-                 index_root: str | Path | None = None, rebuild: bool = False, batch_size: int = 1024) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run: str | Path,
+        method: str = DEFAULT_METHOD,
+        spec: IndexSpec | None = None,
+        index_root: str | Path | None = None,
+        rebuild: bool = False,
+        batch_size: int = 1024,
+    ) -> None:
         self.run = Path(run)
         summary_path = self.run / "summary.json"
         if not summary_path.is_file():
-            raise FileNotFoundError(f"{self.run} is not an alignment run (no summary.json): run `omnimoe demo` or `omnimoe align` first")
+            raise FileNotFoundError(
+                f"{self.run} is not an alignment run (no summary.json): run `omnimoe demo` or `omnimoe align` first"
+            )
         summary = read_json(summary_path)
         folder = self.run / "connectors" / method
         if not folder.is_dir():
-            have = sorted(p.name for p in (self.run / "connectors").glob("*")) if (self.run / "connectors").is_dir() else []
+            have = (
+                sorted(p.name for p in (self.run / "connectors").glob("*"))
+                if (self.run / "connectors").is_dir()
+                else []
+            )
             raise FileNotFoundError(f"{self.run} has no trained connector for method {method!r} (have {have})")
         self.method = method
         self.connector = load_connector(folder)
@@ -65,7 +78,9 @@ class Retriever:
         self.token_inputs = bool(summary.get("train_config", {}).get("token_inputs")) and method != "linear"
         given = [m for m in summary.get("modalities", []) if m in summary["stores"]]
         order = given + sorted(set(summary["stores"]) - set(given))
-        self.stores = {m: LatentStore.open(resolve_path(self.run, summary["stores"][m])) for m in order}  # the run's modality order
+        self.stores = {
+            m: LatentStore.open(resolve_path(self.run, summary["stores"][m])) for m in order
+        }  # the run's modality order
         self.spec = spec or IndexSpec()
         self.index_root = Path(index_root) if index_root else self.run / "index" / method
         self.rebuild = rebuild
@@ -115,12 +130,16 @@ class Retriever:
         for m in candidates:
             if direction_name(m, target) in self.directions():
                 return m
-        raise QueryError(f"no direction from a {kind} query to {target!r} in this run (directions: {self.directions()})")
+        raise QueryError(
+            f"no direction from a {kind} query to {target!r} in this run (directions: {self.directions()})"
+        )
 
     # -- indexes --------------------------------------------------------------------------------------
     def prior(self, direction: str) -> Any:
         """The label prior this connector was trained on top of for ``direction``, or None."""
-        if not self.prior_weight or not any({m, t} == set(direction.split("->")) for m, t in self.prior_modalities.items()):
+        if not self.prior_weight or not any(
+            {m, t} == set(direction.split("->")) for m, t in self.prior_modalities.items()
+        ):
             return None
         with self._lock:
             if self._priors is None:
@@ -130,7 +149,13 @@ class Retriever:
                 by_text: dict[str, Any] = {}
                 for modality, text in self.prior_modalities.items():
                     if {modality, text} <= needed:
-                        by_text.update(label_priors({modality: self.encoder(modality), text: self.encoder(text)}, text, self.prior_prompt or PROMPT))
+                        by_text.update(
+                            label_priors(
+                                {modality: self.encoder(modality), text: self.encoder(text)},
+                                text,
+                                self.prior_prompt or PROMPT,
+                            )
+                        )
                 self._priors = by_text
             from omnimoe.align.prior import prior_for
 
@@ -138,9 +163,14 @@ class Retriever:
 
     def _record(self, direction: str) -> dict[str, Any]:
         store = self.stores[direction.split("->")[1]]
-        return {"method": self.method, "connector": self.connector_hash, "direction": direction,
-                "encoder": store.index.get("encoder"), "weights_hash": store.index.get("weights_hash"),
-                "prior_weight": self.prior_weight if self.prior(direction) is not None else 0.0}  # fmt: skip
+        return {
+            "method": self.method,
+            "connector": self.connector_hash,
+            "direction": direction,
+            "encoder": store.index.get("encoder"),
+            "weights_hash": store.index.get("weights_hash"),
+            "prior_weight": self.prior_weight if self.prior(direction) is not None else 0.0,
+        }
 
     def index_folder(self, direction: str) -> Path:
         """``<index_root>/<src>-to-<tgt>`` for the exact flat index, ``...-to-<tgt>.<kind>`` for the others
@@ -154,7 +184,10 @@ class Retriever:
         pooled = store.pooled()
         if rows is not None:
             pooled = pooled[rows]
-        parts = [self.connector.embed_target(direction, pooled[i : i + self.batch_size]).float() for i in range(0, len(pooled), self.batch_size)]
+        parts = [
+            self.connector.embed_target(direction, pooled[i : i + self.batch_size]).float()
+            for i in range(0, len(pooled), self.batch_size)
+        ]
         keys = torch.cat(parts) if parts else torch.zeros(0, 1)
         if (prior := self.prior(direction)) is not None and len(keys):
             keys = torch.cat([F.normalize(keys, dim=-1), prior.side(direction.split("->")[1], pooled)], dim=1)
@@ -175,7 +208,9 @@ class Retriever:
             store = self.stores[direction.split("->")[1]]
             if index is None:
                 index = VectorIndex.build(self._target_vectors(direction), list(store.ids), self.spec, record)
-                index.record.update(store=str(store.folder.resolve()), store_rows=len(store), store_ids=ids_digest(store.ids))
+                index.record.update(
+                    store=str(store.folder.resolve()), store_rows=len(store), store_ids=ids_digest(store.ids)
+                )
                 index.save(folder)
             elif index.record.get("store_ids") != ids_digest(store.ids):
                 self._update(index, direction, folder)
@@ -215,8 +250,10 @@ class Retriever:
                 name = self.stores[modality].index["encoder"]
                 encoder = load_encoder(name)
                 if encoder.weights_hash != self.stores[modality].index.get("weights_hash"):
-                    raise IndexMismatch(f"encoder {name!r} now has weights {encoder.weights_hash}, but the {modality} store was "
-                                        f"extracted with {self.stores[modality].index.get('weights_hash')}: re-extract and retrain")  # fmt: skip
+                    raise IndexMismatch(
+                        f"encoder {name!r} now has weights {encoder.weights_hash}, but the {modality} store was "
+                        f"extracted with {self.stores[modality].index.get('weights_hash')}: re-extract and retrain"
+                    )
                 self._encoders[modality] = encoder
             return self._encoders[modality]
 
@@ -253,7 +290,10 @@ class Retriever:
             return []
         index = self.index(direction_name(source, target))
         scores, ids = index.search(self.embed(source, target, items), k)
-        return [[Hit(sid, float(s), r + 1) for r, (sid, s) in enumerate(zip(row_ids, row))] for row_ids, row in zip(ids, scores)]
+        return [
+            [Hit(sid, float(s), r + 1) for r, (sid, s) in enumerate(zip(row_ids, row))]
+            for row_ids, row in zip(ids, scores)
+        ]
 
     def timed_search(self, source: str, target: str, items: list[Any], k: int = 5) -> tuple[list[list[Hit]], float]:
         t = time.perf_counter()
@@ -268,13 +308,23 @@ class Retriever:
         found = []
         for m, store in self.stores.items():
             if store.manifest is None or not store.manifest.is_file():
-                found.append(f"the {m} store's manifest {store.manifest} is missing: results will carry ids only, no captions or media "
-                             "(copy or move the data with the run)")  # fmt: skip
+                found.append(
+                    f"the {m} store's manifest {store.manifest} is missing: results will carry ids only, no captions or media "
+                    "(copy or move the data with the run)"
+                )
         records = self._manifest_records()
-        missing = [(sid, f) for sid, rec in records.items() if self.indexed(sid) for f in MEDIA_FIELDS
-                   if isinstance(rec.get(f), str) and not media_path(rec["_manifest"], rec[f]).is_file()]  # fmt: skip
+        missing = [
+            (sid, f)
+            for sid, rec in records.items()
+            if self.indexed(sid)
+            for f in MEDIA_FIELDS
+            if isinstance(rec.get(f), str) and not media_path(rec["_manifest"], rec[f]).is_file()
+        ]
         if missing:
-            found.append(f"{len(missing)} media file(s) of stored items are missing, e.g. " + ", ".join(f"{sid} ({f})" for sid, f in missing[:3]))
+            found.append(
+                f"{len(missing)} media file(s) of stored items are missing, e.g. "
+                + ", ".join(f"{sid} ({f})" for sid, f in missing[:3])
+            )
         return found
 
     def _manifest_records(self) -> dict[str, dict[str, Any]]:
@@ -362,7 +412,9 @@ class Batcher:
     def _run(self, batch: list[tuple]) -> None:
         source, target = batch[0][:2]
         try:
-            rows = self.retriever.search(source, target, [item for req in batch for item in req[2]], max(req[3] for req in batch))
+            rows = self.retriever.search(
+                source, target, [item for req in batch for item in req[2]], max(req[3] for req in batch)
+            )
         except Exception:  # noqa: BLE001 - rerun alone, so that each caller gets its own result or error
             if len(batch) == 1:
                 _settle(batch[0][4], lambda: self.retriever.search(*batch[0][:4]))

@@ -43,10 +43,29 @@ from starlette.concurrency import run_in_threadpool
 from omnimoe.retrieval.retriever import Batcher, QueryError, Retriever
 
 LOG = logging.getLogger("omnimoe.service")
-DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon-32x32.png": "image/png"}
-IMAGE_TYPES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif", "image/bmp": ".bmp"}
-AUDIO_TYPES = {"audio/wav": ".wav", "audio/x-wav": ".wav", "audio/wave": ".wav", "audio/ogg": ".ogg", "audio/mpeg": ".mp3",
-               "audio/flac": ".flac", "audio/x-flac": ".flac", "audio/webm": ".webm", "audio/mp4": ".m4a"}  # fmt: skip
+DOCS_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon-32x32.png": "image/png",
+}
+IMAGE_TYPES = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "image/gif": ".gif",
+    "image/bmp": ".bmp",
+}
+AUDIO_TYPES = {
+    "audio/wav": ".wav",
+    "audio/x-wav": ".wav",
+    "audio/wave": ".wav",
+    "audio/ogg": ".ogg",
+    "audio/mpeg": ".mp3",
+    "audio/flac": ".flac",
+    "audio/x-flac": ".flac",
+    "audio/webm": ".webm",
+    "audio/mp4": ".m4a",
+}
 
 
 @dataclass
@@ -75,7 +94,13 @@ class _BodyLimit:
 
     async def _reject(self, send: Any) -> None:
         body = json.dumps({"detail": f"request body larger than the upload limit of {self.limit} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -115,8 +140,13 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
     """The FastAPI application (without the body limit: :func:`asgi_app` adds it)."""
     cfg = cfg or ServiceConfig()
     batcher = Batcher(retriever, max_items=cfg.max_batch) if cfg.coalesce else None
-    app = FastAPI(title="omnimoe retrieval", version="1", description="Cross-modal search through an Alt-MoE connector over pre-stored latents.",
-                  docs_url=None, redoc_url=None)  # /docs below, from local files  # fmt: skip
+    app = FastAPI(
+        title="omnimoe retrieval",
+        version="1",
+        description="Cross-modal search through an Alt-MoE connector over pre-stored latents.",
+        docs_url=None,
+        redoc_url=None,
+    )  # /docs below, from local files
 
     @app.middleware("http")
     async def log_requests(request: Request, call_next: Any) -> Any:
@@ -125,17 +155,33 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
             response = await call_next(request)
         except _TooLarge:  # a chunked body passed the limit while the route read it (see _BodyLimit)
             LOG.info("%s %s -> 413 in %.1f ms", request.method, request.url.path, (time.perf_counter() - start) * 1e3)
-            return JSONResponse({"detail": f"request body larger than the upload limit of {cfg.max_upload_bytes} bytes"}, status_code=413)
+            return JSONResponse(
+                {"detail": f"request body larger than the upload limit of {cfg.max_upload_bytes} bytes"},
+                status_code=413,
+            )
         except Exception:  # an unexpected failure: its traceback goes to the log, the client gets a plain 500
-            LOG.exception("%s %s -> 500 after %.1f ms", request.method, request.url.path, (time.perf_counter() - start) * 1e3)
+            LOG.exception(
+                "%s %s -> 500 after %.1f ms", request.method, request.url.path, (time.perf_counter() - start) * 1e3
+            )
             return JSONResponse({"detail": "internal error (the service log has the traceback)"}, status_code=500)
-        LOG.info("%s %s -> %d in %.1f ms", request.method, request.url.path, response.status_code, (time.perf_counter() - start) * 1e3)
+        LOG.info(
+            "%s %s -> %d in %.1f ms",
+            request.method,
+            request.url.path,
+            response.status_code,
+            (time.perf_counter() - start) * 1e3,
+        )
         return response
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> Any:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="omnimoe retrieval: API", swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-                                   swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon-32x32.png")  # fmt: skip
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="omnimoe retrieval: API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
 
     @app.get("/docs-assets/{name}", include_in_schema=False)
     def docs_assets(name: str) -> Any:
@@ -143,7 +189,9 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
             raise bad(404, f"no docs asset {name!r}")
         from swagger_ui_bundle import swagger_ui_path
 
-        return FileResponse(Path(str(swagger_ui_path)) / name, media_type=DOCS_ASSETS[name], headers={"Cache-Control": "max-age=86400"})
+        return FileResponse(
+            Path(str(swagger_ui_path)) / name, media_type=DOCS_ASSETS[name], headers={"Cache-Control": "max-age=86400"}
+        )
 
     def bad(status: int, message: str) -> HTTPException:
         return HTTPException(status_code=status, detail=message)
@@ -178,24 +226,54 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
             ms = (time.perf_counter() - start) * 1e3
         except QueryError as exc:
             raise bad(400, str(exc)) from None
-        return {"direction": f"{src}->{target}", "source": src, "target": target, "k": k, "took_ms": round(ms, 3),
-                "batch": [[hit_json(h) for h in row] for row in hits]}  # fmt: skip
+        return {
+            "direction": f"{src}->{target}",
+            "source": src,
+            "target": target,
+            "k": k,
+            "took_ms": round(ms, 3),
+            "batch": [[hit_json(h) for h in row] for row in hits],
+        }
 
     search_body = {
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": {"type": "object", "required": ["target"], "properties": {
-                    "text": {"type": "string", "description": "one text query"},
-                    "queries": {"type": "array", "items": {"type": "string"}, "description": "a batch of text queries"},
-                    "target": {"type": "string"}, "k": {"type": "integer", "default": 5},
-                    "source": {"type": "string", "description": "query modality (default: the run's text modality)"}}}},
-                "multipart/form-data": {"schema": {"type": "object", "required": ["file", "target"], "properties": {
-                    "file": {"type": "string", "format": "binary"}, "target": {"type": "string"},
-                    "k": {"type": "integer", "default": 5}, "source": {"type": "string"}}}},
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["target"],
+                        "properties": {
+                            "text": {"type": "string", "description": "one text query"},
+                            "queries": {
+                                "type": "array",
+                                "items": {"type": "string"},
+                                "description": "a batch of text queries",
+                            },
+                            "target": {"type": "string"},
+                            "k": {"type": "integer", "default": 5},
+                            "source": {
+                                "type": "string",
+                                "description": "query modality (default: the run's text modality)",
+                            },
+                        },
+                    }
+                },
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", "target"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "target": {"type": "string"},
+                            "k": {"type": "integer", "default": 5},
+                            "source": {"type": "string"},
+                        },
+                    }
+                },
             },
         }
-    }  # fmt: skip
+    }
 
     @app.post("/search", openapi_extra=search_body, summary="Search stored items with a text, image or audio query")
     async def search(request: Request) -> dict[str, Any]:
@@ -220,7 +298,9 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
                     raise bad(400, "empty text query" + ("" if single else f" (query {n})"))
                 if len(t) > cfg.max_text_chars:
                     raise bad(422, f"text query longer than {cfg.max_text_chars} characters")
-            out = await run_in_threadpool(run_search, "text", texts, body.get("target"), check_k(body.get("k", 5)), body.get("source"))
+            out = await run_in_threadpool(
+                run_search, "text", texts, body.get("target"), check_k(body.get("k", 5)), body.get("source")
+            )
             if single:
                 out["results"] = out.pop("batch")[0]
             return out
@@ -233,10 +313,15 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
             if utype == "application/octet-stream" or not utype:
                 utype = mimetypes.guess_type(upload.filename or "")[0] or utype
             if utype not in cfg.allowed_types:
-                raise bad(415, f"file type {utype or 'unknown'!r} is not accepted; send one of {sorted(cfg.allowed_types)}")
+                raise bad(
+                    415, f"file type {utype or 'unknown'!r} is not accepted; send one of {sorted(cfg.allowed_types)}"
+                )
             data = await upload.read()
             if len(data) > cfg.max_upload_bytes:
-                raise bad(413, f"uploaded file {upload.filename!r} is larger than the upload limit of {cfg.max_upload_bytes} bytes")
+                raise bad(
+                    413,
+                    f"uploaded file {upload.filename!r} is larger than the upload limit of {cfg.max_upload_bytes} bytes",
+                )
             if not data:
                 raise bad(400, f"uploaded file {upload.filename!r} is empty")
             kind = "image" if utype in IMAGE_TYPES else "audio"
@@ -244,20 +329,31 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
                 path = Path(tmp) / f"upload{cfg.allowed_types[utype]}"
                 path.write_bytes(data)
                 try:
-                    out = await run_in_threadpool(run_search, kind, [str(path)], form.get("target"), check_k(form.get("k", 5)), form.get("source"))
+                    out = await run_in_threadpool(
+                        run_search, kind, [str(path)], form.get("target"), check_k(form.get("k", 5)), form.get("source")
+                    )
                 except HTTPException as exc:  # name the upload, not our temporary copy
                     exc.detail = str(exc.detail).replace(str(path), f"uploaded file {upload.filename!r}")
                     raise
             out["results"] = out.pop("batch")[0]
             out["query"] = {"file": upload.filename, "type": utype, "bytes": len(data)}
             return out
-        raise bad(415, f"send application/json (text) or multipart/form-data (file), not {ctype or 'no content type'!r}")
+        raise bad(
+            415, f"send application/json (text) or multipart/form-data (file), not {ctype or 'no content type'!r}"
+        )
 
     @app.get("/health", summary="Status, modalities, directions, items")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "method": retriever.method, "modalities": {m: retriever.encoder_kind(m) for m in retriever.modalities},
-                "directions": retriever.directions(), "items": {m: len(s) for m, s in retriever.stores.items()},
-                "index": retriever.spec.kind, "max_upload_bytes": cfg.max_upload_bytes, "accepted_types": sorted(cfg.allowed_types)}  # fmt: skip
+        return {
+            "status": "ok",
+            "method": retriever.method,
+            "modalities": {m: retriever.encoder_kind(m) for m in retriever.modalities},
+            "directions": retriever.directions(),
+            "items": {m: len(s) for m, s in retriever.stores.items()},
+            "index": retriever.spec.kind,
+            "max_upload_bytes": cfg.max_upload_bytes,
+            "accepted_types": sorted(cfg.allowed_types),
+        }
 
     @app.get("/items/{item_id:path}", summary="A stored item")
     def item(item_id: str) -> dict[str, Any]:
@@ -272,8 +368,13 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
         if path is None:
             raise bad(404, f"no {field!r} media for a stored item {item_id!r}")
         # an SVG is shown as an image, never run as a document
-        return FileResponse(path, headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; sandbox",
-                                           "X-Content-Type-Options": "nosniff"})  # fmt: skip
+        return FileResponse(
+            path,
+            headers={
+                "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; sandbox",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
 
     @lru_cache(maxsize=2048)
     def thumbnail(item_id: str) -> bytes | None:
@@ -333,6 +434,11 @@ def serve(retriever: Retriever, cfg: ServiceConfig | None = None) -> None:
         LOG.setLevel(logging.INFO)
     host = f"[{cfg.host}]" if family == socket.AF_INET6 else cfg.host
     print(f"listening on http://{host}:{port}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(asgi_app(retriever, cfg), log_level=os.environ.get("OMNIMOE_LOG_LEVEL", "warning"),
-                                           timeout_graceful_shutdown=5))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(
+            asgi_app(retriever, cfg),
+            log_level=os.environ.get("OMNIMOE_LOG_LEVEL", "warning"),
+            timeout_graceful_shutdown=5,
+        )
+    )
     server.run(sockets=[sock])
