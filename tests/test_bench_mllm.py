@@ -116,6 +116,7 @@ def test_hf_eager_block_computes_our_moe_layer():
     torch.testing.assert_close(block.experts[1].w2.weight.grad, layer.experts.down_proj.grad[1], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_mllm_benchmark_quick_writes_three_rows(tmp_path):
     out = tmp_path / "bench-mllm.json"
     done = subprocess.run(

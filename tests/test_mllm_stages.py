@@ -28,6 +28,7 @@ from omnimoe.mllm.model import IGNORE_INDEX
 from omnimoe.mllm.moe_llm import MoEMLP, decoder_layers
 from omnimoe.mllm.train import MLLMTrainConfig, load_stage, run_stage
 
+pytestmark = pytest.mark.slow  # real Tux Paint tasks, three trained stages, torchrun
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
     llm="tiny:llama",
