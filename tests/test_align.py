@@ -126,3 +126,42 @@ def test_schedules():
     assert [ada.directions_for(s)[0] for s in range(20)] == first  # resumable
     with pytest.raises(ValueError, match="alternate, adaptive or joint"):
         DirectionSchedule(dirs, kind="random")
+
+
+@pytest.mark.parametrize("use_moe", [True, False])
+def test_linear_path_starts_as_the_linear_two_tower_and_learns_on_top(use_moe, tmp_path):
+    """With ``linear_path`` the connector's contrastive query at initialisation is exactly a linear map of the
+    pooled source (padding ignored); the MoE (or MLP) path joins as training moves its zero-initialised head."""
+    from omnimoe.align.connector import LinearTwoTower, load_connector
+
+    torch.manual_seed(0)
+    cfg = ConnectorConfig(modalities={"a": 12, "b": 10}, hidden_size=16, contrastive_dim=8, num_experts=4, num_experts_per_tok=2,
+                          dropout=0.0, use_moe=use_moe, linear_path=True)  # fmt: skip
+    model = AltMoEConnector(cfg)
+    tower = LinearTwoTower({"a": 12, "b": 10}, 8)
+    tower.proj["a"].load_state_dict(model.linear["a"].state_dict())
+    tokens, mask = torch.randn(5, 4, 12), torch.tensor([[1, 1, 0, 0]] * 3 + [[1, 1, 1, 1]] * 2, dtype=torch.bool)
+    query = model("a->b", tokens, mask).contrastive
+    assert torch.allclose(query, tower("a->b", tokens, mask).contrastive, atol=1e-6)
+    assert torch.allclose(
+        model("a->b", tokens[:, :2], mask[:, :2]).contrastive[:3], query[:3], atol=1e-6
+    )  # padding ignored
+    without = AltMoEConnector(ConnectorConfig(**{**cfg.__dict__, "linear_path": False}))
+    assert not hasattr(without, "linear")
+    target = torch.randn(5, 10)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        q, k = (
+            F.normalize(model("a->b", tokens, mask).contrastive, dim=-1),
+            F.normalize(model.embed_target("a->b", target), dim=-1),
+        )
+        loss = F.cross_entropy(q @ k.T / 0.1, torch.arange(5))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.contrastive_head["a_to_b"].weight.abs().sum() > 0  # the residual path learns
+    model.save_pretrained(tmp_path / "c")
+    again = load_connector(tmp_path / "c")
+    assert again.config.linear_path and torch.allclose(
+        again("a->b", tokens, mask).contrastive, model.eval()("a->b", tokens, mask).contrastive, atol=1e-6
+    )

@@ -14,6 +14,11 @@ For a direction ``src->tgt`` (e.g. ``text->image``), a source latent (pooled ``(
 
 Both paths run in one MoE call (the two copies are concatenated along the batch), so the experts see
 every direction and both tasks: that is what makes the MoE a *multi-directional* connector.
+
+With ``linear_path`` the connector contains the linear two-tower: the contrastive query is a linear map of
+the (pooled) source latent plus the MoE path's contribution, whose head starts at zero. At initialisation
+the connector *is* a linear two-tower (query: one projection per source modality; key: the per-direction
+target projection); training adds what the MoE can add on top.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class ConnectorConfig:
     top_p: float = 0.0
     dropout: float = 0.1
     use_moe: bool = True  # False: one dense MLP of the same width in place of the MoE (the MLP ablation)
+    linear_path: bool = False  # contrastive query = linear(pooled source) + the MoE path, its head zero at init
 
     def __post_init__(self) -> None:
         if len(self.modalities) < 2:
@@ -123,6 +129,11 @@ class AltMoEConnector(nn.Module):
         self.target_proj = nn.ModuleDict(
             {_key(x): nn.Linear(config.modalities[parse_direction(x)[1]], d) for x in config.directions}
         )
+        if config.linear_path:  # the linear two-tower inside, the MoE as a residual that starts at zero
+            self.linear = nn.ModuleDict({m: nn.Linear(width, d) for m, width in config.modalities.items()})
+            for head in self.contrastive_head.values():
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
 
     def _check(self, direction: str) -> tuple[str, str]:
         if direction not in self.config.directions:
@@ -149,15 +160,19 @@ class AltMoEConnector(nn.Module):
         paths = torch.cat([x + self.task_embed[t] for t in tasks])  # both tasks through one MoE call
         moe = self.moe(paths, attention_mask=mask.repeat(len(tasks), 1))
         outs = {}
+        m = mask.unsqueeze(-1)
         for i, t in enumerate(tasks):
             part = moe.hidden_states[i * len(x) : (i + 1) * len(x)]
             residual = paths[i * len(x) : (i + 1) * len(x)]
             y = F.gelu(self.norm[t](part)) + residual
-            m = mask.unsqueeze(-1).to(y.dtype)
-            outs[t] = (y * m).sum(1) / m.sum(1).clamp(min=1)  # masked mean over tokens
+            outs[t] = (y * m.to(y.dtype)).sum(1) / m.to(y.dtype).sum(1).clamp(min=1)  # masked mean over tokens
+        contrastive = self.contrastive_head[key](outs["contrastive"]) if "contrastive" in outs else None
+        if contrastive is not None and self.config.linear_path:
+            pooled = (tokens * m.to(tokens.dtype)).sum(1) / m.to(tokens.dtype).sum(1).clamp(min=1)
+            contrastive = self.linear[src](pooled) + contrastive
         return ConnectorOutput(
             regression=self.regression_head[key](outs["regression"]) if "regression" in outs else None,  # type: ignore[arg-type]
-            contrastive=self.contrastive_head[key](outs["contrastive"]) if "contrastive" in outs else None,  # type: ignore[arg-type]
+            contrastive=contrastive,  # type: ignore[arg-type]
             router_loss=moe.router_loss,
             tokens_per_expert=moe.tokens_per_expert,
         )

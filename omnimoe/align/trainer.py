@@ -97,6 +97,7 @@ class TrainConfig:
     num_experts_per_tok: int = 4
     dropout: float = 0.5
     router_aux_loss_coef: float = 0.0
+    linear_path: bool = False  # MoE / MLP connectors: the linear two-tower inside, the MoE as a residual from zero
 
     def __post_init__(self) -> None:
         check_ranges(
@@ -164,6 +165,7 @@ def build_model(cfg: TrainConfig, widths: dict[str, int], directions: list[str])
             dropout=cfg.dropout,
             router_aux_loss_coef=cfg.router_aux_loss_coef,
             use_moe=cfg.method != "mlp-alternating",
+            linear_path=cfg.linear_path,
         )
     )
 
