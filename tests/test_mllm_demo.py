@@ -40,6 +40,10 @@ def test_unimoe_demo_quick(tmp_path):
     assert abs(sum(yesno["replies"].values()) - 1) < 1e-9 and set(yesno["replies"]) <= {"yes", "no", "none"}
     probe = {r["task"]: r for r in rows if r["model"].startswith("probe ceiling")}
     assert set(probe) == {"image-category", "image-yesno"} and all(r["n"] == per_task[t] for t, r in probe.items())
+    nearest = {r["task"]: r for r in rows if r["model"].startswith("nearest training answer")}
+    oracle = {r["task"]: r for r in rows if r["model"].startswith("best training answer")}
+    assert set(nearest) == set(oracle) == {"image-what", "speech-what", "sound-what"}
+    assert all(oracle[t]["score"] >= nearest[t]["score"] and oracle[t]["swapped"] == oracle[t]["score"] for t in oracle)
     blind = {r["task"]: r for r in rows if r["model"].startswith("blind")}
     assert all(r["swapped"] == r["score"] for r in blind.values())
     chats = json.loads((tmp_path / "chat.json").read_text())

@@ -68,6 +68,9 @@ def eval_subset(tasks: Path, per_task: int, seed: int = 0, split: str = "test") 
 
 BLIND = "blind (most frequent answer)"
 PROBE = "probe ceiling (frozen pooled features)"
+NEAREST = "nearest training answer (frozen pooled features)"
+ORACLE = "best training answer (oracle)"
+OPEN_TASKS = {"image-what": "image", "speech-what": "audio", "sound-what": "audio"}
 
 
 def blind_rows(tasks: Path, seed: int = 0, split: str = "test") -> list[dict[str, Any]]:
@@ -90,6 +93,68 @@ def blind_rows(tasks: Path, seed: int = 0, split: str = "test") -> list[dict[str
     for info in summary["tasks"].values():
         info["swapped"], info["seeing_gain"] = info["mean"], 0.0
     return _rows("-", BLIND, summary, seed)
+
+
+def open_answer_rows(tasks: Path, features: Any, seed: int = 0, split: str = "test") -> list[dict[str, Any]]:
+    """What limits the open tasks, whose held-out answers (captions, transcriptions) never occur in training:
+    ``NEAREST`` answers each held-out record with the training answer of the same task whose media are
+    closest (cosine of the frozen pooled features; ``swapped``: the same with the swapped record's media);
+    ``ORACLE`` picks the training answer of highest token F1 with the true one, an upper bound for any
+    model that can only say what it was taught."""
+    import torch
+    import torch.nn.functional as F
+
+    from omnimoe.mllm.data import MediaFeatures
+    from omnimoe.mllm.evaluate import swap_media
+    from omnimoe.mllm.metrics import summarise, token_f1
+
+    root = tasks.resolve()
+
+    def files(r: dict[str, Any], modality: str) -> list[str]:
+        value = r.get(modality)
+        return [MediaFeatures.key(features.root, root, f) for f in (value if isinstance(value, list) else [value])]
+
+    def usable(name: str, task: str) -> list[dict[str, Any]]:
+        modality = OPEN_TASKS[task]
+        return [
+            r
+            for r in json.loads((tasks / name).read_text())
+            if r["task"] == task
+            and r.get(modality)
+            and all(features.problem(modality, k) is None for k in files(r, modality))
+        ]
+
+    def pooled(recs: list[dict[str, Any]], modality: str) -> torch.Tensor:
+        return F.normalize(
+            torch.stack([features.item(modality, files(r, modality)).float().mean(0) for r in recs]), dim=-1
+        )
+
+    nearest, oracle = [], []
+    for task, modality in OPEN_TASKS.items():
+        train, test = usable("stage3.json", task), usable(f"{split}-eval.json", task)
+        if not train or not test:
+            continue
+        answers = [r["answer"] for r in train]
+        keys = pooled(train, modality)
+        picks = (pooled(test, modality) @ keys.T).argmax(1).tolist()
+        moved = swap_media(test, seed)
+        swapped = (pooled(moved, modality) @ keys.T).argmax(1).tolist() if len(moved) == len(test) else picks
+        for r, i, j in zip(test, picks, swapped):
+            nearest.append({"task": task, "group": r["group"], "score": token_f1(answers[i], r["answer"]),
+                            "swapped": token_f1(answers[j], r["answer"])})  # fmt: skip
+            best = max(token_f1(a, r["answer"]) for a in set(answers))
+            oracle.append({"task": task, "group": r["group"], "score": best, "swapped": best})
+    rows = []
+    for name, scored in ((NEAREST, nearest), (ORACLE, oracle)):
+        if not scored:
+            continue
+        summary = summarise([{k: v for k, v in s.items() if k != "swapped"} for s in scored])
+        for task, info in summary["tasks"].items():
+            values = [s["swapped"] for s in scored if s["task"] == task]
+            info["swapped"] = sum(values) / len(values)
+            info["seeing_gain"] = info["mean"] - info["swapped"]
+        rows += _rows("-", name, summary, seed)
+    return rows
 
 
 def _phrase(record: dict[str, Any]) -> str:
@@ -243,9 +308,9 @@ def run_unimoe_demo(
         overrides,
     )
     r1 = run_stage(s1, out / "stage1", progress)
-    rows += probe_rows(
-        tasks, features_for(s1, [tasks / "stage3.json", evals], False), r1["model"], r1["tokenizer"], seed, held_out
-    )
+    reference_features = features_for(s1, [tasks / "stage3.json", evals], False)
+    rows += probe_rows(tasks, reference_features, r1["model"], r1["tokenizer"], seed, held_out)
+    rows += open_answer_rows(tasks, reference_features, seed, held_out)
     summaries["stage1"] = evaluate_folder(r1["model"], r1["tokenizer"], s1, out / "stage1", progress)
     rows += _rows("1", "stage1 (connectors)", summaries["stage1"], seed)
     del r1
