@@ -132,6 +132,17 @@ class _BodyLimit:
                 await self._reject(send)
 
 
+def _too_large(exc: BaseException | None, depth: int = 0) -> bool:
+    """Whether ``exc`` is, or was caused by, the body limit's :class:`_TooLarge` (Starlette re-raises it
+    wrapped: as the cause of another exception, or inside an exception group)."""
+    if exc is None or depth > 8:
+        return False
+    if isinstance(exc, _TooLarge):
+        return True
+    inner = list(getattr(exc, "exceptions", ())) + [exc.__cause__, exc.__context__]
+    return any(_too_large(e, depth + 1) for e in inner)
+
+
 def _page() -> str:
     return resources.files("omnimoe.retrieval").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -153,13 +164,16 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
         start = time.perf_counter()
         try:
             response = await call_next(request)
-        except _TooLarge:  # a chunked body passed the limit while the route read it (see _BodyLimit)
-            LOG.info("%s %s -> 413 in %.1f ms", request.method, request.url.path, (time.perf_counter() - start) * 1e3)
-            return JSONResponse(
-                {"detail": f"request body larger than the upload limit of {cfg.max_upload_bytes} bytes"},
-                status_code=413,
-            )
-        except Exception:  # an unexpected failure: its traceback goes to the log, the client gets a plain 500
+        except Exception as exc:
+            if _too_large(exc):  # a chunked body passed the limit while the route read it (see _BodyLimit)
+                LOG.info(
+                    "%s %s -> 413 in %.1f ms", request.method, request.url.path, (time.perf_counter() - start) * 1e3
+                )
+                return JSONResponse(
+                    {"detail": f"request body larger than the upload limit of {cfg.max_upload_bytes} bytes"},
+                    status_code=413,
+                )
+            # an unexpected failure: its traceback goes to the log, the client gets a plain 500
             LOG.exception(
                 "%s %s -> 500 after %.1f ms", request.method, request.url.path, (time.perf_counter() - start) * 1e3
             )
