@@ -72,7 +72,7 @@ def relative_path(path: str | Path, folder: str | Path) -> str:
     :func:`resolve_path`, so the folder can be moved or copied with what it points to), absolute when no
     relative path exists (another drive)."""
     try:
-        return os.path.relpath(Path(path).resolve(), Path(folder).resolve())
+        return Path(os.path.relpath(Path(path).resolve(), Path(folder).resolve())).as_posix()
     except ValueError:
         return str(Path(path).resolve())
 

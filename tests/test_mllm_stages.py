@@ -536,46 +536,38 @@ def test_torchrun_stage3_with_expert_parallelism_saves_a_whole_model(stages, tas
 
 def test_chat_and_eval_from_the_command_line(stages, tasks, tmp_path):
     out = stages["out"]
-    rec = next(r for r in json.loads((tasks / "test.json").read_text()) if "image" in r)
-    image = (tasks / rec["image"]).resolve()
-    done = _cli(
-        "-m",
-        "omnimoe.cli",
-        "mllm",
-        "chat",
-        "--model",
-        str(out / "s3"),
-        "--image",
-        str(image),
-        "--max-new-tokens",
-        "5",
-        "What is this?",
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    held_out = json.loads((tasks / "test.json").read_text())
+    image = (tasks / next(r for r in held_out if "image" in r)["image"]).resolve()
+    sound = next(r for r in held_out if "audio" in r)
+    audio = (tasks / (sound["audio"][0] if isinstance(sound["audio"], list) else sound["audio"])).resolve()
+
+    def chat(option, path, question):
+        return _cli(
+            "-m",
+            "omnimoe.cli",
+            "mllm",
+            "chat",
+            "--model",
+            str(out / "s3"),
+            option,
+            str(path),
+            "--max-new-tokens",
+            "5",
+            question,
+        )
+
     from omnimoe.mllm.chat import ChatSession
 
     session = ChatSession(out / "s3")  # the command answers what the library answers, for an image and for audio
+    done = chat("--image", image, "What is this?")
+    assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == session.ask("What is this?", images=[str(image)], max_new_tokens=5).strip()
-    sound = next(r for r in json.loads((tasks / "test.json").read_text()) if "audio" in r)
-    audio = (tasks / (sound["audio"][0] if isinstance(sound["audio"], list) else sound["audio"])).resolve()
-    done = _cli(
-        "-m",
-        "omnimoe.cli",
-        "mllm",
-        "chat",
-        "--model",
-        str(out / "s3"),
-        "--audio",
-        str(audio),
-        "--max-new-tokens",
-        "5",
-        "What is said?",
-    )
+    done = chat("--audio", audio, "What is said?")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == session.ask("What is said?", audios=[str(audio)], max_new_tokens=5).strip()
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    done = _cli("-m", "omnimoe.cli", "mllm", "chat", "--model", str(out / "s3"), "--image", str(bad), "What is this?")
+    done = chat("--image", bad, "What is this?")
     assert done.returncode == 2 and "bad.png" in done.stderr
     done = _cli(
         "-m",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from omnimoe.io import write_json
-from omnimoe.mllm.train import MLLMTrainConfig, features_for, load_stage, run_stage
+from omnimoe.mllm.train import MLLMTrainConfig, dataset_for, features_for, load_stage, run_stage
 
 FULL = {"prealign": 600, "steps1": 500, "steps2": 30, "steps3": 100, "eval_per_task": 0, "max_per_task": 0}
 VAL_FRACTION = 0.2  # held_out="val": the share of train captions held out for choosing recipes
@@ -135,6 +135,7 @@ def open_answer_rows(tasks: Path, features: Any, seed: int = 0, split: str = "te
         if not train or not test:
             continue
         answers = [r["answer"] for r in train]
+        distinct = set(answers)
         keys = pooled(train, modality)
         picks = (pooled(test, modality) @ keys.T).argmax(1).tolist()
         moved = swap_media(test, seed)
@@ -142,7 +143,7 @@ def open_answer_rows(tasks: Path, features: Any, seed: int = 0, split: str = "te
         for r, i, j in zip(test, picks, swapped):
             nearest.append({"task": task, "group": r["group"], "score": token_f1(answers[i], r["answer"]),
                             "swapped": token_f1(answers[j], r["answer"])})  # fmt: skip
-            best = max(token_f1(a, r["answer"]) for a in set(answers))
+            best = max(token_f1(a, r["answer"]) for a in distinct)
             oracle.append({"task": task, "group": r["group"], "score": best, "swapped": best})
     rows = []
     for name, scored in ((NEAREST, nearest), (ORACLE, oracle)):
@@ -357,17 +358,8 @@ def run_unimoe_demo(
         summaries[f"stage3-{name}"] = evaluate_folder(r3["model"], r3["tokenizer"], cfg, folder, progress)
         rows += _rows("3", f"stage3 {name}", summaries[f"stage3-{name}"], seed)
         if not dense:
-            from omnimoe.mllm.data import ConversationData, template_for
-
             model, tok = r3["model"], r3["tokenizer"]
-            data = ConversationData(
-                evals,
-                features_for(cfg, [evals], False),
-                tok,
-                template_for(tok, cfg.template),
-                model.config.placeholder_ids,
-                lambda m, n: model.connectors[m].num_tokens(n),
-            )
+            data = dataset_for(cfg, evals, features_for(cfg, [evals], False), model, tok, report=False)
             loads = expert_load_by_group(model, data)
             expert_names = [
                 src.split(":")[1] if src.startswith("stage2:") else "base"

@@ -184,8 +184,7 @@ def evaluate_folder(
     """Score ``cfg.eval_data`` (a recipe's held-out file) and write ``out/eval.json``; returns the summary.
     ``control``: also score the media-swap control (written beside the data as ``<name>-swapped.json``)."""
     from omnimoe.io import write_json
-    from omnimoe.mllm.data import report_bad
-    from omnimoe.mllm.train import features_for
+    from omnimoe.mllm.train import dataset_for, features_for
 
     path = Path(cfg.eval_data)
     files = [path]
@@ -214,22 +213,10 @@ def evaluate_folder(
                 print(f"{done}: this model on these records is scored already; reusing it")
             return before["summary"]
     features = features_for(cfg, files, progress)
-
-    def load(p: Path) -> ConversationData:
-        return ConversationData(
-            p,
-            features,
-            tokenizer,
-            template_for(tokenizer, cfg.template),
-            model.config.placeholder_ids,
-            lambda m, n: model.connectors[m].num_tokens(n),
-            cfg.max_len,
-            generation=True,
-        )
-
-    data = load(path)
-    report_bad(cfg.eval_data, data.bad)
-    swapped = load(swap_path) if control else None
+    data = dataset_for(cfg, path, features, model, tokenizer, generation=True)  # bad records reported
+    swapped = (
+        dataset_for(cfg, swap_path, features, model, tokenizer, generation=True, report=False) if control else None
+    )
     from omnimoe.runtime import autocast_dtype
 
     dtype = autocast_dtype(cfg.dtype, next(model.parameters()).device)  # the recipe's dtype: bf16 where it is fast

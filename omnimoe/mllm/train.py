@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from omnimoe.config import ConfigError, check_ranges, from_dict
-from omnimoe.io import atomic_path, read_json, write_json
+from omnimoe.io import atomic_path, read_json, relative_path, write_json
 from omnimoe.runtime import (
     autocast_dtype,
     init_distributed,
@@ -188,10 +187,6 @@ class MLLMTrainConfig:
 
 
 # -- building -------------------------------------------------------------------------------------------------
-def _rel(path: Path, start: Path) -> str:
-    return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
-
-
 def connector_specs(
     cfg: MLLMTrainConfig, dims: dict[str, int], width: int, modalities: list[str], embed_rms: float = 1.0
 ) -> dict[str, ConnectorSpec]:
@@ -389,7 +384,7 @@ def _setup(cfg: MLLMTrainConfig, files: list[Path], progress: bool) -> tuple[Med
     return features, features.dims()
 
 
-def _dataset(
+def dataset_for(
     cfg: MLLMTrainConfig,
     path: Path,
     features: MediaFeatures,
@@ -445,7 +440,7 @@ def _stage1(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
     model, tokenizer = base_model(cfg, modalities, dims)
     for p in model.llm.parameters():
         p.requires_grad_(False)
-    data = _dataset(cfg, Path(cfg.data), features, model, tokenizer)
+    data = dataset_for(cfg, Path(cfg.data), features, model, tokenizer)
     aligned = None
     if cfg.prealign.steps and not (out / "state.pt").is_file():  # a resumed run restores the connectors from state.pt
         torch.manual_seed(cfg.seed)
@@ -510,7 +505,7 @@ def _stage2(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
         for p in ffn_params:
             p.requires_grad_(True)
         if full is None:
-            full = _dataset(cfg, Path(cfg.data), features, model, tokenizer)
+            full = dataset_for(cfg, Path(cfg.data), features, model, tokenizer)
         data = copy.copy(full)
         data.examples = [e for e in full.examples if e.sample.group == group]
         result = train_loop(
@@ -540,14 +535,14 @@ def _stage2(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
                 {
                     "stage": 2,
                     "group": group,
-                    "init": _rel(init, folder),
+                    "init": relative_path(init, folder),
                     "layers": layers,
                     "train": result,
                     "recipe": dataclasses.asdict(cfg),
                 },
             )
         summaries[group] = result
-    info = {"llm": cfg.llm, "init": _rel(init, out), "groups": wanted, "train": summaries}
+    info = {"llm": cfg.llm, "init": relative_path(init, out), "groups": wanted, "train": summaries}
     _write_stage(out, cfg, info)
     return info
 
@@ -579,7 +574,7 @@ def _expert_ffns(
             ffn = copy.deepcopy(blocks[i].mlp)
             ffn.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == str(i)})
             ffns[i].append(ffn)
-            sources[i].append(f"stage2:{group}:{_rel(Path(folder), out / 'model')}")
+            sources[i].append(f"stage2:{group}:{relative_path(Path(folder), out / 'model')}")
     return ffns, sources
 
 
@@ -631,7 +626,7 @@ def _stage3(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
             if p.requires_grad and "experts" in n and "lora_" in n:
                 p.register_hook(lambda g: g / world)
         _ignore_local_adapters(model)
-    data = _dataset(cfg, Path(cfg.data), features, model, tokenizer)
+    data = dataset_for(cfg, Path(cfg.data), features, model, tokenizer)
     groups = [
         {"params": lora, "lr": cfg.lr},
         {"params": list(model.connectors.parameters()) + routers, "lr": cfg.connector_lr},
@@ -654,8 +649,8 @@ def _stage3(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
     model.save_pretrained(out / "model", tokenizer=tokenizer)
     info = {
         "llm": cfg.llm,
-        "init": _rel(Path(cfg.init), out),
-        "experts": {g: _rel(Path(f), out) for g, f in cfg.experts.items()},
+        "init": relative_path(Path(cfg.init), out),
+        "experts": {g: relative_path(Path(f), out) for g, f in cfg.experts.items()},
         "dense": cfg.dense,
         "train": result,
         "bad_records": len(data.bad),
