@@ -226,7 +226,7 @@ def align(
         run_align,
         zero_shot_table,
     )
-    from omnimoe.align.trainer import METHODS, TrainConfig
+    from omnimoe.align.config import METHODS, TrainConfig
     from omnimoe.data.manifest import ManifestError
     from omnimoe.latents.extract import ExtractionError
     from omnimoe.latents.store import StoreError

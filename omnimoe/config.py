@@ -114,6 +114,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    data = _move_legacy_keys(cls, data, prefix)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
@@ -127,6 +128,22 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{cls.__name__}: {exc}") from None
     except ConfigError as exc:  # a value out of range, named by its dotted key
         raise ConfigError(f"{prefix}{exc}") from None
+
+
+def _move_legacy_keys(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Keys a config class has moved into a section (its ``legacy_keys``: key -> section) are read there."""
+    moved = {k: section for k, section in getattr(cls, "legacy_keys", {}).items() if k in data}
+    if not moved:
+        return data
+    data = dict(data)
+    for key, section in moved.items():
+        node = data.get(section)
+        node = dict(node) if isinstance(node, dict) else {}
+        if key in node:
+            raise ConfigError(f"{prefix}{key} and {prefix}{section}.{key} are both given: keep {section}.{key}")
+        node[key] = data.pop(key)
+        data[section] = node
+    return data
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

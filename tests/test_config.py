@@ -1,4 +1,6 @@
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 import pytest
@@ -93,3 +95,32 @@ def test_parse_encoders_reads_fields_and_names_bad_items():
     assert parse_seeds(" 3, 1 ") == [3, 1]
     with pytest.raises(ValueError, match="listed twice"):
         parse_seeds("1,1")
+
+
+def test_align_recipe_connector_section_and_the_flat_form(tmp_path):
+    """The architecture lives in ``connector``; a recipe written with it at the top level reads the same."""
+    from omnimoe.align.config import TrainConfig
+    from omnimoe.align.trainer import _resumable
+
+    shipped = load_config(TrainConfig, Path(__file__).parent.parent / "configs" / "align.yaml")
+    assert shipped == TrainConfig()  # the file spells out the defaults
+    nested = load_config(TrainConfig, None, ["connector.hidden_size=64", "connector.num_experts=6", "steps=10"])
+    old = load_config(TrainConfig, None, ["hidden_size=64", "num_experts=6", "steps=10"])
+    assert nested == old and old.connector.hidden_size == 64 and old.connector.num_experts == 6
+    (tmp_path / "old.yaml").write_text("steps: 10\nhidden_size: 64\nnum_experts: 6\n")
+    assert load_config(TrainConfig, tmp_path / "old.yaml") == old
+    # a checkpoint's config written before the section existed still resumes under the new form
+    flat_config = {**dataclasses.asdict(old), **dataclasses.asdict(old.connector)}
+    del flat_config["connector"]
+    assert _resumable(flat_config) == _resumable(dataclasses.asdict(old))
+    assert _resumable(dataclasses.asdict(old)) != _resumable(dataclasses.asdict(TrainConfig()))
+    for overrides, message in (
+        (["hidden_size=64", "connector.hidden_size=32"], "hidden_size and connector.hidden_size are both given"),
+        (["connector.hidden_sise=64"], "unknown config key\\(s\\) connector.hidden_sise"),
+        (["num_experts_per_tok=20"], "num_experts_per_tok: 20 is more than num_experts"),
+        (["connector.dropout=1.0"], "connector.dropout: 1.0 is outside"),
+        (["connector.modalities={text: 384, image: 1280}"], "come from the data"),
+        (["connector.use_moe=false"], "the method decides it"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(TrainConfig, None, overrides)

@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from omnimoe.align.connector import ConnectorConfig
 from omnimoe.align.data import AlignmentData
-from omnimoe.align.prior import BETAS, LabelPrior, build_label_priors, fuse, fused_rows, pick_beta, prior_rows
+from omnimoe.align.evaluate import fused_rows, prior_rows
+from omnimoe.align.prior import BETAS, LabelPrior, build_label_priors, fuse, pick_beta
 from omnimoe.align.trainer import TrainConfig, build_model, evaluate
 from omnimoe.data.manifest import write_manifest
 from omnimoe.encoders.base import LabelHead
@@ -181,10 +183,7 @@ def test_token_inputs_train_on_top_of_the_prior(setup, tmp_path):
         select_on="R@1",
         token_inputs=True,
         prior_weight=4.0,
-        hidden_size=32,
-        contrastive_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
+        connector=ConnectorConfig(hidden_size=32, contrastive_dim=16, num_experts=4, num_experts_per_tok=2),
     )
     result = train(data, directions, cfg, tmp_path / "tok", progress=False, priors={"image": prior})
     assert result["best_val"] == 1.0  # the perfect prior (weighted to dominate) is in the selection score

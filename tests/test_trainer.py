@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from omnimoe.align.connector import ConnectorConfig
 from omnimoe.align.data import AlignmentData
 from omnimoe.align.trainer import METHODS, TrainConfig, evaluate, load_best, lr_at, mean_r1, train, weight_decay_at
 from omnimoe.data.manifest import write_manifest
@@ -39,17 +40,13 @@ def small(**kw):
         batch_size=64,
         eval_every=50,
         warmup_steps=10,
-        hidden_size=32,
-        contrastive_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        dropout=0.0,
         dtype="float32",
         lr=3e-3,
         select_on="R@1",
     )
-    base.update(kw)
-    return TrainConfig(**base)
+    arch = dict(hidden_size=32, contrastive_dim=16, num_experts=4, num_experts_per_tok=2, dropout=0.0)
+    arch.update({k: kw.pop(k) for k in list(kw) if k in arch})
+    return TrainConfig(**{**base, **kw}, connector=ConnectorConfig(**arch))
 
 
 def test_pairs_and_validation_split(data):
@@ -118,7 +115,7 @@ def test_a_finished_run_called_again_trains_no_further(data, tmp_path):
 
 
 def test_selection_score_reads_the_judged_head_and_metric():
-    from omnimoe.align.trainer import selection_score
+    from omnimoe.align.evaluate import selection_score
 
     rows = [
         {"query": "text", "target": "image", "head": "contrastive", "R@1": 0.1, "R@5": 0.4, "R@10": 0.7},
@@ -133,10 +130,11 @@ def test_selection_score_reads_the_judged_head_and_metric():
         selection_score(rows, "R@3")
 
 
-def test_bad_select_on_fails_before_training(data, tmp_path):
-    with pytest.raises(ValueError, match="select_on must be one of"):
-        train(data, DIRS, small(select_on="R@3"), tmp_path / "run", progress=False)
-    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+def test_bad_select_on_fails_before_training():
+    from omnimoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="select_on: 'R@3' is not one of"):
+        small(select_on="R@3")  # refused by the recipe, before any training or output folder
 
 
 def test_lr_schedule_and_store_writer_checks(tmp_path):
@@ -182,6 +180,7 @@ def _train_script(tmp_path, data, config: str, distributed: bool = False):
     script.write_text(
         "import sys\n"
         "from omnimoe.align.data import AlignmentData\n"
+        "from omnimoe.align.connector import ConnectorConfig\n"
         "from omnimoe.align.trainer import TrainConfig, train\n"
         "data = AlignmentData(sys.argv[1], {'a': sys.argv[2], 'b': sys.argv[3]})\n"
         f"cfg = TrainConfig({config})\n"
@@ -193,8 +192,8 @@ def _train_script(tmp_path, data, config: str, distributed: bool = False):
 
 
 SMALL = (
-    "select_on='R@1', batch_size=32, eval_every=50, warmup_steps=10, hidden_size=32, contrastive_dim=16, num_experts=4, "
-    "num_experts_per_tok=2, dtype='float32', lr=3e-3"
+    "select_on='R@1', batch_size=32, eval_every=50, warmup_steps=10, dtype='float32', lr=3e-3, "
+    "connector=ConnectorConfig(hidden_size=32, contrastive_dim=16, num_experts=4, num_experts_per_tok=2)"
 )
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnimoe.config import from_dict
+from omnimoe.config import ConfigError, check_ranges, from_dict
 from omnimoe.io import load_pretrained, save_pretrained
 from omnimoe.moe import MoEConfig, MoELayer
 
@@ -51,11 +51,17 @@ def parse_direction(direction: str) -> tuple[str, str]:
 
 @dataclass
 class ConnectorConfig:
-    """Modalities and widths, the MoE, and the heads. Directions default to every ordered pair."""
+    """Modalities and widths, the MoE, and the heads. Directions default to every ordered pair.
 
-    modalities: dict[str, int]  # modality -> encoder width, e.g. {"text": 384, "image": 1280}
+    The defaults are the alignment recipe's (docs/results.md): small paired sets want a small, strongly
+    regularised connector. A config without modalities is a recipe (``TrainConfig.connector``): it has the
+    architecture, and the data supplies the modalities when the connector is built."""
+
+    # modality -> encoder width, e.g. {"text": 384, "image": 1280}; empty in a training recipe (the data's
+    # widths and directions fill it when the connector is built), at least two in a connector
+    modalities: dict[str, int] = field(default_factory=dict)
     directions: list[str] = field(default_factory=list)  # "text->image", ...; empty = every ordered pair
-    hidden_size: int = 512
+    hidden_size: int = 256
     contrastive_dim: int = 256
     num_experts: int = 12
     num_experts_per_tok: int = 4
@@ -66,11 +72,31 @@ class ConnectorConfig:
     router_aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
     top_p: float = 0.0
-    dropout: float = 0.1
+    dropout: float = 0.5
     use_moe: bool = True  # False: one dense MLP of the same width in place of the MoE (the MLP ablation)
     linear_path: bool = False  # contrastive query = linear(pooled source) + the MoE path, its head zero at init
 
     def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            {
+                "hidden_size": "[1, inf)",
+                "contrastive_dim": "[1, inf)",
+                "num_experts": "[1, inf)",
+                "num_experts_per_tok": "[1, inf)",
+                "intermediate_size": "[0, inf)",
+                "router_aux_loss_coef": "[0, inf)",
+                "router_z_loss_coef": "[0, inf)",
+                "top_p": "[0, 1]",
+                "dropout": "[0, 1)",
+            },
+        )
+        if self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(
+                f"num_experts_per_tok: {self.num_experts_per_tok} is more than num_experts ({self.num_experts})"
+            )
+        if not self.modalities and not self.directions:
+            return  # a recipe: the modalities come with the data
         if len(self.modalities) < 2:
             raise ValueError(f"a connector needs at least two modalities, got {sorted(self.modalities)}")
         if not self.directions:
@@ -115,6 +141,8 @@ class AltMoEConnector(nn.Module):
 
     def __init__(self, config: ConnectorConfig) -> None:
         super().__init__()
+        if len(config.modalities) < 2:
+            raise ValueError(f"a connector needs at least two modalities, got {sorted(config.modalities)}")
         self.config = config
         h, d = config.hidden_size, config.contrastive_dim
         self.in_proj = nn.ModuleDict({m: nn.Linear(width, h) for m, width in config.modalities.items()})

@@ -74,6 +74,18 @@ class AlignmentData:
         width = max(1, int(mask.sum(1).max()))
         return tokens[rows, :width], mask[:, :width]
 
+    def inputs(self, modality: str, rows: torch.Tensor, tokens: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A connector's inputs for ``rows``: token states and their mask (``tokens``; the data must have been
+        loaded with ``tokens=True``), else pooled vectors and None."""
+        if not tokens:
+            return self.latents[modality][rows], None
+        if modality not in self.tokens:
+            raise ValueError(
+                f"token_inputs: no token states for {modality!r}; load AlignmentData(..., tokens=True) from "
+                "stores extracted with --tokens"
+            )
+        return self.source(modality, rows)
+
     @property
     def widths(self) -> dict[str, int]:
         return {m: t.shape[1] for m, t in self.latents.items()}

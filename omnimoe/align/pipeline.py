@@ -23,9 +23,10 @@ import torch
 
 from omnimoe.align.connector import direction_name
 from omnimoe.align.data import AlignmentData
-from omnimoe.align.prior import PROMPT as PRIOR_PROMPT
-from omnimoe.align.prior import build_label_priors, fused_rows, prior_rows
-from omnimoe.align.trainer import METHODS, TrainConfig, evaluate, inputs, load_best, train
+from omnimoe.align.config import METHODS, TrainConfig
+from omnimoe.align.evaluate import ZERO_SHOT_PROMPT, evaluate, expert_load, fused_rows, prior_rows, zero_shot
+from omnimoe.align.prior import LABEL_PROMPT, build_label_priors
+from omnimoe.align.trainer import load_best, train
 from omnimoe.data.manifest import read_manifest
 from omnimoe.encoders import EncoderOptions
 from omnimoe.io import file_sha256, read_json, relative_path, write_json
@@ -172,7 +173,7 @@ def zero_shot_table(rows: list[dict[str, Any]]) -> str:
         return ""
     lines = [
         "",
-        f"Zero-shot classification by category name (prompt: {PROMPT.format('<category>')!r}):",
+        f"Zero-shot classification by category name (prompt: {ZERO_SHOT_PROMPT.format('<category>')!r}):",
         "",
         "| method | query | accuracy | chance | n | seeds |",
         "|---|---|---|---|---|---|",
@@ -189,66 +190,6 @@ def zero_shot_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@torch.no_grad()
-def expert_load(
-    model: Any, data: AlignmentData, directions: list[str], cfg: TrainConfig
-) -> dict[str, list[float]] | None:
-    """Share of routed assignments per expert, per direction, on the test split (MoE methods only)."""
-    moe = getattr(model, "moe", None)
-    if moe is None or moe.config.num_experts < 2:
-        return None
-    load = {}
-    for d in directions:
-        pairs = data.pairs(d, "test")
-        if len(pairs):
-            counts = model(d, *inputs(cfg, data, d.split("->")[0], pairs.src_rows)).tokens_per_expert.float()
-            load[d] = (counts / counts.sum()).tolist()
-    return load
-
-
-PROMPT = "A drawing of {}."
-
-
-@torch.no_grad()
-def zero_shot(
-    model: Any,
-    data: AlignmentData,
-    categories: dict[str, str],
-    names: list[str],
-    prompt_latents: torch.Tensor,
-    directions: list[str],
-    text: str = "text",
-    cfg: TrainConfig | None = None,
-) -> list[dict[str, Any]]:
-    """Classify each test item of every ``m->text`` direction by its nearest category prompt.
-
-    ``prompt_latents`` are the text encoder's vectors of ``PROMPT.format(name)`` for ``names``. Returns one row
-    per source modality: accuracy, chance (1 / classes), n.
-    """
-    import torch.nn.functional as F
-
-    rows = []
-    for d in directions:
-        src, tgt = d.split("->")
-        if tgt != text:
-            continue
-        pairs = data.pairs(d, "test")
-        keep = [i for i, sid in enumerate(pairs.ids) if categories.get(sid) in names]
-        if not keep:
-            continue
-        queries = F.normalize(
-            model(d, *inputs(cfg or TrainConfig(), data, src, pairs.src_rows[keep])).contrastive.float(), dim=-1
-        )
-        keys = F.normalize(model.embed_target(d, prompt_latents).float(), dim=-1)
-        predicted = (queries @ keys.t()).argmax(1).tolist()
-        truth = [names.index(categories[pairs.ids[i]]) for i in keep]
-        accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(keep)
-        rows.append(
-            {"query": src, "classes": len(names), "accuracy": accuracy, "chance": 1 / len(names), "n": len(keep)}
-        )
-    return rows
-
-
 def _category_prompts(cfg: AlignConfig, records: list[dict]) -> tuple[dict[str, str], list[str], torch.Tensor] | None:
     """Category of each sample, the sorted names, and the text encoder's vectors of their prompts."""
     categories = {r["id"]: r["category"] for r in records if isinstance(r.get("category"), str)}
@@ -258,7 +199,7 @@ def _category_prompts(cfg: AlignConfig, records: list[dict]) -> tuple[dict[str, 
 
     names = sorted(set(categories.values()))
     encoder = load_encoder(_field_of("text", cfg.encoders["text"], set())[0])
-    prompts = [PROMPT.format(n) for n in names]
+    prompts = [ZERO_SHOT_PROMPT.format(n) for n in names]
     return categories, names, encoder.encode([encoder.load_item(p) for p in prompts]).pooled
 
 
@@ -348,7 +289,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
         write_json(
             out / "prior.json",
             {
-                "prompt": PRIOR_PROMPT,
+                "prompt": LABEL_PROMPT,
                 "modalities": {m: p.text for m, p in priors.items()},
                 "prior_weight": cfg.train.prior_weight,
                 "beta": betas,

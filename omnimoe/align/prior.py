@@ -35,7 +35,7 @@ from omnimoe.encoders.base import LabelHead
 from omnimoe.eval.metrics import recall_from_scores
 
 BETAS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
-PROMPT = "A {}."  # the label names as captions ("A koala.")
+LABEL_PROMPT = "A {}."  # the label names as captions ("A koala.")
 
 
 @dataclass
@@ -79,7 +79,9 @@ def prior_for(priors: dict[str, LabelPrior] | None, direction: str) -> LabelPrio
     return next((p for p in (priors or {}).values() if p.applies_to(direction)), None)
 
 
-def build_label_priors(encoders: dict[str, str], text: str = "text", prompt: str = PROMPT) -> dict[str, LabelPrior]:
+def build_label_priors(
+    encoders: dict[str, str], text: str = "text", prompt: str = LABEL_PROMPT
+) -> dict[str, LabelPrior]:
     """A prior for every modality whose encoder has a label head, bridged into ``text``'s encoder
     (``encoders``: modality -> registry name). Empty when there is no text modality or no label head."""
     from omnimoe.encoders import load_encoder
@@ -90,7 +92,7 @@ def build_label_priors(encoders: dict[str, str], text: str = "text", prompt: str
     return label_priors({m: loaded[name] for m, name in encoders.items()}, text, prompt)
 
 
-def label_priors(encoders: dict[str, Any], text: str = "text", prompt: str = PROMPT) -> dict[str, LabelPrior]:
+def label_priors(encoders: dict[str, Any], text: str = "text", prompt: str = LABEL_PROMPT) -> dict[str, LabelPrior]:
     """:func:`build_label_priors` from loaded encoders (modality -> :class:`FrozenEncoder`)."""
     if text not in encoders:
         return {}
@@ -118,75 +120,3 @@ def pick_beta(learned: torch.Tensor, prior: torch.Tensor, groups: list[str]) -> 
         if (r["R@1"], r["R@5"]) > best_key:
             best, best_key = beta, (r["R@1"], r["R@5"])
     return best
-
-
-def prior_rows(
-    data: AlignmentData, directions: list[str], priors: dict[str, LabelPrior], split: str = "test"
-) -> list[dict[str, Any]]:
-    """Zero-shot recall of the prior alone (head ``"prior"``) for every direction it applies to."""
-    rows = []
-    for d in directions:
-        prior = prior_for(priors, d)
-        pairs = data.pairs(d, split)
-        if prior is not None and len(pairs):
-            src, tgt = parse_direction(d)
-            rows.append(
-                {
-                    "query": src,
-                    "target": tgt,
-                    "head": "prior",
-                    **recall_from_scores(prior.scores(data, d, pairs), pairs.groups, pairs.groups),
-                }
-            )
-    return rows
-
-
-@torch.no_grad()
-def fused_rows(
-    model: torch.nn.Module,
-    data: AlignmentData,
-    directions: list[str],
-    priors: dict[str, LabelPrior],
-    cfg: Any = None,
-    split: str = "test",
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Recall of the learned contrastive score fused with the prior (head ``"contrastive+prior"``) for every
-    direction a prior applies to, and the weight of the prior in each.
-
-    A connector trained on top of the prior (``cfg.prior_weight > 0``) is scored as it was trained:
-    ``cos(learned) + prior_weight * cos(prior)``. Any other is fused after training,
-    ``z(learned) + beta * z(prior)``, with ``beta`` picked on the validation split."""
-    from omnimoe.align.trainer import embed_pairs
-
-    weight = float(getattr(cfg, "prior_weight", 0.0) or 0.0)
-    model.eval()
-    rows, betas = [], {}
-    for d in directions:
-        prior = prior_for(priors, d)
-        if prior is None or not len(data.pairs(d, split)):
-            continue
-        beta = weight
-        if not weight and len(data.pairs(d, "val")) > 1:
-            pairs, con, keys, _ = embed_pairs(model, data, d, "val", cfg=cfg)
-            beta = pick_beta(
-                F.normalize(con, dim=-1) @ F.normalize(keys, dim=-1).t(), prior.scores(data, d, pairs), pairs.groups
-            )
-        pairs, con, keys, _ = embed_pairs(model, data, d, split, cfg=cfg)
-        learned = F.normalize(con, dim=-1) @ F.normalize(keys, dim=-1).t()
-        scores = (
-            learned + weight * prior.scores(data, d, pairs)
-            if weight
-            else fuse(learned, prior.scores(data, d, pairs), beta)
-        )
-        src, tgt = parse_direction(d)
-        rows.append(
-            {
-                "query": src,
-                "target": tgt,
-                "head": "contrastive+prior",
-                **recall_from_scores(scores, pairs.groups, pairs.groups),
-            }
-        )
-        betas[d] = beta
-    model.train()
-    return rows, betas

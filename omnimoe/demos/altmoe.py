@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from omnimoe.align.pipeline import AlignConfig, markdown_table, run_align, zero_shot_table
-from omnimoe.align.trainer import METHODS, TrainConfig
+from omnimoe.align.config import METHODS, TrainConfig
+from omnimoe.align.connector import ConnectorConfig
 from omnimoe.data.manifest import media_path, read_manifest, write_manifest
 from omnimoe.data.tuxpaint import build_tuxpaint_manifest
 
@@ -91,7 +92,10 @@ def run_demo(
     if quick:
         manifest = _slice(manifest, 6)
         train = TrainConfig(
-            steps=240, eval_every=60, warmup_steps=10, num_experts=4, num_experts_per_tok=2, hidden_size=64
+            steps=240,
+            eval_every=60,
+            warmup_steps=10,
+            connector=ConnectorConfig(num_experts=4, num_experts_per_tok=2, hidden_size=64),
         )
         cfg = AlignConfig(
             str(manifest), dict(ENCODERS), str(out), methods=["linear", "moe-alternating"], seeds=[0], train=train

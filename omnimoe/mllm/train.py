@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from omnimoe.config import ConfigError, check_ranges, from_dict
 from omnimoe.io import atomic_path, read_json, relative_path, write_json
 from omnimoe.runtime import (
+    adamw,
     autocast_dtype,
     init_distributed,
     is_rank0,
@@ -275,8 +276,7 @@ def train_loop(
             module = data_parallel(model, device_ids=ids, find_unused_parameters=True)
         else:
             module = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
-    # fused: the default CPU AdamW is slow on big stacked expert tensors (benchmarks/mllm.py measured 254 vs 31 ms a step)
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+    opt = adamw(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)  # fused: big expert tensors
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     params = [p for g in groups for p in g["params"]]

@@ -143,7 +143,7 @@ class Retriever:
             return None
         with self._lock:
             if self._priors is None:
-                from omnimoe.align.prior import PROMPT, label_priors
+                from omnimoe.align.prior import LABEL_PROMPT, label_priors
 
                 needed = {m for pair in self.prior_modalities.items() for m in pair if m in self.stores}
                 by_text: dict[str, Any] = {}
@@ -153,7 +153,7 @@ class Retriever:
                             label_priors(
                                 {modality: self.encoder(modality), text: self.encoder(text)},
                                 text,
-                                self.prior_prompt or PROMPT,
+                                self.prior_prompt or LABEL_PROMPT,
                             )
                         )
                 self._priors = by_text
