@@ -124,3 +124,20 @@ def test_align_recipe_connector_section_and_the_flat_form(tmp_path):
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(TrainConfig, None, overrides)
+
+
+def test_mllm_connector_recipes_are_typed_when_the_recipe_loads():
+    from omnimoe.mllm.train import ConnectorRecipe, MLLMTrainConfig, _same_recipe
+
+    cfg = load_config(MLLMTrainConfig, None, ["connectors.image.max_tokens=8"])
+    assert cfg.connectors["image"] == ConnectorRecipe(max_tokens=8)  # one key given, the rest defaults
+    assert set(cfg.connectors) == {"image"}  # a connectors mapping given replaces the default one
+    with pytest.raises(ConfigError, match="unknown config key\\(s\\) connectors.image.max_token "):
+        load_config(MLLMTrainConfig, None, ["connectors.image.max_token=8"])
+    with pytest.raises(ConfigError, match="connectors.video: expected a mapping"):
+        load_config(MLLMTrainConfig, None, ["connectors.video=3"])
+    # a checkpoint whose recipe spelled a connector by the settings it changed resumes under the typed form
+    saved = {**to_dict(cfg), "connectors": {"image": {"max_tokens": 8}}}
+    assert _same_recipe(saved, cfg)
+    assert not _same_recipe({**saved, "connectors": {"image": {"max_tokens": 9}}}, cfg)
+    assert not _same_recipe({**saved, "stepz": 3}, cfg)

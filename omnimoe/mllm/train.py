@@ -102,11 +102,11 @@ class MLLMTrainConfig:
     tiny_hidden: int = 64
     tiny_layers: int = 2
     encoders: dict[str, str] = field(default_factory=lambda: {"image": "efficientnet-lite0", "audio": "whisper-tiny"})
-    connectors: dict[str, Any] = field(
+    connectors: dict[str, ConnectorRecipe] = field(  # modality -> its connector (YAML: a mapping of settings)
         default_factory=lambda: {
-            "image": {"kind": "mlp"},
-            "audio": {"kind": "mlp", "max_tokens": 32},
-            "video": {"kind": "mlp"},
+            "image": ConnectorRecipe(),
+            "audio": ConnectorRecipe(max_tokens=32),
+            "video": ConnectorRecipe(),
         }
     )
     template: str = "auto"  # chat template: auto | gemma | chatml | llama3 | vicuna
@@ -172,13 +172,16 @@ class MLLMTrainConfig:
                 "eval_limit": "[0, inf)",
             },
         )
-        for (
-            m,
-            recipe,
-        ) in self.connectors.items():  # checked now (a bad key fails before any extraction), kept as written
-            if not isinstance(recipe, dict):
+        connectors = {}
+        for m, recipe in self.connectors.items():  # typed now: a bad key fails before any extraction
+            if not isinstance(recipe, (dict, ConnectorRecipe)):
                 raise ConfigError(f"connectors.{m}: expected a mapping of connector settings, got {recipe!r}")
-            from_dict(ConnectorRecipe, dict(recipe), prefix=f"connectors.{m}.")
+            connectors[m] = (
+                recipe
+                if isinstance(recipe, ConnectorRecipe)
+                else from_dict(ConnectorRecipe, dict(recipe), prefix=f"connectors.{m}.")
+            )
+        self.connectors = connectors
         if isinstance(self.moe, dict):
             self.moe = from_dict(MoELLMConfig, self.moe, prefix="moe.")
         if isinstance(self.lora, dict):
@@ -194,9 +197,7 @@ def connector_specs(
     """The connectors of ``modalities``; those whose recipe has ``norm`` end at the LM's ``embed_rms``."""
     specs = {}
     for m in modalities:
-        recipe = dataclasses.asdict(
-            from_dict(ConnectorRecipe, dict(cfg.connectors.get(m, {})), prefix=f"connectors.{m}.")
-        )
+        recipe = dataclasses.asdict(cfg.connectors.get(m) or ConnectorRecipe())
         scale = embed_rms if recipe.pop("norm") else 0.0
         specs[m] = ConnectorSpec(in_dim=dims[m], out_dim=width, out_scale=scale, **recipe)
     return specs
@@ -244,6 +245,16 @@ def _ffn_state(llm: nn.Module, layers: list[int]) -> dict[str, torch.Tensor]:
 
 
 # -- the loop -------------------------------------------------------------------------------------------------
+def _same_recipe(saved: dict[str, Any], cfg: MLLMTrainConfig) -> bool:
+    """Whether a checkpoint's recipe is ``cfg`` (the device aside), read as a recipe: a connector written
+    with only the settings it changed equals the full one."""
+    try:
+        before = from_dict(MLLMTrainConfig, {**saved, "device": cfg.device})
+    except ConfigError:
+        return False
+    return before == cfg
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
 
@@ -286,7 +297,7 @@ def train_loop(
         remove_temporaries(out)  # of a run killed mid-write
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["config"] != dataclasses.asdict(cfg) | {"device": state["config"].get("device")}:
+        if not _same_recipe(state["config"], cfg):
             raise ValueError(f"{state_path} was written with another recipe; use a new output folder")
         named = dict(model.named_parameters())
         with torch.no_grad():
@@ -417,30 +428,70 @@ def _write_stage(out: Path, cfg: MLLMTrainConfig, info: dict[str, Any]) -> None:
         write_json(out / "stage.json", {"stage": cfg.stage, "recipe": dataclasses.asdict(cfg), **info})
 
 
+@dataclass
+class StageRun:
+    """What every stage works with: the recipe, the output folder, the media features (and their widths)
+    of the recipe's data, the modalities that have a connector, and how the loop reports and stops."""
+
+    cfg: MLLMTrainConfig
+    out: Path
+    features: MediaFeatures
+    dims: dict[str, int]  # modality -> encoder width
+    modalities: list[str]
+    progress: bool = True
+    stop_at_step: int | None = None  # end early without finishing (tests of resumption)
+
+    def base_model(self) -> tuple[MultimodalLLM, Any]:
+        return base_model(self.cfg, self.modalities, self.dims)
+
+    def dataset(self, model: MultimodalLLM, tokenizer: Any) -> ConversationData:
+        return dataset_for(self.cfg, Path(self.cfg.data), self.features, model, tokenizer)
+
+    def train(
+        self,
+        model: MultimodalLLM,
+        data: ConversationData,
+        groups: list[dict[str, Any]],
+        desc: str,
+        tokenizer: Any,
+        folder: Path | None = None,
+    ) -> dict[str, Any]:
+        """:func:`train_loop` over ``groups`` into ``folder`` (default: the stage's folder)."""
+        return train_loop(
+            model,
+            data,
+            groups,
+            self.cfg,
+            folder or self.out,
+            desc,
+            self.progress,
+            self.stop_at_step,
+            _pad_id(tokenizer),
+        )
+
+
 def run_stage(
     cfg: MLLMTrainConfig, out: str | Path, progress: bool = True, stop_at_step: int | None = None
 ) -> dict[str, Any]:
     """Run ``cfg.stage`` into ``out``; returns the stage summary (also in ``out/stage.json``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.stage > 1 and not cfg.init:
+        raise ValueError(f"stage {cfg.stage} needs init: the stage-1 folder (its connectors)")
     files = [Path(cfg.data)] + ([Path(cfg.eval_data)] if cfg.eval_data else [])
     features, dims = _setup(cfg, files, progress)
-    modalities = _stage_modalities(dims, cfg)
+    run = StageRun(cfg, out, features, dims, _stage_modalities(dims, cfg), progress, stop_at_step)
     torch.manual_seed(cfg.seed)
-    if cfg.stage == 1:
-        return _stage1(cfg, out, features, dims, modalities, progress, stop_at_step)
-    if not cfg.init:
-        raise ValueError(f"stage {cfg.stage} needs init: the stage-1 folder (its connectors)")
-    if cfg.stage == 2:
-        return _stage2(cfg, out, features, dims, modalities, progress, stop_at_step)
-    return _stage3(cfg, out, features, dims, modalities, progress, stop_at_step)
+    return {1: _stage1, 2: _stage2, 3: _stage3}[cfg.stage](run)
 
 
-def _stage1(cfg, out, features, dims, modalities, progress, stop_at_step):  # type: ignore[no-untyped-def]
-    model, tokenizer = base_model(cfg, modalities, dims)
+def _stage1(run: StageRun) -> dict[str, Any]:
+    """Connectors only: the LLM frozen (after the optional latent-space pre-alignment)."""
+    cfg, out = run.cfg, run.out
+    model, tokenizer = run.base_model()
     for p in model.llm.parameters():
         p.requires_grad_(False)
-    data = dataset_for(cfg, Path(cfg.data), features, model, tokenizer)
+    data = run.dataset(model, tokenizer)
     aligned = None
     if cfg.prealign.steps and not (out / "state.pt").is_file():  # a resumed run restores the connectors from state.pt
         torch.manual_seed(cfg.seed)
@@ -451,14 +502,12 @@ def _stage1(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
             causal_lm(model.llm).get_input_embeddings(),
             cfg.prealign,
             cfg.seed,
-            progress and is_rank0(),
+            run.progress and is_rank0(),
         )
         if is_rank0():
             write_json(out / "prealign.json", aligned)
     groups = [{"params": list(model.connectors.parameters()), "lr": cfg.connector_lr}]
-    result = train_loop(
-        model, data, groups, cfg, out, "stage 1: connectors", progress, stop_at_step, _pad_id(tokenizer)
-    )
+    result = run.train(model, data, groups, "stage 1: connectors", tokenizer)
     if "interrupted_at" in result:
         return result
     if aligned is None and (out / "prealign.json").is_file():
@@ -470,7 +519,7 @@ def _stage1(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
             save_file({k: v.contiguous() for k, v in model.connectors.state_dict().items()}, str(tmp))
     info = {
         "llm": cfg.llm,
-        "modalities": modalities,
+        "modalities": run.modalities,
         "train": result,
         "bad_records": len(data.bad),
         **({"prealign": aligned} if aligned is not None else {}),
@@ -479,7 +528,9 @@ def _stage1(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
     return {**info, "model": model, "tokenizer": tokenizer}
 
 
-def _stage2(cfg, out, features, dims, modalities, progress, stop_at_step):  # type: ignore[no-untyped-def]
+def _stage2(run: StageRun) -> dict[str, Any]:
+    """One dense copy of the LLM's FFNs per modality group, each trained on its group's records alone."""
+    cfg, out = run.cfg, run.out
     init = Path(cfg.init)
     full = None
     summaries = {}
@@ -496,7 +547,7 @@ def _stage2(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
         if (folder / "ffn.safetensors").is_file():
             summaries[group] = read_json(folder / "stage.json")["train"] if (folder / "stage.json").is_file() else {}
             continue
-        model, tokenizer = base_model(cfg, modalities, dims)
+        model, tokenizer = run.base_model()
         _load_connectors(model, init)
         layers = select_layers(cfg.moe.layers, len(decoder_layers(model.llm)))
         for p in model.parameters():
@@ -505,19 +556,11 @@ def _stage2(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
         for p in ffn_params:
             p.requires_grad_(True)
         if full is None:
-            full = dataset_for(cfg, Path(cfg.data), features, model, tokenizer)
+            full = run.dataset(model, tokenizer)
         data = copy.copy(full)
         data.examples = [e for e in full.examples if e.sample.group == group]
-        result = train_loop(
-            model,
-            data,
-            [{"params": ffn_params, "lr": cfg.lr}],
-            cfg,
-            folder,
-            f"stage 2: {group} FFNs",
-            progress,
-            stop_at_step,
-            _pad_id(tokenizer),
+        result = run.train(
+            model, data, [{"params": ffn_params, "lr": cfg.lr}], f"stage 2: {group} FFNs", tokenizer, folder
         )
         if "interrupted_at" in result:
             return result
@@ -578,9 +621,12 @@ def _expert_ffns(
     return ffns, sources
 
 
-def _stage3(cfg, out, features, dims, modalities, progress, stop_at_step):  # type: ignore[no-untyped-def]
+def _stage3(run: StageRun) -> dict[str, Any]:
+    """The MoE of the base FFN and the stage-2 experts (or the dense equal-active baseline), LoRA on
+    attention and experts, connectors and routers trained fully, on the mixed data."""
+    cfg, out = run.cfg, run.out
     rank, world = init_distributed()
-    model, tokenizer = base_model(cfg, modalities, dims)
+    model, tokenizer = run.base_model()
     _load_connectors(model, Path(cfg.init))
     ffns, sources = _expert_ffns(cfg, model, out)
     moe_cfg = dataclasses.replace(cfg.moe, num_experts=len(next(iter(ffns.values()))))
@@ -626,22 +672,12 @@ def _stage3(cfg, out, features, dims, modalities, progress, stop_at_step):  # ty
             if p.requires_grad and "experts" in n and "lora_" in n:
                 p.register_hook(lambda g: g / world)
         _ignore_local_adapters(model)
-    data = dataset_for(cfg, Path(cfg.data), features, model, tokenizer)
+    data = run.dataset(model, tokenizer)
     groups = [
         {"params": lora, "lr": cfg.lr},
         {"params": list(model.connectors.parameters()) + routers, "lr": cfg.connector_lr},
     ]
-    result = train_loop(
-        model,
-        data,
-        groups,
-        cfg,
-        out,
-        "stage 3: " + ("dense" if cfg.dense else "MoE") + " + LoRA",
-        progress,
-        stop_at_step,
-        _pad_id(tokenizer),
-    )
+    result = run.train(model, data, groups, "stage 3: " + ("dense" if cfg.dense else "MoE") + " + LoRA", tokenizer)
     if "interrupted_at" in result:
         return result
     if cfg.lora.merge:
@@ -696,7 +732,10 @@ def load_stage(folder: str | Path) -> tuple[MultimodalLLM, Any, MLLMTrainConfig]
         normed = any(
             k.startswith(f"{m}.") and k.endswith("norm.gain") for k in state
         )  # saved before soft-token norms: none
-        cfg.connectors = {**cfg.connectors, m: {**dict(cfg.connectors.get(m, {})), "norm": normed}}
+        cfg.connectors = {
+            **cfg.connectors,
+            m: dataclasses.replace(cfg.connectors.get(m) or ConnectorRecipe(), norm=normed),
+        }
     model, tokenizer = base_model(cfg, s1["modalities"], dims)
     model.connectors.load_state_dict(state)
     if info["stage"] == 2:
