@@ -39,7 +39,7 @@ _CONNECTOR_KEYS = (
 
 @dataclass
 class TrainConfig:
-    """Defaults come from a sweep on the Tux Paint split (docs/results.md): small data wants a small,
+    """Defaults come from a sweep on the Tux Paint split (docs/history.md): small data wants a small,
     strongly regularised connector, latent mixup and early stopping."""
 
     method: Method = "moe-alternating"

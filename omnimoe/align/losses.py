@@ -44,7 +44,7 @@ def info_nce(
     (local queries against all keys, local keys against all queries): training on top of a prior.
     """
     # In float32 even under autocast: at a logit scale of 20, bf16 logits are rounded in steps of up to
-    # 0.125, which made results hinge on the order of operations (docs/results.md). ``float32_logits=False``
+    # 0.125, which made results hinge on the order of operations (docs/history.md). ``float32_logits=False``
     # leaves autocast in charge (the behaviour before; benchmarks/align_loss.py compares the two).
     with torch.autocast(query.device.type, enabled=False) if float32_logits else contextlib.nullcontext():
         q = F.normalize(query.float(), dim=-1)
