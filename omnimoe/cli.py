@@ -29,6 +29,27 @@ mllm_app = typer.Typer(
 app.add_typer(mllm_app, name="mllm")
 
 
+@app.callback()
+def main(
+    threads: Optional[str] = typer.Option(
+        None,
+        "--threads",
+        help="Torch CPU threads of long jobs: auto (small-op jobs 1, large-op jobs the free cores, followed "
+        "as the load changes), torch (one per core), or a number. Default: $OMNIMOE_THREADS, else auto.",
+    ),
+) -> None:
+    """omnimoe: multimodal models from frozen unimodal ones with Mixture-of-Experts."""
+    import os
+
+    from omnimoe.threads import ENV, check_setting
+
+    if threads is not None:
+        try:
+            os.environ[ENV] = check_setting(threads.strip())
+        except ValueError as exc:
+            _fail(str(exc))
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
@@ -561,10 +582,10 @@ def mllm_seeds(
 
 @app.command()
 def info(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Versions and what this machine can run (bf16 speed-up, grouped_mm, threads)."""
+    """Versions and what this machine can run (bf16 speed-up, grouped_mm, threads and their policy)."""
     import torch
 
-    from omnimoe import __version__
+    from omnimoe import __version__, threads
     from omnimoe.moe.experts import grouped_mm_supported
 
     data = {
@@ -573,6 +594,8 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> N
         "python": sys.version.split()[0],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
+        "thread_policy": threads.setting(),
+        "usable_cores": threads.usable_cores(),
         "cuda": torch.cuda.is_available(),
         "grouped_mm_cpu_bf16": grouped_mm_supported(torch.bfloat16, torch.device("cpu"), 64),
     }

@@ -37,6 +37,7 @@ from omnimoe.align.losses import LogitScale, gather_rows, info_nce, regression_l
 from omnimoe.align.prior import LabelPrior, prior_for
 from omnimoe.align.schedules import DirectionSchedule
 from omnimoe.io import write_json
+from omnimoe.threads import ThreadPolicy
 from omnimoe.runtime import (
     adamw,
     autocast_dtype,
@@ -400,18 +401,19 @@ def train(
     Returns ``{"best_step", "best_val", "history", "stopped_early"}``; the best weights are in ``out/best.pt``.
     ``stop_at_step`` ends the run early without finishing (used to test resumption).
     """
-    run = Trainer(data, directions, cfg, Path(out), priors, progress)
-    run.resume()
-    while not run.done:
-        if stop_at_step is not None and run.step >= stop_at_step:
-            run.close()
-            return {"interrupted_at": run.step}
-        previous = run.step
-        loss, logs = run.train_step()
-        run.log(previous, loss, logs)
-        if run.validation_due(previous):
-            run.validate(loss, logs)
-    return run.finish()
+    with ThreadPolicy("small"):  # a connector's ops are small: one thread, whatever else runs (omnimoe.threads)
+        run = Trainer(data, directions, cfg, Path(out), priors, progress)
+        run.resume()
+        while not run.done:
+            if stop_at_step is not None and run.step >= stop_at_step:
+                run.close()
+                return {"interrupted_at": run.step}
+            previous = run.step
+            loss, logs = run.train_step()
+            run.log(previous, loss, logs)
+            if run.validation_due(previous):
+                run.validate(loss, logs)
+        return run.finish()
 
 
 def _resumable(config: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from omnimoe.data.manifest import MEDIA_FIELDS, media_path, read_manifest
 from omnimoe.encoders import BadInput, EncoderOptions, FrozenEncoder, load_encoder
 from omnimoe.io import check_file, read_json, relative_path
+from omnimoe.threads import ThreadPolicy
 from omnimoe.runtime import init_distributed
 from omnimoe.latents.store import (
     INDEX,
@@ -138,7 +139,8 @@ def extract(
         total=total, unit="item", desc=f"extract {enc.name}", disable=not progress or rank != 0, dynamic_ncols=True
     )
     batch_size = enc.options.batch_size
-    with ThreadPoolExecutor(max_workers=1) as pool:  # reads/decodes the next batch while this one encodes
+    # reads/decodes the next batch while this one encodes; encoder forwards are large work (omnimoe.threads)
+    with ThreadPoolExecutor(max_workers=1) as pool, ThreadPolicy("large") as threads:
         for i in todo:
             chunk = items[i * shard_size : (i + 1) * shard_size]
             batches = [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
@@ -155,6 +157,7 @@ def extract(
                     else:
                         good.append((item, value))
                 if good:
+                    threads.tick()
                     result = enc.encode([v for _, v in good])
                     finite = torch.isfinite(result.pooled).all(1)
                     if result.tokens is not None:

@@ -24,6 +24,7 @@ from omnimoe.mllm.data import ConversationData, MediaBatch, template_for
 from omnimoe.mllm.metrics import resolve_choice, score, summarise, task_kind
 from omnimoe.mllm.model import MultimodalLLM, causal_lm
 from omnimoe.mllm.moe_llm import expert_load, set_token_mask
+from omnimoe.threads import ThreadPolicy, work_of
 
 
 def stop_ids(tokenizer: Any, template_name: str = "auto") -> list[int]:
@@ -60,25 +61,45 @@ def answer(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = list(range(len(data)))[: limit or None]
     rows = []
-    for start in tqdm(range(0, len(order), batch_size), desc="evaluate", disable=not progress, dynamic_ncols=True):
-        batch = data.collate(order[start : start + batch_size], pad, left_pad=True)
-        with autocast:
-            out = model.generate(
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                _media(batch, device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=stop_ids(tokenizer, template),
-            )
-        for ex, ids in zip(batch["examples"], out):
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            rec = ex.sample.record
-            row = {"id": ex.sample.id, "task": rec.get("task", "chat"), "group": ex.sample.group, "prediction": text}
-            if "answer" in rec:
-                row["score"] = score(rec, text)
-            rows.append(row)
+    with ThreadPolicy(work_of(model)) as threads:
+        for start in tqdm(range(0, len(order), batch_size), desc="evaluate", disable=not progress, dynamic_ncols=True):
+            threads.tick()
+            indices = order[start : start + batch_size]
+            rows += _answer_batch(model, tokenizer, data, indices, pad, autocast, device, max_new_tokens, template)
+    return rows
+
+
+def _answer_batch(
+    model: MultimodalLLM,
+    tokenizer: Any,
+    data: ConversationData,
+    indices: list[int],
+    pad: int,
+    autocast: Any,
+    device: torch.device,
+    max_new_tokens: int,
+    template: str,
+) -> list[dict[str, Any]]:
+    """Greedy answers for one left-padded batch of records (``indices`` into ``data``)."""
+    batch = data.collate(indices, pad, left_pad=True)
+    with autocast:
+        out = model.generate(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            _media(batch, device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=stop_ids(tokenizer, template),
+        )
+    rows = []
+    for ex, ids in zip(batch["examples"], out):
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        rec = ex.sample.record
+        row = {"id": ex.sample.id, "task": rec.get("task", "chat"), "group": ex.sample.group, "prediction": text}
+        if "answer" in rec:
+            row["score"] = score(rec, text)
+        rows.append(row)
     return rows
 
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from omnimoe.config import ConfigError, check_ranges, from_dict
 from omnimoe.io import atomic_path, read_json, relative_path, write_json
+from omnimoe.threads import ThreadPolicy, work_of
 from omnimoe.runtime import (
     adamw,
     autocast_dtype,
@@ -272,7 +273,24 @@ def train_loop(
 ) -> dict[str, Any]:
     """AdamW over ``groups`` (param groups with their base ``lr``), warm-up + cosine, clipping, bf16
     autocast; resumes from ``out/state.pt``. Returns ``{"steps", "history"}`` (``interrupted_at`` when
-    stopped by ``stop_at_step``)."""
+    stopped by ``stop_at_step``). Threads follow :mod:`omnimoe.threads`: an LLM of the size of Gemma-3-270M
+    is large work, a tiny one small."""
+    with ThreadPolicy(work_of(model)) as threads:
+        return _train_loop(model, data, groups, cfg, out, desc, progress, stop_at_step, pad_id, threads)
+
+
+def _train_loop(
+    model: MultimodalLLM,
+    data: ConversationData,
+    groups: list[dict[str, Any]],
+    cfg: MLLMTrainConfig,
+    out: Path,
+    desc: str,
+    progress: bool,
+    stop_at_step: int | None,
+    pad_id: int,
+    threads: ThreadPolicy,
+) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     rank, world = init_distributed()
     device = resolve_device(cfg.device)
@@ -320,6 +338,7 @@ def train_loop(
         if stop_at_step is not None and step >= stop_at_step:
             bar.close()
             return {"interrupted_at": step}
+        threads.tick()
         scale = warmup_cosine(step, cfg.steps, cfg.warmup_steps, 1.0, cfg.min_lr_ratio)  # times each group's own lr
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * scale
