@@ -24,7 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from omnimoe.align.connector import direction_name, load_connector
+from omnimoe.align.connector import AltMoEConnector, direction_name, load_connector
+from omnimoe.align.query import MAX_ROWS as QUERY_PATH_MAX_ROWS
+from omnimoe.align.query import QueryPath
 from omnimoe.data.manifest import MEDIA_FIELDS, media_path, read_manifest
 from omnimoe.encoders.base import hash_state_dict
 from omnimoe.io import read_json, resolve_path
@@ -89,6 +91,7 @@ class Retriever:
         self._encoders: dict[str, Any] = {}
         self._records: dict[str, dict[str, Any]] | None = None
         self._ids: set[str] | None = None
+        self._query_paths: dict[str, QueryPath | None] = {}
         self._lock = threading.RLock()  # one model call at a time: torch already uses every core per call
         # A connector trained on top of the label prior (omnimoe.align.prior, prior_weight > 0) is scored as
         # trained: cos(learned) + w * cos(prior). The index holds [key, prior side] and a query is
@@ -257,6 +260,19 @@ class Retriever:
                 self._encoders[modality] = encoder
             return self._encoders[modality]
 
+    def _query_path(self, direction: str) -> QueryPath | None:
+        """The NumPy query path of an Alt-MoE connector's ``direction`` (built once), or None where it does
+        not apply (the linear two-tower, whose query is one projection, or MoE options it does not cover)."""
+        if direction not in self._query_paths:
+            path = None
+            if isinstance(self.connector, AltMoEConnector):
+                try:
+                    path = QueryPath(self.connector, direction)
+                except ValueError:
+                    path = None
+            self._query_paths[direction] = path
+        return self._query_paths[direction]
+
     @torch.no_grad()
     def embed(self, source: str, target: str, items: list[Any]) -> torch.Tensor:
         """Queries (texts or file paths) -> unit vectors in the ``source->target`` contrastive space (with the
@@ -277,6 +293,8 @@ class Retriever:
             out = encoder.encode(loaded)
             if self.token_inputs and out.tokens is not None:
                 q = self.connector(direction, out.tokens, out.mask, tasks=("contrastive",)).contrastive
+            elif (path := self._query_path(direction)) is not None and len(out.pooled) <= QUERY_PATH_MAX_ROWS:
+                q = path(out.pooled)  # a handful of queries: the lean NumPy path (omnimoe.align.query)
             else:
                 q = self.connector(direction, out.pooled, tasks=("contrastive",)).contrastive
             q = F.normalize(q.float(), dim=-1)
