@@ -18,9 +18,10 @@ docs/benchmarks.md). Models:
   per-expert ``nn.Linear`` w1/w3/w2 modules and ``index_add_``; aux loss as ``load_balancing_loss_func``.
 
 Before timing, the ``moe`` and ``moe-hf-eager`` logits are checked to agree in fp32 (max relative error
-< 1e-4). Timing: one warm-up step per model, then ``--repeat`` rounds; each round runs one step of every
-model (the order rotating between rounds), so machine noise hits all three alike; the median step is
-reported. Mixed precision by default: fp32 parameters and AdamW state, forward under
+< 1e-4). Timing (``benchmarks/timing.py``): three discarded warm-up steps per model (the first steps of a
+model run about 2x slower than later ones), then ``--repeat`` rounds; each round runs one step of every
+model (the order rotating between rounds), so machine noise and warm-up hit all three alike; the median step
+is reported with its spread (min, max). Mixed precision by default: fp32 parameters and AdamW state, forward under
 ``torch.autocast("cpu", dtype=torch.bfloat16)`` (our MoE layer runs its experts in bf16 under autocast and
 its router in fp32); ``--dtype float32`` runs everything in fp32.
 
@@ -42,8 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
-import time
+import sys
 from contextlib import AbstractContextManager, nullcontext
 from typing import Callable, Sequence
 
@@ -57,6 +57,9 @@ from omnimoe.mllm import MoELLMConfig, decoder_layers, moefy, router_loss, set_t
 from omnimoe.mllm.baselines import dense_equal_active, moe_active_parameters
 from omnimoe.mllm.moe_llm import MoEMLP
 from omnimoe.moe import MoELayer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/timing.py, however this file is loaded
+from timing import interleaved  # noqa: E402
 
 MODELS = ("moe", "dense-equal-active", "moe-hf-eager")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -299,7 +302,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     dtype = DTYPES[args.dtype]
     repeat = args.repeat if args.repeat is not None else (2 if args.quick else 10)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, AdamW {args.adamw}, size {size}, {repeat} rounds (median after 1 warm-up)"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, AdamW {args.adamw}, size {size}, {repeat} rounds (median; the models interleaved step by step after 3 warm-up steps each)"
     )
     models = build_models(size, args.seed, args.backend)
     ids, mask = make_batch(size, args.seed)
@@ -309,16 +312,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     aux_coef = moe_config().router_aux_loss_coef
     optimizers = {name: make_optimizer(m, args.adamw) for name, m in models.items()}
     names = list(args.models)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for name in names:  # warm-up
-        train_step(name, models[name], optimizers[name], ids, mask, dtype, aux_coef, not args.no_mask)
-    for r in range(repeat):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            train_step(name, models[name], optimizers[name], ids, mask, dtype, aux_coef, not args.no_mask)
-            times[name].append((time.perf_counter() - start) * 1e3)
+
+    def step_of(name: str) -> Callable[[], None]:
+        return lambda: train_step(name, models[name], optimizers[name], ids, mask, dtype, aux_coef, not args.no_mask)
+
+    timed = interleaved({name: step_of(name) for name in names}, repeat, warmup=1 if args.quick else 3)
+    times = {name: t["ms"] for name, t in timed.items()}
     tokens = size["batch"] * size["seq"]
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians = {name: t["median_ms"] for name, t in timed.items()}
     dense_ms = medians.get("dense-equal-active")
     rows = []
     for name in names:
@@ -328,6 +329,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "model": name,
                 "tokens_per_s": round(tokens / medians[name] * 1e3, 1),
                 "step_ms": round(medians[name], 2),
+                "step_ms_min": round(min(times[name]), 2),
+                "step_ms_max": round(max(times[name]), 2),
                 "step_ms_all": [round(t, 2) for t in times[name]],
                 "slowdown_vs_dense": round(medians[name] / dense_ms, 3) if dense_ms else None,
                 "params": sum(p.numel() for p in model.parameters()),

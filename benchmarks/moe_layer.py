@@ -7,7 +7,9 @@ Measured, per shape and dtype, in one run on the same weights and tokens:
 * ``forward_ms``: forward only, under ``torch.no_grad()``.
 
 Under bf16 the parameters stay fp32 and the forward runs inside ``torch.autocast("cpu", dtype=torch.bfloat16)``
-(the mixed-precision training mode). Each time is the median of ``--repeat`` runs after one warm-up run.
+(the mixed-precision training mode). The methods of one shape and dtype take turns step by step (each round
+in a rotated order) after two discarded warm-up steps each (``benchmarks/timing.py``); each time is the median
+of ``--repeat`` rounds, with the spread (min, max) in the rows.
 
 Methods:
 
@@ -36,8 +38,7 @@ import argparse
 import dataclasses
 import gc
 import os
-import statistics
-import time
+import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -48,6 +49,9 @@ from torch import nn
 
 from omnimoe.io import write_json
 from omnimoe.moe import MoEConfig, MoELayer, grouped_mm_supported
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/timing.py, however this file is loaded
+from timing import interleaved  # noqa: E402
 
 OURS = ("grouped_mm", "loop")
 METHODS = (*OURS, "hf-eager", "dense-all-experts", "dense-equal-flops")
@@ -213,20 +217,10 @@ def autocast_for(dtype: torch.dtype) -> AbstractContextManager:
     return torch.autocast("cpu", dtype=dtype)
 
 
-def median_ms(step: Callable[[], None], repeat: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def time_method(
-    module: nn.Module, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype, repeat: int
-) -> tuple[float, float]:
-    """(train_ms, forward_ms) of ``module`` on input ``x`` with output gradient weights ``g``."""
+def steps(
+    module: nn.Module, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(train step, forward step) of ``module`` on input ``x`` with output gradient weights ``g``."""
 
     def train_step() -> None:
         with autocast_for(dtype):
@@ -240,7 +234,7 @@ def time_method(
             module(x)
 
     module.train()
-    return median_ms(train_step, repeat), median_ms(forward_step, repeat)
+    return train_step, forward_step
 
 
 def make_inputs(shape: Shape, seed: int) -> tuple[MoELayer, torch.Tensor, torch.Tensor]:
@@ -328,7 +322,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     repeat = 1 if args.quick else args.repeat
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, repeat {repeat} (median after 1 warm-up)"
+        f"{torch.backends.cpu.get_cpu_capability()}, repeat {repeat} (median, methods interleaved after 2 warm-ups)"
     )
     rows: list[dict] = []
     for label in args.shapes:
@@ -339,22 +333,31 @@ def run(args: argparse.Namespace) -> list[dict]:
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
             table: list[dict] = []
+            modules = {}
             for method in args.methods:
                 reason = skip_reason(method, shape, dtype)
                 if reason:
                     print(f"skip ({label}) {dtype_name} {method}: {reason}")
                     continue
-                module = build(method, base, shape, args.seed)
-                train_ms, forward_ms = time_method(module, x, g, dtype, repeat)
-                del module
-                gc.collect()
+                modules[method] = build(method, base, shape, args.seed)
+            pairs = {method: steps(module, x, g, dtype) for method, module in modules.items()}
+            train = interleaved({m: pair[0] for m, pair in pairs.items()}, repeat, warmup=2)
+            forward = interleaved({m: pair[1] for m, pair in pairs.items()}, repeat, warmup=2)
+            del modules, pairs
+            gc.collect()
+            for method in train:
+                train_ms, forward_ms = train[method]["median_ms"], forward[method]["median_ms"]
                 table.append(
                     {
                         "shape": label,
                         "dtype": dtype_name,
                         "method": method,
                         "train_ms": round(train_ms, 3),
+                        "train_ms_min": round(train[method]["min_ms"], 3),
+                        "train_ms_max": round(train[method]["max_ms"], 3),
                         "forward_ms": round(forward_ms, 3),
+                        "forward_ms_min": round(forward[method]["min_ms"], 3),
+                        "forward_ms_max": round(forward[method]["max_ms"], 3),
                         "train_tokens_per_s": round(shape.tokens / train_ms * 1e3, 1),
                         "forward_tokens_per_s": round(shape.tokens / forward_ms * 1e3, 1),
                         "tokens": shape.tokens,
