@@ -23,7 +23,9 @@ COLORS = {
 SHAPES = ("square", "circle", "triangle")
 
 
-def shapes_manifest(folder: Path) -> Path:
+def shapes_manifest(folder: Path, split_seed: int = 0) -> Path:
+    """60 images of 15 captions (colour x shape, 4 drawings each), split by caption (``split_seed`` seeds the
+    grouped split: seed 0 holds out 2 captions, seed 18 holds out 5 whose colours and shapes all occur in train)."""
     rng = np.random.default_rng(0)
     recs = []
     for color, rgb in COLORS.items():
@@ -43,7 +45,7 @@ def shapes_manifest(folder: Path) -> Path:
                 recs.append(
                     {
                         "id": name,
-                        "split": grouped_split(normalise_caption(caption), 0.3),
+                        "split": grouped_split(normalise_caption(caption), 0.3, seed=split_seed),
                         "text": caption,
                         "image": name,
                         "category": shape,
@@ -52,8 +54,25 @@ def shapes_manifest(folder: Path) -> Path:
     return write_manifest(folder / "manifest.jsonl", recs)
 
 
+def chance_r1(manifest: Path) -> float:
+    """R@1 of a random ranking on the test split: a query of caption group g hits with probability |g| / N (every
+    test item is a target; same-caption targets count as hits), averaged over the N queries."""
+    from collections import Counter
+
+    from omnimoe.data.manifest import read_manifest
+
+    groups = Counter(normalise_caption(r["text"]) for r in read_manifest(manifest) if r["split"] == "test")
+    n = sum(groups.values())
+    return sum(s * s for s in groups.values()) / (n * n)
+
+
+def well_above(chance: float) -> float:
+    """What a trained connector must reach: twice chance, capped halfway between chance and perfect."""
+    return min(2 * chance, (1 + chance) / 2)
+
+
 def test_align_end_to_end(tmp_path):
-    manifest = shapes_manifest(tmp_path)
+    manifest = shapes_manifest(tmp_path, split_seed=18)  # 5 held-out captions: chance R@1 = 0.2
     out = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -108,12 +127,24 @@ def test_align_end_to_end(tmp_path):
     )
     assert {(r["query"], r["target"]) for r in rows} == {("text", "image"), ("image", "text")}
     assert all(0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 1 for r in rows)
+    # the connectors learned: held-out captions (never seen in training) retrieved well above a random ranking
+    chance = chance_r1(manifest)
+    assert 0 < chance <= 0.25 and all(r["n"] == 20 for r in rows), chance  # 5 captions x 4 drawings held out
+    for method in ("linear", "moe-alternating"):
+        r1 = {(r["seed"], r["query"]): r["R@1"] for r in rows if r["method"] == method and r["head"] == "contrastive"}
+        assert len(r1) == 4 and all(v > chance for v in r1.values()), (method, chance, r1)
+        assert sum(r1.values()) / len(r1) >= well_above(chance), (method, chance, r1)
     assert "| linear | text->image | contrastive |" in (out / "results.md").read_text()
     zs = json.loads((out / "zeroshot.json").read_text())
     assert {(r["method"], r["seed"], r["query"]) for r in zs} == {
         (m, s, "image") for m in ("linear", "moe-alternating") for s in (0, 1)
     }
     assert all(0 <= r["accuracy"] <= 1 and r["classes"] == 3 and r["n"] > 0 for r in zs)
+    # zero-shot by category name ("A drawing of circle.") on held-out images: above 1 / classes for every run
+    for method in ("linear", "moe-alternating"):
+        acc = [r["accuracy"] for r in zs if r["method"] == method]
+        chance = 1 / zs[0]["classes"]
+        assert all(a > chance for a in acc) and sum(acc) / len(acc) >= well_above(chance), (method, acc)
     assert "Zero-shot classification by category name" in (out / "results.md").read_text()
     for name in ("recall.png", "recall_with_prior.png", "training_curves.png", "expert_load_moe-alternating.png"):
         assert (out / name).stat().st_size > 5000, name

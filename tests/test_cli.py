@@ -71,3 +71,91 @@ def test_altmoe_demo_quick(demo_run):
     assert "Retrieval index (moe-alternating)" in out.stdout and "text->image for" in out.stdout
     assert (run / "index" / "moe-alternating" / "text-to-image" / "index.faiss").is_file()
     assert {p.name for p in (run / "connectors").iterdir()} == {"linear", "moe-alternating"}
+
+
+@pytest.mark.slow
+def test_mllm_tasks_writes_capped_disjoint_task_files(tmp_path):
+    """`omnimoe mllm tasks` as a user runs it: no --manifest, so it writes the Tux Paint manifest beside --out (the
+    stamps fetched into the cache; speech synthesised where espeak-ng is), then the task files. It prints each
+    file's record count; the files hold those records, in the record contract, capped per task, on disjoint
+    splits, and are the files the library writes."""
+    from collections import Counter
+
+    from conftest import require_tuxpaint
+
+    from omnimoe.data.adapters import normalise_caption
+    from omnimoe.data.manifest import read_manifest
+    from omnimoe.demos.unimoe import eval_subset
+    from omnimoe.mllm.tasks import ALIGN_TASKS, INSTRUCT_TASKS, PLACEHOLDERS, TASKS, build_tuxpaint_tasks
+
+    require_tuxpaint()  # only a fetch failure may skip, and not under OMNIMOE_REQUIRE_DATA
+    out = tmp_path / "unimoe" / "tasks"
+    cap, per_eval, seed = 6, 2, 3
+    args = ["--max-per-task", str(cap), "--eval-per-task", str(per_eval), "--val-fraction", "0.2", "--seed", str(seed)]
+    done = omnimoe("mllm", "tasks", "--out", str(out), *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout)
+    names = ["stage1.json", "stage2-image.json", "stage2-speech.json", "stage2-sound.json", "stage3.json", "test.json"]
+    assert sorted(printed) == sorted([*names, "val.json"])
+    files = {name: json.loads((out / name).read_text()) for name in printed}
+    assert {name: len(recs) for name, recs in files.items()} == printed and all(printed.values())
+    manifest = tmp_path / "unimoe" / "data" / "manifest.jsonl"
+    split_of = {r["id"]: r["split"] for r in read_manifest(manifest)}
+    described = json.loads((out / "tasks.json").read_text())
+    assert (out / described["manifest"]).resolve() == manifest.resolve()
+    counts = described["counts"]
+    assert counts["files"] == printed
+    assert [counts["seed"], counts["max_per_task"], counts["val_fraction"]] == [seed, cap, 0.2]
+
+    # every record: a known task of its group, its media file there, one placeholder, the answer as the reply
+    for name, recs in files.items():
+        assert len({r["id"] for r in recs}) == len(recs), name
+        for r in recs:
+            spec = TASKS[r["task"]]
+            assert r["group"] == spec["group"] and (spec["stage"] == "align") == (r["task"] in ALIGN_TASKS)
+            (field,) = [f for f in PLACEHOLDERS if f in r]
+            assert (out / r[field]).is_file() and field == ("image" if r["group"] == "image" else "audio"), r
+            human, gpt = r["conversations"]
+            assert human["value"].startswith(PLACEHOLDERS[field] + "\n"), r
+            assert {f: human["value"].count(p) for f, p in PLACEHOLDERS.items()} == {
+                f: f == field for f in PLACEHOLDERS
+            }
+            assert gpt == {"from": "gpt", "value": r["answer"]} and r["source_id"] in split_of
+            assert ("choices" in r) == (spec["kind"] == "closed")
+    # capped per task and split; stage 1 = the alignment pairs + every instruction record of stage 3 = stage 2
+    train = files["stage1.json"]
+    for name in ("stage1.json", "test.json", "val.json"):
+        per_task = Counter(r["task"] for r in files[name])
+        assert set(per_task) == set(INSTRUCT_TASKS) | (set(ALIGN_TASKS) if name == "stage1.json" else set())
+        assert max(per_task.values()) <= cap and per_task["image-what"] == cap, (name, per_task)
+    yes_no = Counter(r["answer"] for r in files["test.json"] if r["task"] == "image-yesno")
+    assert yes_no == {"Yes.": cap // 2, "No.": cap // 2}
+    stage2 = [r for g in ("image", "speech", "sound") for r in files[f"stage2-{g}.json"]]
+    assert sorted(r["id"] for r in files["stage3.json"]) == sorted(r["id"] for r in stage2)
+    assert {r["id"] for r in train if r["task"] in INSTRUCT_TASKS} == {r["id"] for r in stage2}
+    # disjoint splits: test items from the manifest's test split, val and train items from its train split, no
+    # item and no caption in two of them
+    items = {name: {r["source_id"] for r in files[name]} for name in ("stage1.json", "val.json", "test.json")}
+    assert {split_of[i] for i in items["test.json"]} == {"test"}
+    assert {split_of[i] for i in items["stage1.json"] | items["val.json"]} == {"train"}
+    assert not items["stage1.json"] & items["val.json"] and not items["stage1.json"] & items["test.json"]
+    assert not items["val.json"] & items["test.json"]
+    captions = {
+        name: {normalise_caption(r["answer"]) for r in files[name] if r["task"] in ("image-what", "caption-image")}
+        for name in items
+    }
+    assert not captions["stage1.json"] & (captions["val.json"] | captions["test.json"])
+    # test-eval.json: at most --eval-per-task records of each test task, taken from test.json unchanged
+    subset = json.loads((out / "test-eval.json").read_text())
+    assert Counter(r["task"] for r in subset) == {t: per_eval for t in INSTRUCT_TASKS}
+    assert all(r in files["test.json"] for r in subset)
+
+    # the command writes what the library writes from that manifest
+    lib = out.parent / "lib"  # beside --out: the same relative media paths
+    assert build_tuxpaint_tasks(manifest, lib, seed=seed, max_per_task=cap, val_fraction=0.2) == counts
+    eval_subset(lib, per_eval, seed)
+    for name in [*printed, "test-eval.json"]:
+        assert (lib / name).read_text() == (out / name).read_text(), name
+
+    bad = omnimoe("mllm", "tasks", "--out", str(tmp_path / "bad"), "--manifest", str(manifest), "--val-fraction", "1")
+    assert bad.returncode == 2 and "val_fraction" in bad.stderr

@@ -90,10 +90,15 @@ def test_hf_text_encoder(tiny_bert):
     assert enc.modality == "text" and enc.dim == 32
     out = enc.encode([enc.load_item("a red cat."), enc.load_item("  a   dog ")])
     assert out.tokens.shape[0] == 2 and out.mask.sum(1).tolist()[0] > out.mask.sum(1).tolist()[1]
-    # pooled = masked mean of the mean of the last two layers
-    batch = enc.tokenizer(["a red cat."], return_tensors="pt")
-    hs = enc.model(**batch, output_hidden_states=True).hidden_states
-    torch.testing.assert_close(out.pooled[0], ((hs[-1] + hs[-2]) / 2)[0].mean(0), atol=1e-5, rtol=1e-5)
+    # pooled = masked mean of the mean of the last two layers, each item as the model computes it alone (the
+    # shorter one padded in the batch: its padding neither attended to nor averaged)
+    for i, text in enumerate(["a red cat.", "a dog"]):
+        batch = enc.tokenizer([text], return_tensors="pt")
+        hs = enc.model(**batch, output_hidden_states=True).hidden_states
+        n = batch["input_ids"].shape[1]
+        assert int(out.mask[i].sum()) == n
+        torch.testing.assert_close(out.tokens[i, :n], ((hs[-1] + hs[-2]) / 2)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.pooled[i], ((hs[-1] + hs[-2]) / 2)[0].mean(0), atol=1e-5, rtol=1e-5)
     with pytest.raises(BadInput, match="empty caption"):
         enc.load_item("   ")
     with pytest.raises(BadInput, match="must be a string"):
@@ -111,6 +116,41 @@ def test_hf_vision_encoder(tiny_vit, tmp_path):
     torch.testing.assert_close(out.pooled, out.tokens[:, 0])
     with pytest.raises(BadInput, match="missing file"):
         enc.load_item(tmp_path / "nope.png")
+
+
+def _images(folder, sizes=((20, 30), (50, 40))):
+    """Random RGB PNGs of the given (height, width); their paths."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        paths.append(folder / f"img{i}.png")
+    return paths
+
+
+def _layers(hidden_states, layers):
+    return hidden_states[-1] if layers == "last" else (hidden_states[-1] + hidden_states[-2]) / 2
+
+
+@pytest.mark.parametrize("pooling,layers", [("cls", "last"), ("mean", "last2")])
+def test_hf_vision_encoder_equals_the_model_run_directly(tiny_vit, tmp_path, pooling, layers):
+    """Token states are the chosen hidden layers of the HF model on the folder's own preprocessing; pooled is their
+    first (CLS) token or their mean, in float32 as the model computes them."""
+    from transformers import ViTImageProcessor, ViTModel
+
+    paths = _images(tmp_path)
+    enc = load_encoder(f"hf:{tiny_vit}", EncoderOptions(pooling=pooling, layers=layers, dtype="float32"))
+    out = enc.encode([enc.load_item(p) for p in paths])
+    model = ViTModel.from_pretrained(tiny_vit).eval()
+    pixels = ViTImageProcessor.from_pretrained(tiny_vit)(
+        images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt"
+    )["pixel_values"]
+    with torch.no_grad():
+        tokens = _layers(model(pixel_values=pixels, output_hidden_states=True).hidden_states, layers)
+    assert out.tokens.dtype == out.pooled.dtype == torch.float32 and out.mask.all()
+    torch.testing.assert_close(out.tokens, tokens, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.pooled, tokens[:, 0] if pooling == "cls" else tokens.mean(1), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(out.pooled[0], out.pooled[1], atol=1e-3)  # two images, two vectors
 
 
 def test_hf_whisper_encoder(tiny_whisper):
@@ -160,9 +200,11 @@ def test_gemma3_270m_packaged_weights():
     assert v[0] @ v[1] > v[0] @ v[2]
 
 
-def test_hf_clip_keeps_only_the_vision_tower(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
+    folder = tmp_path_factory.mktemp("tiny-clip")
     torch.manual_seed(0)
     cfg = CLIPConfig(
         text_config={
@@ -181,15 +223,39 @@ def test_hf_clip_keeps_only_the_vision_tower(tmp_path):
             "num_attention_heads": 2,
         },
     )
-    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        tmp_path / "clip"
-    )
+    CLIPModel(cfg).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_hf_clip_keeps_only_the_vision_tower(tiny_clip, tmp_path):
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "x.png")
-    enc = load_encoder(f"hf:{tmp_path / 'clip'}")
+    enc = load_encoder(f"hf:{tiny_clip}")
     assert enc.modality == "image" and enc.dim == 24
     assert not any("text_model" in n for n, _ in enc.model.named_parameters())
     assert enc.encode([enc.load_item(tmp_path / "x.png")]).tokens.shape == (1, 5, 24)
+
+
+@pytest.mark.parametrize("pooling,layers", [("mean", "last"), ("cls", "last2")])
+def test_hf_clip_vision_tower_equals_clip_vision_model(tiny_clip, tmp_path, pooling, layers):
+    """The CLIP tower's tokens and pooled vectors are those of ``CLIPVisionModel`` (loaded on its own from the
+    same checkpoint) on CLIP's preprocessing (shortest edge, centre crop, CLIP mean and std)."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    paths = _images(tmp_path, sizes=((40, 60), (33, 33)))
+    enc = load_encoder(f"hf:{tiny_clip}", EncoderOptions(pooling=pooling, layers=layers, dtype="float32"))
+    out = enc.encode([enc.load_item(p) for p in paths])
+    model = CLIPVisionModel.from_pretrained(tiny_clip).eval()
+    pixels = CLIPImageProcessor.from_pretrained(tiny_clip)(
+        images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt"
+    )["pixel_values"]
+    assert pixels.shape == (2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = _layers(model(pixel_values=pixels, output_hidden_states=True).hidden_states, layers)
+    assert tokens.shape == (2, 5, 24)  # CLS + 2x2 patches
+    torch.testing.assert_close(out.tokens, tokens, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.pooled, tokens[:, 0] if pooling == "cls" else tokens.mean(1), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(out.pooled[0], out.pooled[1], atol=1e-3)
 
 
 def test_hf_causal_lm_as_text_tower(tiny_bert, tmp_path):
@@ -211,9 +277,24 @@ def test_hf_causal_lm_as_text_tower(tiny_bert, tmp_path):
     AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
     enc = load_encoder(f"hf-text:{folder}", EncoderOptions(pooling="last", dtype="float32"))
     assert enc.dim == 32
-    out = enc.encode([enc.load_item("a red cat ."), enc.load_item("a dog")])
+    texts = ["a red cat .", "a dog"]
+    out = enc.encode([enc.load_item(t) for t in texts])
     last = out.mask.sum(1) - 1
     torch.testing.assert_close(out.pooled, out.tokens[torch.arange(2), last])
+    # each text run through the LM alone (no padding): its last-layer states, the last one as the pooled vector
+    model, tok = LlamaModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    mean = load_encoder(f"hf-text:{folder}", EncoderOptions(pooling="mean", layers="last2", dtype="float32"))
+    out_mean = mean.encode([mean.load_item(t) for t in texts])
+    for i, text in enumerate(texts):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+        n = ids.shape[1]
+        assert out.mask[i].sum() == n and not out.mask[i, n:].any()
+        torch.testing.assert_close(out.tokens[i, :n], hs[-1][0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out.pooled[i], hs[-1][0, -1], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out_mean.pooled[i], ((hs[-1] + hs[-2]) / 2)[0].mean(0), atol=1e-6, rtol=1e-5)
+    assert out.mask.sum(1).tolist()[0] > out.mask.sum(1).tolist()[1]  # the second one was padded in the batch
 
 
 @pytest.mark.parametrize("variant,tokens", [("efficientnet-lite1", 64), ("efficientnet-lite2", 81)])
