@@ -476,7 +476,9 @@ def mllm_chat(
     model: Path = typer.Option(Path("runs/unimoe/stage3"), help="A stage folder or saved model folder."),
     image: List[Path] = typer.Option([], help="Image file (repeatable)."),
     audio: List[Path] = typer.Option([], help="Audio file (speech or sound; repeatable)."),
-    video: List[Path] = typer.Option([], help="A folder of frames (repeatable)."),
+    video: List[Path] = typer.Option(
+        [], help="A video file (8 frames evenly spaced) or a folder of frames (repeatable)."
+    ),
     max_new_tokens: int = typer.Option(64),
 ) -> None:
     """Ask the trained model: omnimoe mllm chat --image x.png --audio y.wav "What is this?"."""
@@ -508,20 +510,24 @@ def mllm_tasks(
         0.0, help="Share of train captions moved to val.json (choose recipes there, not on test)."
     ),
     seed: int = typer.Option(0),
+    cache: Optional[Path] = typer.Option(
+        None, help="Download cache for the Tux Paint package (default ~/.cache/omnimoe)."
+    ),
 ) -> None:
     """Build the Tux Paint instruction tasks (image, speech and sound questions) as LLaVA-style JSON."""
+    from omnimoe.data.manifest import ManifestError
     from omnimoe.data.tuxpaint import build_tuxpaint_manifest
     from omnimoe.mllm.tasks import build_tuxpaint_tasks
 
     from omnimoe.demos.unimoe import eval_subset
 
-    if manifest is None:
-        manifest, _ = build_tuxpaint_manifest(out.parent / "data")
     try:
+        if manifest is None:
+            manifest, _ = build_tuxpaint_manifest(out.parent / "data", cache)
         files = build_tuxpaint_tasks(
             manifest, out, seed=seed, max_per_task=max_per_task or None, val_fraction=val_fraction
         )["files"]
-    except ValueError as exc:
+    except (ManifestError, ValueError, RuntimeError, OSError) as exc:  # a fetch, a manifest or a setting
         _fail(str(exc))
     eval_subset(out, eval_per_task, seed)
     typer.echo(json.dumps(files, indent=1))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,3 +160,17 @@ def test_mllm_tasks_writes_capped_disjoint_task_files(tmp_path):
 
     bad = omnimoe("mllm", "tasks", "--out", str(tmp_path / "bad"), "--manifest", str(manifest), "--val-fraction", "1")
     assert bad.returncode == 2 and "val_fraction" in bad.stderr
+
+
+def test_mllm_tasks_names_a_bad_manifest(tmp_path):
+    from omnimoe.cli import app
+
+    result = CliRunner().invoke(
+        app, ["mllm", "tasks", "--manifest", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "t")]
+    )
+    assert result.exit_code == 2 and "none.jsonl does not exist" in result.output, result.output
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    result = CliRunner().invoke(
+        app, ["mllm", "tasks", "--manifest", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "t")]
+    )
+    assert result.exit_code == 2 and "bad.jsonl" in result.output and "Traceback" not in result.output, result.output

@@ -162,3 +162,52 @@ def test_chat_video_from_the_command_line(stage, session, monkeypatch):
     empty.mkdir()
     result = CliRunner().invoke(app, [*args, "--video", str(empty), "What moves?"])
     assert result.exit_code == 2 and "no frames" in result.stderr
+
+
+def write_video_file(path: Path, rgb: tuple[int, int, int], shape: str, frames: int) -> Path:
+    """The same moving shape as :func:`write_video`, encoded as an MPEG-4 file with PyAV."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for t in range(frames):
+            img = Image.new("RGB", (64, 64), "white")
+            box = (4 + 4 * t, 20, 28 + 4 * t, 44)
+            (ImageDraw.Draw(img).ellipse if shape == "ball" else ImageDraw.Draw(img).rectangle)(box, fill=rgb)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_a_video_file_is_read_as_evenly_spaced_frames(stage, session, tmp_path):
+    """A video file (not a folder) works: 8 frames evenly spaced over its 12, each through the image encoder,
+    averaged; the states equal those of the same 8 decoded frames given as a folder. A broken file is named."""
+    from omnimoe.encoders.base import BadInput
+    from omnimoe.encoders.media import read_video_frames
+
+    video = write_video_file(tmp_path / "ball.mp4", (220, 20, 20), "ball", frames=12)
+    decoded = read_video_frames(video, frames=12)
+    frames = read_video_frames(video)
+    assert len(decoded) == 12 and len(frames) == 8
+    picked = [0, 2, 3, 5, 6, 8, 9, 11]  # round(i * 11 / 7)
+    assert all(f.tobytes() == decoded[i].tobytes() for f, i in zip(frames, picked))
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames):
+        frame.save(folder / f"frame-{i}.png")
+    states = session.media("video", video)
+    assert torch.equal(states, session.media("video", folder))
+    assert not torch.equal(
+        states, session.media("video", write_video_file(tmp_path / "box.mp4", (30, 60, 220), "box", 12))
+    )
+    assert session.ask("What moves?", videos=[str(video)], max_new_tokens=2) == session.ask(
+        "What moves?", videos=[str(folder)], max_new_tokens=2
+    )
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    with pytest.raises(BadInput, match="broken.mp4"):
+        session.media("video", broken)

@@ -322,3 +322,19 @@ def test_device_option(data, tmp_path):
     assert train(data, DIRS, cfg, tmp_path / "a", progress=False, stop_at_step=120) == {"interrupted_at": 120}
     resumed = train(data, DIRS, small(method="moe-alternating", device="auto"), tmp_path / "a", progress=False)
     assert resumed == train(data, DIRS, cfg, tmp_path / "b", progress=False)
+
+
+def test_without_validation_pairs_the_last_weights_are_kept(data, tmp_path):
+    """No val split (none in the manifest, none carved): early stopping has nothing to judge by, so it is
+    off, the user is told, and best.pt holds the last weights, not the first evaluation's."""
+    no_val = AlignmentData(
+        data.manifest_path, {"a": data.manifest_path.parent / "a", "b": data.manifest_path.parent / "b"}, val_fraction=0
+    )
+    assert not len(no_val.pairs("a->b", "val"))
+    cfg = small(method="linear", steps=60, eval_every=20, patience=1)
+    with pytest.warns(UserWarning, match="no validation pairs"):
+        result = train(no_val, DIRS, cfg, tmp_path / "run", progress=False)
+    assert result["best_step"] == 60 and not result["stopped_early"]
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert best["step"] == 60 and all(torch.equal(best["model"][k], state["model"][k]) for k in best["model"])

@@ -170,6 +170,13 @@ class Trainer:
         for d, p in self.train_pairs.items():
             if len(p) < 2:
                 raise ValueError(f"direction {d}: {len(p)} training pairs; need at least 2")
+        self.has_val = any(len(data.pairs(d, "val")) for d in directions)
+        if not self.has_val:
+            warnings.warn(
+                f"no validation pairs for {directions}: early stopping is off and the last weights are kept "
+                "(give the manifest a val split, or more train items to carve one from)",
+                stacklevel=3,
+            )
         self.dtype = autocast_dtype(cfg.dtype, device)
         self.feature_std = self._feature_std()
         self.state_path = out / "state.pt"
@@ -332,7 +339,7 @@ class Trainer:
             self.writer.flush()
         # Every rank evaluates the same (synchronised) weights on the same data, so all reach the same
         # early-stopping decision without talking; rank 0 alone writes.
-        if val > self.best:
+        if val > self.best or not self.has_val:  # nothing to judge by: the latest weights are the best
             self.best, self.best_step, self.bad_evals = val, self.step, 0
             if self.rank == 0:
                 save_checkpoint(

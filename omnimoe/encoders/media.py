@@ -90,3 +90,28 @@ def read_audio(path: str | Path, rate: int = AUDIO_RATE) -> np.ndarray:
     if not np.isfinite(audio).all():
         raise BadInput(f"{path} decodes to non-finite samples")
     return audio
+
+
+VIDEO_FRAMES = 8  # frames a video file is read as (evenly spaced over its length)
+
+
+def read_video_frames(path: str | Path, frames: int = VIDEO_FRAMES) -> list:
+    """``frames`` RGB PIL images evenly spaced over a video file (any container and codec PyAV decodes); a
+    shorter video gives all its frames. A video, for the models here, is its frames through the image encoder."""
+    import av
+
+    path = _check_file(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise BadInput(f"{path} has no video stream")
+            decoded = [f.to_image().convert("RGB") for f in container.decode(video=0)]
+    except BadInput:
+        raise
+    except Exception as exc:  # PyAV raises its own error types for unreadable or corrupt data
+        raise BadInput(f"{path} is not a readable video ({type(exc).__name__}: {exc})") from None
+    if not decoded:
+        raise BadInput(f"{path}: no frame could be decoded")
+    if len(decoded) <= frames:
+        return decoded
+    return [decoded[round(i * (len(decoded) - 1) / (frames - 1))] for i in range(frames)] if frames > 1 else decoded[:1]

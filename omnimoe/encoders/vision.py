@@ -107,7 +107,9 @@ class EfficientNetLiteEncoder(FrozenEncoder):
 
 
 class HFVisionEncoder(FrozenEncoder):
-    """Any HF vision model: patch-token hidden states; pooled by CLS (default for ViT-likes) or mean."""
+    """Any HF vision model: the patch-token hidden states of the layers ``options.layers`` names (the
+    encoder layers' outputs, before a final LayerNorm the model may apply), pooled as ``options.pooling``
+    says (mean by default; ``cls`` for ViT-likes trained with a class token)."""
 
     modality = "image"
 

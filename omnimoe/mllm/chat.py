@@ -3,6 +3,7 @@ then the connectors, spliced where the placeholders stand (prepended when the pr
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,13 @@ from omnimoe.mllm.model import PLACEHOLDERS, MultimodalLLM
 FRAME_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".svg")
 
 
+def _remove_all(folders: list[Path]) -> None:
+    import shutil
+
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class ChatSession:
     """A loaded model plus its encoders (each loaded on first use)."""
 
@@ -23,6 +31,8 @@ class ChatSession:
 
         self.model, self.tokenizer, self.cfg = load_stage(model_dir)
         self._encoders: dict[str, Any] = {}
+        self._frame_dirs: list[Path] = []  # frames of decoded video files, removed with the session
+        weakref.finalize(self, _remove_all, self._frame_dirs)
 
     def _encoder(self, kind: str) -> Any:
         from omnimoe.encoders.registry import load_encoder
@@ -39,15 +49,33 @@ class ChatSession:
         n = int(out.mask[0].sum()) if getattr(out, "mask", None) is not None else out.tokens.shape[1]
         return out.tokens[0, :n]
 
+    def _frames(self, path: Path) -> list[Path]:
+        """A video's frames as image files: a folder of frames (sorted by name), one image, or a video file
+        (:data:`~omnimoe.encoders.media.VIDEO_FRAMES` frames evenly spaced, written to a temporary folder)."""
+        if path.is_dir():
+            frames = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_EXTS)
+            if not frames:
+                raise ValueError(f"video {path}: no frames ({', '.join(FRAME_EXTS)}) in the folder")
+            return frames
+        if path.suffix.lower() in FRAME_EXTS or not path.is_file():
+            return [path]  # one image (a missing file is named by the image reader)
+        import tempfile
+
+        from omnimoe.encoders.media import read_video_frames
+
+        images = read_video_frames(path)
+        folder = Path(tempfile.mkdtemp(prefix="omnimoe-frames-"))
+        self._frame_dirs.append(folder)
+        for i, image in enumerate(images):
+            image.save(folder / f"frame-{i:03d}.png")
+        return sorted(folder.iterdir())
+
     def media(self, modality: str, path: str | Path) -> torch.Tensor:
         path = Path(path)
         if modality not in self.model.connectors:
             raise ValueError(f"this model has no {modality} connector (it has {sorted(self.model.connectors)})")
         if modality == "video":
-            frames = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_EXTS) if path.is_dir() else [path]
-            if not frames:
-                raise ValueError(f"video {path}: no frames ({', '.join(FRAME_EXTS)}) in the folder")
-            states = [self._states("image", f) for f in frames]
+            states = [self._states("image", f) for f in self._frames(path)]
             n = min(len(s) for s in states)
             return torch.stack([s[:n] for s in states]).mean(0)
         if not path.is_file():
