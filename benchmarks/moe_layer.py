@@ -19,6 +19,12 @@ Methods:
 * ``dense-all-experts``: ``MoELayer(backend="dense")``, every expert on every token (the Alt-MoE reference).
 * ``dense-equal-flops``: a plain two-``nn.Linear`` MLP of intermediate size ``k * F`` (the same active FLOPs
   per token, no router, no dispatch): the roofline a sparse layer can at best reach.
+* ``ours-bf16-weights``, ``dense-equal-flops-bf16-weights`` (bf16 runs): the same two with their weights
+  stored in bf16 (``MoEConfig.expert_dtype="bfloat16"``; the router stays fp32), so autocast casts nothing.
+  Under fp32 weights an MoE casts all E experts' weights at every step though a token uses k of them; the
+  dense MLP casts only its active width. ``--curves FILE`` also trains shape (b) for 200 steps both ways
+  (fp32 master weights under autocast, and pure-bf16 weights with ``omnimoe.runtime.adamw``'s float32
+  masters) on the same regression task and writes both loss curves (JSON, and a PNG beside it).
 
 Shapes: (a) the Alt-MoE connector, (b) an LLM MoE (Mixtral-like), (c) a fine-grained MoE (many small
 experts). The run ends with three target ratios, each printed as PASS or MISS.
@@ -54,7 +60,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/tim
 from timing import interleaved  # noqa: E402
 
 OURS = ("grouped_mm", "loop")
-METHODS = (*OURS, "hf-eager", "dense-all-experts", "dense-equal-flops")
+BF16_WEIGHTS = ("ours-bf16-weights", "dense-equal-flops-bf16-weights")  # bf16 runs only
+METHODS = (*OURS, "hf-eager", "dense-all-experts", "dense-equal-flops", *BF16_WEIGHTS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHECK_TOLERANCE = 1e-4  # max |ours - hf-eager| / max |hf-eager| in fp32
 
@@ -125,8 +132,11 @@ class Target:
 
 TARGETS = (
     Target("c", "hf-eager", "ours", 3.0, True, "stacked-weight indexing costs"),
+    Target("c", "hf-eager", "ours-bf16-weights", 10.0, True, "with pure-bf16 expert weights"),
     Target("a", "dense-all-experts", "ours", 2.5, True, "FLOP limit E/k = 3"),
     Target("b", "ours", "dense-equal-flops", 1.3, False, "routing + dispatch overhead"),
+    Target("b", "ours-bf16-weights", "dense-equal-flops", 1.3, False, "pure-bf16 experts, fp32 dense"),
+    Target("b", "ours-bf16-weights", "dense-equal-flops-bf16-weights", 1.3, False, "both in bf16"),
 )
 
 
@@ -208,6 +218,12 @@ def build(method: str, base: MoELayer, shape: Shape, seed: int) -> nn.Module:
     if method == "dense-equal-flops":
         torch.manual_seed(seed)
         return DenseMLP(shape.hidden_size, shape.k * shape.intermediate_size, shape.expert_type, base.experts.act)
+    if method == "ours-bf16-weights":
+        layer = MoELayer(dataclasses.replace(base.config, expert_dtype="bfloat16"))
+        layer.load_state_dict(base.state_dict())  # the same values, rounded to bf16
+        return HiddenStates(layer)
+    if method == "dense-equal-flops-bf16-weights":
+        return build("dense-equal-flops", base, shape, seed).to(torch.bfloat16)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -247,6 +263,8 @@ def make_inputs(shape: Shape, seed: int) -> tuple[MoELayer, torch.Tensor, torch.
 
 
 def skip_reason(method: str, shape: Shape, dtype: torch.dtype) -> str | None:
+    if method in BF16_WEIGHTS and dtype != torch.bfloat16:
+        return "bf16 weights run in the bf16 rows only"
     if method == "grouped_mm" and not grouped_mm_supported(
         dtype, torch.device("cpu"), shape.hidden_size, shape.intermediate_size
     ):
@@ -287,7 +305,7 @@ def print_table(shape: Shape, dtype_name: str, rows: Sequence[dict]) -> None:
     best_fwd = min((r["forward_ms"] for r in rows if r["method"] in OURS), default=None)
     print(f"\n{shape.describe()}  [{dtype_name}]")
     header = (
-        f"{'method':<18} {'train ms':>10} {'fwd ms':>10} {'train tok/s':>12} {'fwd tok/s':>12} "
+        f"{'method':<31} {'train ms':>10} {'fwd ms':>10} {'train tok/s':>12} {'fwd tok/s':>12} "
         f"{'train/ours':>11} {'fwd/ours':>9}"
     )
     print(header)
@@ -296,7 +314,7 @@ def print_table(shape: Shape, dtype_name: str, rows: Sequence[dict]) -> None:
         train_ratio = f"{r['train_ms'] / best:.2f}x" if best else "-"
         fwd_ratio = f"{r['forward_ms'] / best_fwd:.2f}x" if best_fwd else "-"
         print(
-            f"{r['method']:<18} {r['train_ms']:>10.1f} {r['forward_ms']:>10.1f} {r['train_tokens_per_s']:>12,.0f} "
+            f"{r['method']:<31} {r['train_ms']:>10.1f} {r['forward_ms']:>10.1f} {r['train_tokens_per_s']:>12,.0f} "
             f"{r['forward_tokens_per_s']:>12,.0f} {train_ratio:>11} {fwd_ratio:>9}"
         )
     print("(ours = the faster of grouped_mm and loop; ratios are time / ours' time, > 1 means slower than ours)")
@@ -411,14 +429,71 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"first check that fp32 outputs match hf-eager (max rel error < {CHECK_TOLERANCE:g})",
     )
     parser.add_argument("--out", help="write the rows as a JSON list to this file (atomically)")
+    parser.add_argument("--curves", help="also write the fp32-master vs pure-bf16 training curves here (JSON + PNG)")
+    parser.add_argument("--curve-steps", type=int, default=200)
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.threads < 1:
         parser.error("--repeat and --threads must be >= 1")
     return args
 
 
+def training_curves(shape: Shape, steps: int, seed: int) -> dict[str, list[float]]:
+    """Loss per step of the same MoE layer fitted to the same regression task (a fixed random two-layer
+    teacher) under bf16 autocast: fp32 master weights, and pure-bf16 expert weights with float32 masters in
+    the optimizer (``omnimoe.runtime.adamw``)."""
+    from omnimoe.runtime import adamw
+
+    g = torch.Generator().manual_seed(seed + 1)
+    teacher = [
+        torch.randn(shape.hidden_size, shape.hidden_size, generator=g) / shape.hidden_size**0.5 for _ in range(2)
+    ]
+    curves = {}
+    for expert_dtype in ("float32", "bfloat16"):
+        torch.manual_seed(seed)
+        layer = MoELayer(dataclasses.replace(shape.config(), expert_dtype=expert_dtype))
+        opt = adamw(layer.parameters(), lr=1e-3, weight_decay=0.0, device=torch.device("cpu"))
+        batches = torch.Generator().manual_seed(seed + 2)
+        losses = []
+        for _ in range(steps):
+            x = torch.randn(min(shape.tokens, 512), shape.hidden_size, generator=batches)
+            y = torch.tanh(x @ teacher[0]) @ teacher[1]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = (layer(x).hidden_states.float() - y).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves[expert_dtype] = losses
+        print(f"curve {expert_dtype}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    return curves
+
+
+def write_curves(curves: dict[str, list[float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    write_json(path, {"steps": len(curves["float32"]), **curves})
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, label in (
+        ("float32", "fp32 master weights (autocast)"),
+        ("bfloat16", "pure-bf16 experts + fp32 masters"),
+    ):
+        ax.plot(curves[name], label=label, linewidth=1.2)
+    ax.set(xlabel="step", ylabel="MSE", yscale="log", title="MoE layer (b): training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.splitext(path)[0] + ".png", dpi=120)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    run(args)
+    if args.curves:
+        shapes = QUICK_SHAPES if args.quick else SHAPES
+        write_curves(training_curves(shapes["b"], 20 if args.quick else args.curve_steps, args.seed), args.curves)
 
 
 if __name__ == "__main__":

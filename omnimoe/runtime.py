@@ -104,10 +104,72 @@ def adamw(
     """AdamW over ``params`` (tensors or param groups). ``fused``: one kernel for every tensor, the default on
     CPU and CUDA: on large tensors it is several times faster (a Uni-MoE stage-3 step's update, 254 -> 31 ms,
     benchmarks/mllm.py). ``fused=False``: the for-each implementation; it differs from the fused one in the
-    last bits (2e-7 after 20 steps), so a recipe whose seeded results are published keeps the one it had."""
+    last bits (2e-7 after 20 steps), so a recipe whose seeded results are published keeps the one it had.
+    Parameters stored in bf16 or fp16 (pure-bf16 experts) get float32 masters (:class:`MasterAdamW`)."""
     if fused is None:
         fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    groups = _param_groups(params)
+    if any(p.dtype in (torch.bfloat16, torch.float16) for g in groups for p in g["params"]):
+        return MasterAdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def _param_groups(params: Any) -> list[dict[str, Any]]:
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        return [{**g, "params": list(g["params"])} for g in params]
+    return [{"params": params}]
+
+
+class MasterAdamW(torch.optim.AdamW):
+    """AdamW for parameters stored in a low precision (pure-bf16 expert weights): each such parameter has a
+    float32 master copy that the optimizer updates (its moments in float32 too); after every step the master
+    is rounded back into the parameter. bf16 alone would lose most updates: at lr 1e-4 a weight of 1 moves by
+    less than its own rounding step (2^-8). The masters are part of ``state_dict``, so a resumed run
+    continues from the same float32 weights."""
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (low-precision parameter, float32 master)
+        groups = []
+        for group in _param_groups(params):
+            own = []
+            for p in group["params"]:
+                if p.dtype in (torch.bfloat16, torch.float16):
+                    master = p.detach().float().requires_grad_(p.requires_grad)
+                    self.pairs.append((p, master))
+                    own.append(master)
+                else:
+                    own.append(p)
+            groups.append({**group, "params": own})
+        super().__init__(groups, **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        for p, master in self.pairs:
+            master.grad = None if p.grad is None else p.grad.float()
+        loss = super().step(closure)
+        for p, master in self.pairs:
+            p.copy_(master)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for p, _ in self.pairs:
+            p.grad = None if set_to_none or p.grad is None else p.grad.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "masters": [m.detach().clone() for _, m in self.pairs]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("masters", None)
+        if masters is None or len(masters) != len(self.pairs):
+            raise ValueError("this optimizer state has no float32 masters for the low-precision parameters")
+        with torch.no_grad():
+            for (p, master), saved in zip(self.pairs, masters):
+                master.copy_(saved)
+                p.copy_(saved)
+        super().load_state_dict(state_dict)
 
 
 class NonFiniteLoss(ValueError):

@@ -1,12 +1,15 @@
-"""Shared fixtures: the quick demo run (real Tux Paint data, real encoders, trained connectors), made once;
-the Tux Paint stamps, which a test may skip without only where they cannot be fetched and CI does not
-require them (``OMNIMOE_REQUIRE_DATA=1``: a fetch failure fails the test)."""
+"""Shared fixtures: the quick demo run (real Tux Paint data, real encoders, trained connectors) and the Tux
+Paint manifest, each made once per session; the Tux Paint stamps, which a test may skip without only where
+they cannot be fetched and CI does not require them (``OMNIMOE_REQUIRE_DATA=1``: a fetch failure fails the
+test); and the one tiny causal-LM shape the unit tests build (no download)."""
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +40,30 @@ def require_tuxpaint() -> None:
         if os.environ.get("OMNIMOE_REQUIRE_DATA"):
             pytest.fail(f"Tux Paint cannot be fetched and OMNIMOE_REQUIRE_DATA is set: {exc}")
         pytest.skip(f"Tux Paint cannot be fetched here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def tuxpaint_manifest(tmp_path_factory):
+    """The Tux Paint manifest (images, captions, sound effects, and spoken captions where espeak-ng is here),
+    built once per session: ``(manifest path, stats)``."""
+    from omnimoe.data.tuxpaint import build_tuxpaint_manifest
+
+    require_tuxpaint()
+    espeak = shutil.which("espeak-ng") is not None
+    return build_tuxpaint_manifest(tmp_path_factory.mktemp("tux") / "tux", synthesize_speech=espeak)
+
+
+# The tests' tiny causal LM: the library's own tiny config (omnimoe.mllm.llm.tiny_config) at this size.
+TINY_LLM = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "layers": 4}
+
+
+def tiny_llm(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised ``family`` causal LM (llama, qwen2, mistral, gemma3) of :data:`TINY_LLM`'s size."""
+    from transformers import AutoModelForCausalLM
+
+    from omnimoe.mllm.llm import tiny_config
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, TINY_LLM["vocab_size"], TINY_LLM["hidden_size"], TINY_LLM["layers"])
+    assert config.intermediate_size == TINY_LLM["intermediate_size"]
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()

@@ -11,27 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
+from conftest import TINY_LLM, tiny_llm
 
 from omnimoe.mllm import MoELLMConfig, decoder_layers, moefy
 from omnimoe.mllm.baselines import dense_equal_active, moe_active_parameters
 from omnimoe.moe import MoEConfig, MoELayer
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**SMALL),
-    "qwen2": lambda: Qwen2Config(**SMALL),
-    "gemma3": lambda: Gemma3TextConfig(**SMALL, head_dim=8, sliding_window=64),
-}
+SMALL = TINY_LLM
+FAMILIES = ("llama", "qwen2", "gemma3")
 
 
 def load_bench():
@@ -42,12 +30,7 @@ def load_bench():
     return module
 
 
-def tiny_llm(family: str, seed: int = 0):
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="eager").eval()
-
-
-@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_dense_equal_active_keeps_the_model_at_init_with_the_moe_active_parameters(family):
     llm = tiny_llm(family)
     cfg = MoELLMConfig(layers="every:2", num_experts=4, num_experts_per_tok=2)

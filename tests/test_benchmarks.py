@@ -24,9 +24,15 @@ def test_moe_layer_benchmark_quick(tmp_path):
     rows = bench.run(bench.parse_args(["--quick", "--check", "--out", str(out)]))
     assert json.loads(out.read_text()) == json.loads(json.dumps(rows))
     methods = {r["method"] for r in rows}
-    assert methods == {"grouped_mm", "loop", "hf-eager", "dense-all-experts", "dense-equal-flops"}
+    assert methods == {"grouped_mm", "loop", "hf-eager", "dense-all-experts", "dense-equal-flops", *bench.BF16_WEIGHTS}
+    assert {r["dtype"] for r in rows if r["method"] in bench.BF16_WEIGHTS} == {"bfloat16"}
     assert {r["shape"] for r in rows} == {"a", "b", "c"} and {r["dtype"] for r in rows} == {"float32", "bfloat16"}
-    assert all(r["train_ms"] > 0 and r["forward_ms"] > 0 for r in rows)
+    assert all(0 < r["train_ms_min"] <= r["train_ms"] <= r["train_ms_max"] and r["forward_ms"] > 0 for r in rows)
+    curves = tmp_path / "curves.json"
+    bench.write_curves(bench.training_curves(bench.QUICK_SHAPES["b"], 5, 0), str(curves))
+    written = json.loads(curves.read_text())
+    assert written["steps"] == 5 and len(written["float32"]) == len(written["bfloat16"]) == 5
+    assert curves.with_suffix(".png").stat().st_size > 1000
 
 
 @pytest.mark.slow

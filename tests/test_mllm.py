@@ -3,7 +3,7 @@ FFNs of Llama / Qwen2 / Mistral / Gemma3 layouts, connectors, splicing and maski
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+from conftest import TINY_LLM, tiny_llm
 
 from omnimoe.mllm import (
     IGNORE_INDEX,
@@ -19,30 +19,12 @@ from omnimoe.mllm import (
 from omnimoe.mllm.connectors import MLPConnector, QFormerConnector
 from omnimoe.mllm.moe_llm import MoEMLP
 
-VOCAB, IMAGE_ID, AUDIO_ID = 96, 94, 95
-SMALL = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**SMALL),
-    "qwen2": lambda: Qwen2Config(**SMALL),
-    "mistral": lambda: MistralConfig(**SMALL, sliding_window=None),
-    "gemma3": lambda: Gemma3TextConfig(**SMALL, head_dim=8, sliding_window=64),
-}
+VOCAB = TINY_LLM["vocab_size"]
+IMAGE_ID, AUDIO_ID = VOCAB - 2, VOCAB - 1
+FAMILIES = ("llama", "qwen2", "mistral", "gemma3")
 
 
-def tiny_llm(family: str = "llama", seed: int = 0):
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="eager").eval()
-
-
-@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_upcycled_moe_llm_equals_the_dense_llm_at_init(family):
     """Every expert a copy of the FFN and the top-k weights renormalised: the MoE-LLM computes the dense LLM."""
     llm = tiny_llm(family)

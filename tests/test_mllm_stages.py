@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_tuxpaint
 import torch
 from safetensors.torch import load_file
 
@@ -48,14 +47,13 @@ TINY = dict(
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
-    from omnimoe.data.tuxpaint import build_tuxpaint_manifest
+def tasks(tuxpaint_manifest, tmp_path_factory):
+    """Task files of at most 3 records per task (the session's manifest: only a fetch failure may skip it,
+    never on CI; any other error fails every test here)."""
     from omnimoe.mllm.tasks import build_tuxpaint_tasks
 
     root = tmp_path_factory.mktemp("unimoe")
-    require_tuxpaint()  # only a fetch failure may skip (never on CI); any other error fails every test here
-    manifest, _ = build_tuxpaint_manifest(root / "data", synthesize_speech=False)
-    build_tuxpaint_tasks(manifest, root / "tasks", max_per_task=3)
+    build_tuxpaint_tasks(tuxpaint_manifest[0], root / "tasks", max_per_task=3)
     return root / "tasks"
 
 

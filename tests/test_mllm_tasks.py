@@ -2,12 +2,10 @@
 
 import json
 import math
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import require_tuxpaint
 
 from omnimoe.data.adapters import normalise_caption
 from omnimoe.data.manifest import read_manifest
@@ -28,14 +26,9 @@ TRAIN_FILES = FILES[:-1]
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    """The Tux Paint manifest, built once (spoken captions synthesised when espeak-ng is here)."""
-    from omnimoe.data.tuxpaint import build_tuxpaint_manifest
-
-    require_tuxpaint()
-    espeak = shutil.which("espeak-ng") is not None
-    path, stats = build_tuxpaint_manifest(tmp_path_factory.mktemp("tux") / "tux", synthesize_speech=espeak)
-    return path, stats
+def manifest(tuxpaint_manifest):
+    """The session's Tux Paint manifest (spoken captions synthesised when espeak-ng is here)."""
+    return tuxpaint_manifest
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ class MoELLMConfig:
     init: str = "copy"  # copy: every expert = the dense FFN (+ noise_std); sliced: the FFN cut into experts
     noise_std: float = 0.0
     backend: str = "auto"
+    expert_dtype: str = "float32"  # bfloat16: pure-bf16 expert weights (omnimoe.moe.MoEConfig.expert_dtype)
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, int):
@@ -82,6 +83,7 @@ class MoELLMConfig:
                 "router_jitter_noise",
                 "capacity_factor",
                 "backend",
+                "expert_dtype",
             )
             if k in names
         }
@@ -185,7 +187,7 @@ def moefy(
                 [dense], noise_std=config.noise_std, generator=generator, copies=True, **config.routing()
             )
         ref = next(dense.parameters())
-        block.mlp = MoEMLP(layer.to(device=ref.device, dtype=ref.dtype))
+        block.mlp = MoEMLP(layer.to(device=ref.device, dtype=ref.dtype).keep_expert_dtype())
     return chosen
 
 
@@ -209,7 +211,7 @@ def empty_moe(model: nn.Module, config: MoELLMConfig, experts: dict[int, int] | 
             **routing,
         )
         ref = next(blocks[i].mlp.parameters())
-        blocks[i].mlp = MoEMLP(MoELayer(cfg).to(device=ref.device, dtype=ref.dtype))
+        blocks[i].mlp = MoEMLP(MoELayer(cfg).to(device=ref.device, dtype=ref.dtype).keep_expert_dtype())
     return chosen
 
 

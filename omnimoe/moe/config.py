@@ -50,6 +50,10 @@ class MoEConfig:
     capacity_factor: Optional[float] = None
     # Expert compute backend; "auto" = grouped_mm when the shapes allow it, else loop.
     backend: Backend = "auto"
+    # The routed experts' weights: "float32" (under bf16 autocast they are cast at every forward), or
+    # "bfloat16" (pure-bf16 weights: no cast, half the memory; train them with omnimoe.runtime.adamw, which
+    # keeps float32 master copies and optimizer state for them).
+    expert_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -72,6 +76,8 @@ class MoEConfig:
             bad(f"capacity_factor must be positive or None, got {self.capacity_factor}")
         if not 0.0 <= self.expert_dropout < 1.0:
             bad(f"expert_dropout must be in [0, 1), got {self.expert_dropout}")
+        if self.expert_dtype not in ("float32", "bfloat16"):
+            bad(f"expert_dtype must be 'float32' or 'bfloat16', got {self.expert_dtype!r}")
         if self.router_jitter_noise < 0:
             bad(f"router_jitter_noise must be >= 0, got {self.router_jitter_noise}")
         from omnimoe.moe.experts import ACTIVATIONS  # local import: config stays importable on its own

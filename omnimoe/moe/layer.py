@@ -50,6 +50,12 @@ class MoELayer(nn.Module):
         self.experts = self._make_experts(config.num_experts, config.intermediate_size)
         self.shared_experts = self._make_experts(1, config.shared_size) if config.num_shared_experts else None
         self.register_buffer("_load_since_update", torch.zeros(config.num_experts), persistent=False)
+        self.keep_expert_dtype()
+
+    def keep_expert_dtype(self) -> MoELayer:
+        """Put the routed experts back in ``config.expert_dtype`` (after a ``.to(dtype)`` of the whole model)."""
+        self.experts.to(getattr(torch, self.config.expert_dtype))
+        return self
 
     def _make_experts(self, n: int, size: int) -> Experts:
         c = self.config
