@@ -332,6 +332,9 @@ def connector_comparison(reps: int) -> dict[str, float]:
             if i >= 10:
                 times[name].append((time.perf_counter() - t) * 1e3)
     result = {f"{name}_p50_ms": round(percentiles(ms)[0], 3) for name, ms in times.items()}
+    # the query path call after call, as a search loop makes it (interleaved, the torch calls between evict
+    # its weights from the caches)
+    result["query_path_consecutive_p50_ms"] = round(percentiles(time_calls(lambda i: path(x), reps, warmup=20))[0], 3)
     print(json.dumps({"connector": result}), flush=True)
     return result
 

@@ -67,3 +67,22 @@ def tiny_llm(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     config = tiny_config(family, TINY_LLM["vocab_size"], TINY_LLM["hidden_size"], TINY_LLM["layers"])
     assert config.intermediate_size == TINY_LLM["intermediate_size"]
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+# The tests' Uni-MoE recipe: that tiny LM family through the training stages, a few float32 steps
+# (MLLMTrainConfig fields; tests override what they vary).
+TINY_RECIPE = dict(
+    llm="tiny:llama",
+    tiny_layers=2,
+    steps=4,
+    batch_size=3,
+    warmup_steps=1,
+    save_every=2,
+    log_every=2,
+    dtype="float32",
+    eval_max_new_tokens=4,
+    connectors={
+        "image": {"kind": "mlp", "max_tokens": 8},
+        "audio": {"kind": "qformer", "num_queries": 4, "num_heads": 4},
+    },
+)

@@ -132,25 +132,35 @@ def _layers(hidden_states, layers):
     return hidden_states[-1] if layers == "last" else (hidden_states[-1] + hidden_states[-2]) / 2
 
 
+def _ours_and_direct(folder, paths, pooling, layers, model_cls, processor_cls):
+    """Our encoder's output for ``paths`` and the tokens of ``model_cls`` run directly on ``processor_cls``'s
+    preprocessing, both float32."""
+    enc = load_encoder(f"hf:{folder}", EncoderOptions(pooling=pooling, layers=layers, dtype="float32"))
+    out = enc.encode([enc.load_item(p) for p in paths])
+    model = model_cls.from_pretrained(folder).eval()
+    pixels = processor_cls.from_pretrained(folder)(
+        images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt"
+    )["pixel_values"]
+    with torch.no_grad():
+        tokens = _layers(model(pixel_values=pixels, output_hidden_states=True).hidden_states, layers)
+    return out, tokens
+
+
+def _check_pooled(out, tokens, pooling):
+    assert out.tokens.dtype == out.pooled.dtype == torch.float32 and out.mask.all()
+    torch.testing.assert_close(out.tokens, tokens, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.pooled, tokens[:, 0] if pooling == "cls" else tokens.mean(1), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(out.pooled[0], out.pooled[1], atol=1e-3)  # two images, two vectors
+
+
 @pytest.mark.parametrize("pooling,layers", [("cls", "last"), ("mean", "last2")])
 def test_hf_vision_encoder_equals_the_model_run_directly(tiny_vit, tmp_path, pooling, layers):
     """Token states are the chosen hidden layers of the HF model on the folder's own preprocessing; pooled is their
     first (CLS) token or their mean, in float32 as the model computes them."""
     from transformers import ViTImageProcessor, ViTModel
 
-    paths = _images(tmp_path)
-    enc = load_encoder(f"hf:{tiny_vit}", EncoderOptions(pooling=pooling, layers=layers, dtype="float32"))
-    out = enc.encode([enc.load_item(p) for p in paths])
-    model = ViTModel.from_pretrained(tiny_vit).eval()
-    pixels = ViTImageProcessor.from_pretrained(tiny_vit)(
-        images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt"
-    )["pixel_values"]
-    with torch.no_grad():
-        tokens = _layers(model(pixel_values=pixels, output_hidden_states=True).hidden_states, layers)
-    assert out.tokens.dtype == out.pooled.dtype == torch.float32 and out.mask.all()
-    torch.testing.assert_close(out.tokens, tokens, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(out.pooled, tokens[:, 0] if pooling == "cls" else tokens.mean(1), atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(out.pooled[0], out.pooled[1], atol=1e-3)  # two images, two vectors
+    out, tokens = _ours_and_direct(tiny_vit, _images(tmp_path), pooling, layers, ViTModel, ViTImageProcessor)
+    _check_pooled(out, tokens, pooling)
 
 
 def test_hf_whisper_encoder(tiny_whisper):
@@ -242,20 +252,10 @@ def test_hf_clip_vision_tower_equals_clip_vision_model(tiny_clip, tmp_path, pool
     same checkpoint) on CLIP's preprocessing (shortest edge, centre crop, CLIP mean and std)."""
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
-    paths = _images(tmp_path, sizes=((40, 60), (33, 33)))
-    enc = load_encoder(f"hf:{tiny_clip}", EncoderOptions(pooling=pooling, layers=layers, dtype="float32"))
-    out = enc.encode([enc.load_item(p) for p in paths])
-    model = CLIPVisionModel.from_pretrained(tiny_clip).eval()
-    pixels = CLIPImageProcessor.from_pretrained(tiny_clip)(
-        images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt"
-    )["pixel_values"]
-    assert pixels.shape == (2, 3, 32, 32)
-    with torch.no_grad():
-        tokens = _layers(model(pixel_values=pixels, output_hidden_states=True).hidden_states, layers)
-    assert tokens.shape == (2, 5, 24)  # CLS + 2x2 patches
-    torch.testing.assert_close(out.tokens, tokens, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(out.pooled, tokens[:, 0] if pooling == "cls" else tokens.mean(1), atol=1e-6, rtol=1e-5)
-    assert not torch.allclose(out.pooled[0], out.pooled[1], atol=1e-3)
+    paths = _images(tmp_path, sizes=((40, 60), (33, 33)))  # not square: the centre crop matters
+    out, tokens = _ours_and_direct(tiny_clip, paths, pooling, layers, CLIPVisionModel, CLIPImageProcessor)
+    assert tokens.shape == (2, 5, 24)  # CLS + 2x2 patches of the 32 x 32 crop
+    _check_pooled(out, tokens, pooling)
 
 
 def test_hf_causal_lm_as_text_tower(tiny_bert, tmp_path):

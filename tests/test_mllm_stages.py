@@ -27,23 +27,11 @@ from omnimoe.mllm.model import IGNORE_INDEX
 from omnimoe.mllm.moe_llm import MoEMLP, decoder_layers
 from omnimoe.mllm.train import MLLMTrainConfig, load_stage, run_stage
 
+from conftest import TINY_RECIPE
+
 pytestmark = pytest.mark.slow  # real Tux Paint tasks, three trained stages, torchrun
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    llm="tiny:llama",
-    tiny_layers=2,
-    steps=4,
-    batch_size=3,
-    warmup_steps=1,
-    save_every=2,
-    log_every=2,
-    dtype="float32",
-    eval_max_new_tokens=4,
-    connectors={
-        "image": {"kind": "mlp", "max_tokens": 8},
-        "audio": {"kind": "qformer", "num_queries": 4, "num_heads": 4},
-    },
-)
+TINY = TINY_RECIPE
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from conftest import TINY_RECIPE
 from omnimoe.mllm.chat import ChatSession
 from omnimoe.mllm.train import MLLMTrainConfig, run_stage
 
@@ -49,20 +50,14 @@ def stage(tmp_path_factory):
         for name in VIDEOS
     ]
     (root / "train.json").write_text(json.dumps(records))
-    cfg = MLLMTrainConfig(
-        stage=1,
-        data=str(root / "train.json"),
-        llm="tiny:llama",
-        tiny_layers=2,
-        steps=2,
-        batch_size=2,
-        warmup_steps=1,
-        save_every=2,
-        log_every=2,
-        dtype="float32",
-        encoders={"image": "efficientnet-lite0"},
-        connectors={"image": {"kind": "mlp", "max_tokens": 8}, "video": {"kind": "mlp", "max_tokens": 8}},
-    )
+    recipe = {
+        **TINY_RECIPE,
+        "steps": 2,
+        "batch_size": 2,
+        "encoders": {"image": "efficientnet-lite0"},
+        "connectors": {"image": {"kind": "mlp", "max_tokens": 8}, "video": {"kind": "mlp", "max_tokens": 8}},
+    }
+    cfg = MLLMTrainConfig(stage=1, data=str(root / "train.json"), **recipe)
     result = run_stage(cfg, root / "s1", progress=False)
     assert set(result["modalities"]) == {"image", "video"}
     return root / "s1", videos

@@ -18,10 +18,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy.special import erf
+from threadpoolctl import ThreadpoolController
 
 from omnimoe.align.connector import AltMoEConnector, _key
 
 MAX_ROWS = 16  # above this many queries, the connector's batched forward is the faster path
+_BLAS = ThreadpoolController()  # NumPy's BLAS runs these 256-wide products on one thread (two only wait)
 
 
 def _gelu_tanh(z: np.ndarray) -> np.ndarray:
@@ -91,7 +93,8 @@ class QueryPath:
         if pooled.dim() != 2 or pooled.shape[1] != self.width:
             raise ValueError(f"expected pooled latents of shape (B, {self.width}), got {tuple(pooled.shape)}")
         x = pooled.detach().float().cpu().numpy()
-        return torch.from_numpy(np.stack([self._one(row) for row in x]))
+        with _BLAS.limit(limits=1, user_api="blas"):
+            return torch.from_numpy(np.stack([self._one(row) for row in x]))
 
     def _route(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Chosen experts and their weights, as :class:`omnimoe.moe.router.Router` chooses them."""

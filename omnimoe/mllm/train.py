@@ -276,134 +276,122 @@ def train_loop(
     stopped by ``stop_at_step``). Threads follow :mod:`omnimoe.threads`: an LLM of the size of Gemma-3-270M
     is large work, a tiny one small."""
     with ThreadPolicy(work_of(model)) as threads:
-        return _train_loop(model, data, groups, cfg, out, desc, progress, stop_at_step, pad_id, threads)
+        out.mkdir(parents=True, exist_ok=True)
+        rank, world = init_distributed()
+        device = resolve_device(cfg.device)
+        model.to(device)
+        dtype = autocast_dtype(cfg.dtype, device)
+        module: nn.Module = model
+        if world > 1:
+            from omnimoe.moe.parallel import ExpertParallelExperts, data_parallel
 
-
-def _train_loop(
-    model: MultimodalLLM,
-    data: ConversationData,
-    groups: list[dict[str, Any]],
-    cfg: MLLMTrainConfig,
-    out: Path,
-    desc: str,
-    progress: bool,
-    stop_at_step: int | None,
-    pad_id: int,
-    threads: ThreadPolicy,
-) -> dict[str, Any]:
-    out.mkdir(parents=True, exist_ok=True)
-    rank, world = init_distributed()
-    device = resolve_device(cfg.device)
-    model.to(device)
-    dtype = autocast_dtype(cfg.dtype, device)
-    module: nn.Module = model
-    if world > 1:
-        from omnimoe.moe.parallel import ExpertParallelExperts, data_parallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        if any(isinstance(m, ExpertParallelExperts) for m in model.modules()):
-            module = data_parallel(model, device_ids=ids, find_unused_parameters=True)
-        else:
-            module = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
-    opt = adamw(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)  # fused: big expert tensors
-    for g in opt.param_groups:
-        g["base_lr"] = g["lr"]
-    params = [p for g in groups for p in g["params"]]
-    state_path = out / ("state.pt" if not cfg.expert_parallel or world == 1 else f"state-rank{rank}-of-{world}.pt")
-    step, history = 0, []
-    if rank == 0:
-        remove_temporaries(out)  # of a run killed mid-write
-    if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if not _same_recipe(state["config"], cfg):
-            raise ValueError(f"{state_path} was written with another recipe; use a new output folder")
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for k, v in state["trainable"].items():
-                named[k].copy_(v)
-        opt.load_state_dict(state["optimizer"])
-        restore_rng(state, device)
-        step, history = state["step"], state["history"]
-    per_epoch = (
-        len(data.batches(cfg.batch_size, 0, cfg.seed, cfg.grouped_batches, world)) // world
-    )  # steps (of every rank)
-    if not per_epoch:
-        raise ValueError(f"{data.path}: fewer records than one batch per rank")
-    writer = tensorboard(out / "tb", step) if rank == 0 else None
-    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
-    model.train()
-    running: list[float] = []
-    order, order_epoch = [], -1  # this epoch's batches (a function of seed and epoch only: resumable)
-    while step < cfg.steps:
-        if stop_at_step is not None and step >= stop_at_step:
-            bar.close()
-            return {"interrupted_at": step}
-        threads.tick()
-        scale = warmup_cosine(step, cfg.steps, cfg.warmup_steps, 1.0, cfg.min_lr_ratio)  # times each group's own lr
+            ids = [device.index] if device.type == "cuda" else None
+            if any(isinstance(m, ExpertParallelExperts) for m in model.modules()):
+                module = data_parallel(model, device_ids=ids, find_unused_parameters=True)
+            else:
+                module = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        opt = adamw(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device)  # fused: big expert tensors
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * scale
-        opt.zero_grad(set_to_none=True)
-        total, tokens = 0.0, 0
-        for micro in range(cfg.grad_accum):
-            n = step * cfg.grad_accum + micro  # the n-th batch of the run, wherever it resumed
-            epoch, pos = divmod(n, per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = data.batches(cfg.batch_size, epoch, cfg.seed, cfg.grouped_batches, world), epoch
-            batch = data.collate(order[pos * world + rank], pad_id)  # rank r takes every world-th batch
-            media = {
-                m: dataclasses.replace(b, tokens=b.tokens.to(device), mask=b.mask.to(device))
-                for m, b in batch["media"].items()
-            }
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                res = module(
-                    batch["input_ids"].to(device),
-                    batch["attention_mask"].to(device),
-                    batch["labels"].to(device),
-                    media,
-                    loss_per=cfg.loss_per,
+            g["base_lr"] = g["lr"]
+        params = [p for g in groups for p in g["params"]]
+        state_path = out / ("state.pt" if not cfg.expert_parallel or world == 1 else f"state-rank{rank}-of-{world}.pt")
+        step, history = 0, []
+        if rank == 0:
+            remove_temporaries(out)  # of a run killed mid-write
+        if state_path.is_file():
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            if not _same_recipe(state["config"], cfg):
+                raise ValueError(f"{state_path} was written with another recipe; use a new output folder")
+            named = dict(model.named_parameters())
+            with torch.no_grad():
+                for k, v in state["trainable"].items():
+                    named[k].copy_(v)
+            opt.load_state_dict(state["optimizer"])
+            restore_rng(state, device)
+            step, history = state["step"], state["history"]
+        per_epoch = (
+            len(data.batches(cfg.batch_size, 0, cfg.seed, cfg.grouped_batches, world)) // world
+        )  # steps (of every rank)
+        if not per_epoch:
+            raise ValueError(f"{data.path}: fewer records than one batch per rank")
+        writer = tensorboard(out / "tb", step) if rank == 0 else None
+        bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
+        model.train()
+        running: list[float] = []
+        order, order_epoch = [], -1  # this epoch's batches (a function of seed and epoch only: resumable)
+        while step < cfg.steps:
+            if stop_at_step is not None and step >= stop_at_step:
+                bar.close()
+                return {"interrupted_at": step}
+            threads.tick()
+            scale = warmup_cosine(step, cfg.steps, cfg.warmup_steps, 1.0, cfg.min_lr_ratio)  # times each group's own lr
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+            opt.zero_grad(set_to_none=True)
+            total, tokens = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                n = step * cfg.grad_accum + micro  # the n-th batch of the run, wherever it resumed
+                epoch, pos = divmod(n, per_epoch)
+                if epoch != order_epoch:
+                    order, order_epoch = (
+                        data.batches(cfg.batch_size, epoch, cfg.seed, cfg.grouped_batches, world),
+                        epoch,
+                    )
+                batch = data.collate(order[pos * world + rank], pad_id)  # rank r takes every world-th batch
+                media = {
+                    m: dataclasses.replace(b, tokens=b.tokens.to(device), mask=b.mask.to(device))
+                    for m, b in batch["media"].items()
+                }
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    res = module(
+                        batch["input_ids"].to(device),
+                        batch["attention_mask"].to(device),
+                        batch["labels"].to(device),
+                        media,
+                        loss_per=cfg.loss_per,
+                    )
+                require_finite(
+                    res.loss, f"step {step}, batch of records " + ", ".join(e.sample.id for e in batch["examples"][:8])
                 )
-            require_finite(
-                res.loss, f"step {step}, batch of records " + ", ".join(e.sample.id for e in batch["examples"][:8])
-            )
-            (res.loss / cfg.grad_accum).backward()
-            total += res.lm_loss.item() / cfg.grad_accum
-            tokens += res.tokens
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        step += 1
-        running.append(total)
-        bar.update(1)
-        bar.set_postfix(loss=f"{total:.3f}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            mean = sum(running) / len(running)
-            history.append({"step": step, "loss": mean, "lr_scale": scale})
-            running.clear()
-            if writer is not None:
-                writer.add_scalar("train/loss", mean, step)
-                writer.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
-                writer.flush()
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            if rank == 0 or cfg.expert_parallel:
-                save_checkpoint(
-                    state_path,
-                    {
-                        "config": dataclasses.asdict(cfg),
-                        "trainable": _trainable_state(model),
-                        "optimizer": opt.state_dict(),
-                        **rng_state(device),
-                        "step": step,
-                        "history": history,
-                    },
-                )
-    bar.close()
-    if writer is not None:
-        writer.close()
-    if world > 1:
-        del module
-        dist.barrier()
-    model.eval()
-    return {"steps": step, "history": history}
+                (res.loss / cfg.grad_accum).backward()
+                total += res.lm_loss.item() / cfg.grad_accum
+                tokens += res.tokens
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            step += 1
+            running.append(total)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.3f}")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean = sum(running) / len(running)
+                history.append({"step": step, "loss": mean, "lr_scale": scale})
+                running.clear()
+                if writer is not None:
+                    writer.add_scalar("train/loss", mean, step)
+                    writer.add_scalar("train/lr", opt.param_groups[0]["lr"], step)
+                    writer.flush()
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                if rank == 0 or cfg.expert_parallel:
+                    save_checkpoint(
+                        state_path,
+                        {
+                            "config": dataclasses.asdict(cfg),
+                            "trainable": _trainable_state(model),
+                            "optimizer": opt.state_dict(),
+                            **rng_state(device),
+                            "step": step,
+                            "history": history,
+                        },
+                    )
+        bar.close()
+        if writer is not None:
+            writer.close()
+        if world > 1:
+            del module
+            dist.barrier()
+        model.eval()
+        return {"steps": step, "history": history}
 
 
 # -- the stages -----------------------------------------------------------------------------------------------
