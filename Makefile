@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test lint bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py $(ARGS)
+
+# On a CUDA machine: the CUDA tests and the GPU benchmarks, into gpu-check/ (benchmarks/gpu_check.sh).
+gpu-check: $(STAMP)
+	benchmarks/gpu_check.sh $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

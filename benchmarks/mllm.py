@@ -243,8 +243,8 @@ def check_hf_eager(models: dict[str, nn.Module], ids: torch.Tensor, mask: torch.
     return err
 
 
-def autocast_for(dtype: torch.dtype) -> AbstractContextManager:
-    return nullcontext() if dtype == torch.float32 else torch.autocast("cpu", dtype=dtype)
+def autocast_for(dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> AbstractContextManager:
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def train_step(
@@ -261,7 +261,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if name == "moe" and use_mask:
         set_token_mask(model, mask)
-    with autocast_for(dtype):
+    with autocast_for(dtype, ids.device):
         out = model(input_ids=ids, attention_mask=mask, labels=ids)
     loss = out.loss
     if name == "moe":
@@ -271,7 +271,7 @@ def train_step(
         loss = loss + aux_coef * hf_load_balancing_loss(model)
     loss.backward()
     optimizer.step()
-    return loss.item()
+    return loss.item()  # waits for the device: a CUDA step is timed to its end
 
 
 def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
@@ -304,8 +304,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, AdamW {args.adamw}, size {size}, {repeat} rounds (median; the models interleaved step by step after 3 warm-up steps each)"
     )
-    models = build_models(size, args.seed, args.backend)
-    ids, mask = make_batch(size, args.seed)
+    device = torch.device(args.device)
+    models = {name: model.to(device) for name, model in build_models(size, args.seed, args.backend).items()}
+    ids, mask = (t.to(device) for t in make_batch(size, args.seed))
     for model in models.values():
         model.train()
     check_hf_eager(models, ids, mask)
@@ -344,6 +345,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "num_experts_per_tok": 2,
                 "config": dict(size),
                 "threads": torch.get_num_threads(),
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "repeat": repeat,
                 "quick": args.quick,
                 "torch": torch.__version__,
@@ -396,6 +398,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-mask", action="store_true", help="do not give the padding mask to the moe model's MoE layers")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = p.parse_args(argv)
     if (args.repeat is not None and args.repeat < 1) or args.threads < 1:
         p.error("--repeat and --threads must be >= 1")

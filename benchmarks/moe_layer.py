@@ -227,60 +227,72 @@ def build(method: str, base: MoELayer, shape: Shape, seed: int) -> nn.Module:
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def autocast_for(dtype: torch.dtype) -> AbstractContextManager:
+def autocast_for(dtype: torch.dtype, device: torch.device) -> AbstractContextManager:
     if dtype == torch.float32:
         return nullcontext()
-    return torch.autocast("cpu", dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a step is timed to its end)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def steps(
     module: nn.Module, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """(train step, forward step) of ``module`` on input ``x`` with output gradient weights ``g``."""
+    device = x.device
 
     def train_step() -> None:
-        with autocast_for(dtype):
+        with autocast_for(dtype, device):
             loss = (module(x) * g).sum()
         loss.backward()
         module.zero_grad(set_to_none=True)
         x.grad = None
+        sync(device)
 
     def forward_step() -> None:
-        with torch.no_grad(), autocast_for(dtype):
+        with torch.no_grad(), autocast_for(dtype, device):
             module(x)
+        sync(device)
 
     module.train()
     return train_step, forward_step
 
 
-def make_inputs(shape: Shape, seed: int) -> tuple[MoELayer, torch.Tensor, torch.Tensor]:
-    """The shape's weights (one :class:`MoELayer`), input tokens and output-gradient weights, all seeded."""
+def make_inputs(
+    shape: Shape, seed: int, device: torch.device = torch.device("cpu")
+) -> tuple[MoELayer, torch.Tensor, torch.Tensor]:
+    """The shape's weights (one :class:`MoELayer`), input tokens and output-gradient weights, all seeded
+    (drawn on the CPU, then moved: the same values on every device)."""
     torch.manual_seed(seed)
-    base = MoELayer(shape.config())
-    x = torch.randn(shape.tokens, shape.hidden_size).requires_grad_(True)
-    g = torch.randn(shape.tokens, shape.hidden_size)
+    base = MoELayer(shape.config()).to(device)
+    x = torch.randn(shape.tokens, shape.hidden_size).to(device).requires_grad_(True)
+    g = torch.randn(shape.tokens, shape.hidden_size).to(device)
     return base, x, g
 
 
-def skip_reason(method: str, shape: Shape, dtype: torch.dtype) -> str | None:
+def skip_reason(
+    method: str, shape: Shape, dtype: torch.dtype, device: torch.device = torch.device("cpu")
+) -> str | None:
     if method in BF16_WEIGHTS and dtype != torch.bfloat16:
         return "bf16 weights run in the bf16 rows only"
-    if method == "grouped_mm" and not grouped_mm_supported(
-        dtype, torch.device("cpu"), shape.hidden_size, shape.intermediate_size
-    ):
-        return f"grouped_mm cannot run {dtype} H={shape.hidden_size} F={shape.intermediate_size} on this torch/CPU"
+    if method == "grouped_mm" and not grouped_mm_supported(dtype, device, shape.hidden_size, shape.intermediate_size):
+        return f"grouped_mm cannot run {dtype} H={shape.hidden_size} F={shape.intermediate_size} on {device.type}"
     return None
 
 
-def check_against_hf(shape: Shape, seed: int) -> None:
+def check_against_hf(shape: Shape, seed: int, device: torch.device = torch.device("cpu")) -> None:
     """fp32: every MoE method's output must match the hf-eager loop's (max relative error < CHECK_TOLERANCE)."""
-    base, x, _ = make_inputs(shape, seed)
+    base, x, _ = make_inputs(shape, seed, device)
     with torch.no_grad():
         reference = HFEagerMoE(base)(x)
         for method in (*OURS, "dense-all-experts"):
-            if skip_reason(method, shape, torch.float32):
+            if skip_reason(method, shape, torch.float32, device):
                 continue
-            out = build(method, base, shape, seed)(x)
+            out = build(method, base, shape, seed).to(device)(x)
             err = ((out - reference).abs().max() / reference.abs().max()).item()
             if not err < CHECK_TOLERANCE:
                 raise AssertionError(f"({shape.label}) {method} differs from hf-eager: max rel error {err:.2e}")
@@ -336,28 +348,34 @@ def print_targets(rows: Sequence[dict], quick: bool) -> None:
 def run(args: argparse.Namespace) -> list[dict]:
     """Run the benchmark described by ``args`` (see :func:`parse_args`); return the rows (also written to --out)."""
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeat = 1 if args.quick else args.repeat
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, repeat {repeat} (median, methods interleaved after 2 warm-ups)"
+        f"torch {torch.__version__}, {device}, {where}, {torch.get_num_threads()} threads, repeat {repeat} "
+        "(median, methods interleaved after 2 warm-ups)"
     )
     rows: list[dict] = []
     for label in args.shapes:
         shape = shapes[label]
         if args.check:
-            check_against_hf(shape, args.seed)
-        base, x, g = make_inputs(shape, args.seed)
+            check_against_hf(shape, args.seed, device)
+        base, x, g = make_inputs(shape, args.seed, device)
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
             table: list[dict] = []
             modules = {}
             for method in args.methods:
-                reason = skip_reason(method, shape, dtype)
+                reason = skip_reason(method, shape, dtype, device)
                 if reason:
                     print(f"skip ({label}) {dtype_name} {method}: {reason}")
                     continue
-                modules[method] = build(method, base, shape, args.seed)
+                modules[method] = build(method, base, shape, args.seed).to(device)
             pairs = {method: steps(module, x, g, dtype) for method, module in modules.items()}
             train = interleaved({m: pair[0] for m, pair in pairs.items()}, repeat, warmup=2)
             forward = interleaved({m: pair[1] for m, pair in pairs.items()}, repeat, warmup=2)
@@ -385,6 +403,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         "num_experts_per_tok": shape.k,
                         "expert_type": shape.expert_type,
                         "threads": torch.get_num_threads(),
+                        "device": where,
                         "repeat": repeat,
                         "quick": args.quick,
                         "torch": torch.__version__,
@@ -422,6 +441,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement, median reported")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N (the backends' ``auto`` picks grouped_mm on CUDA)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes and repeat 1 (a smoke test, seconds)")
     parser.add_argument(
         "--check",

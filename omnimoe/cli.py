@@ -120,6 +120,26 @@ def data_tuxpaint(
     typer.echo(f"manifest: {path}")
 
 
+@data_app.command("art4apps")
+def data_art4apps(
+    out: Path = typer.Option(..., help="Folder for manifest.jsonl (media stay in the cache)."),
+    cache: Optional[Path] = typer.Option(
+        None, help="Where the .deb is downloaded and unpacked (default ~/.cache/omnimoe)."
+    ),
+    test_fraction: float = typer.Option(0.2, min=0.0, max=0.9, help="Share of the words in the test split."),
+) -> None:
+    """Fetch the Art4Apps word pictures (585 cartoons, one word each; Debian package pysiogame) and write a
+    text/image manifest."""
+    from omnimoe.data.art4apps import build_art4apps_manifest
+
+    try:
+        path, stats = build_art4apps_manifest(out, cache, test_fraction=test_fraction)
+    except (OSError, RuntimeError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(stats, indent=1))
+    typer.echo(f"manifest: {path}")
+
+
 @data_app.command("folder")
 def data_folder(
     media: Path = typer.Option(..., help="Folder holding the media files."),

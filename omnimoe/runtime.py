@@ -24,8 +24,11 @@ import torch.distributed as dist
 
 
 def init_distributed() -> tuple[int, int]:
-    """``(rank, world)``; under torchrun (``WORLD_SIZE`` > 1) the process group is opened on first call."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    """``(rank, world)``; under torchrun (``WORLD_SIZE`` > 1) the process group is opened on first call.
+    ``OMNIMOE_DISTRIBUTED=1`` opens it for a single rank too (torchrun with one process: to check the
+    backends, e.g. NCCL on a machine with one GPU)."""
+    wanted = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("OMNIMOE_DISTRIBUTED") == "1"
+    if wanted and not dist.is_initialized():
         backend = "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -98,3 +98,28 @@ def test_float32_logits_differ_from_bf16_logits_only_by_rounding():
         fp32, bf16 = info_nce(q, k, 20.0), info_nce(q, k, 20.0, float32_logits=False)
     assert fp32.dtype == torch.float32 and torch.allclose(fp32, exact, atol=1e-5)
     assert not torch.equal(bf16, exact) and torch.allclose(bf16, exact, rtol=0.05)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh end to end with DEVICE=cpu QUICK=1: every step runs and passes (the CUDA tests
+    skip without a GPU), and the summary reads the files the steps wrote."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu"
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "1", "PY": sys.executable}
+    done = subprocess.run(
+        ["benchmarks/gpu_check.sh", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = [line.split()[:2] for line in (out / "steps.txt").read_text().splitlines()]
+    assert steps == [["hardware", "rc=0"], ["cuda-tests", "rc=0"], ["moe-layer", "rc=0"], ["mllm", "rc=0"]]
+    summary = (out / "summary.md").read_text()
+    tests = summary.split("CUDA tests: ")[1].split("\n")[0]
+    assert tests.startswith("5 run, 0 failed, 0 errors, 5 skipped"), tests  # no GPU here
+    layer = json.loads((out / "moe_layer.json").read_text())
+    assert {r["dtype"] for r in layer} == {"float32", "bfloat16"} and all(r["device"].startswith("CPU") for r in layer)
+    assert "| moe | " in summary and len(json.loads((out / "mllm.json").read_text())) == 3

@@ -190,6 +190,34 @@ def test_tuxpaint_manifest_from_the_real_package(tmp_path):
     assert media_path(manifest, koala["image"]).is_file()
 
 
+@pytest.mark.slow
+def test_art4apps_manifest_from_the_real_package(tmp_path):
+    """`omnimoe data art4apps`: the Debian package pysiogame (16 MB, cached), 585 word pictures in 12
+    categories, the word from the file name, every picture readable, a seeded split that repeats."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from omnimoe.cli import app
+
+    result = CliRunner().invoke(app, ["data", "art4apps", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    manifest = tmp_path / "a" / "manifest.jsonl"
+    stats = json.loads(result.stdout[: result.stdout.rindex("manifest:")])
+    report = validate_manifest(manifest)
+    assert report.ok, report.summary()
+    recs = read_manifest(manifest)
+    assert stats["samples"] == len(recs) == 585 and stats["unique_texts"] == 585 and stats["categories"] == 12
+    assert {r["category"] for r in recs} >= {"animals", "actions", "food", "transport"}
+    rabbit = next(r for r in recs if r["id"] == "animals/baby_rabbit")
+    assert rabbit["text"] == "baby rabbit" and rabbit["category"] == "animals"
+    assert Image.open(media_path(manifest, rabbit["image"])).size == (200, 200)
+    assert 0.12 < stats["splits"]["test"] / len(recs) < 0.28 and sum(stats["splits"].values()) == len(recs)
+    again = CliRunner().invoke(app, ["data", "art4apps", "--out", str(tmp_path / "b")])
+    assert again.exit_code == 0 and [r["split"] for r in read_manifest(tmp_path / "b" / "manifest.jsonl")] == [
+        r["split"] for r in recs
+    ]
+
+
 def test_unquoted_comma_in_csv_caption_is_named(tmp_path):
     _png(tmp_path / "media" / "a.png")
     table = tmp_path / "c.csv"

@@ -21,6 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from omnimoe.data.adapters import grouped_split, normalise_caption
+from omnimoe.data.debian import fetch_deb
 from omnimoe.data.manifest import write_manifest
 
 PACKAGE = "tuxpaint-stamps-default"
@@ -28,40 +29,9 @@ STAMPS = Path("usr/share/tuxpaint/stamps")
 IMAGE_EXTS = (".png", ".svg")
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("OMNIMOE_CACHE", Path.home() / ".cache" / "omnimoe"))
-
-
 def fetch_tuxpaint(cache: str | Path | None = None) -> Path:
     """Download and unpack the package once; returns the stamps folder."""
-    root = Path(cache or default_cache()) / "tuxpaint"
-    stamps = root / "unpacked" / STAMPS
-    if (root / "unpacked" / ".complete").is_file():
-        return stamps
-    root.mkdir(parents=True, exist_ok=True)
-    for tool in ("apt-get", "dpkg"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(
-                f"fetching Tux Paint needs {tool} (a Debian/Ubuntu machine); or pass a cache holding {STAMPS}"
-            )
-    debs = sorted(root.glob(f"{PACKAGE}_*.deb"))
-    if not debs:
-        got = subprocess.run(["apt-get", "download", PACKAGE], cwd=root, capture_output=True, text=True)
-        if got.returncode != 0:  # stale package lists: refresh once and retry
-            subprocess.run(["apt-get", "update"], capture_output=True, text=True)
-            got = subprocess.run(["apt-get", "download", PACKAGE], cwd=root, capture_output=True, text=True)
-        if got.returncode != 0:
-            raise RuntimeError(f"apt-get download {PACKAGE} failed: {got.stderr.strip()[-500:]}")
-        debs = sorted(root.glob(f"{PACKAGE}_*.deb"))
-    tmp = root / "unpacked.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    done = subprocess.run(["dpkg", "-x", str(debs[-1]), str(tmp)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"dpkg -x {debs[-1].name} failed: {done.stderr.strip()[-500:]}")
-    shutil.rmtree(root / "unpacked", ignore_errors=True)
-    tmp.rename(root / "unpacked")
-    (root / "unpacked" / ".complete").write_text(debs[-1].name + "\n")
-    return stamps
+    return fetch_deb(PACKAGE, "tuxpaint", cache) / STAMPS
 
 
 def english_caption(txt: Path) -> str | None:
