@@ -338,3 +338,34 @@ def test_without_validation_pairs_the_last_weights_are_kept(data, tmp_path):
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
     assert best["step"] == 60 and all(torch.equal(best["model"][k], state["model"][k]) for k in best["model"])
+
+
+@pytest.mark.slow
+def test_one_rank_process_group_when_asked(tmp_path):
+    """OMNIMOE_DISTRIBUTED=1 under torchrun with one process: the runtime opens the process group anyway (the
+    GPU check uses it for NCCL on one GPU); without it, one process runs without a group."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "one.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from omnimoe.runtime import init_distributed, finish_distributed\n"
+        "rank, world = init_distributed()\n"
+        "print('group', dist.is_initialized(), world)\n"
+        "if dist.is_initialized():\n"
+        "    t = torch.ones(2); dist.all_reduce(t); print('sum', t.tolist())\n"
+        "finish_distributed()\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    for flag, expected in (("1", "group True 1"), ("0", "group False 1")):
+        env = {**os.environ, "OMNIMOE_DISTRIBUTED": flag, "PYTHONPATH": str(root)}
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(script)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert done.returncode == 0 and expected in done.stdout, done.stdout + done.stderr[-2000:]
