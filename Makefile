@@ -21,9 +21,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/omnimoe demo $(ARGS)
 
-# pytest exits 5 when it collects no test: that fails here like any other non-zero code.
+# pytest exits 5 when it collects no test: that fails here like any other non-zero code. Two workers
+# (pytest-xdist), a test file per worker at a time; WORKERS=0 runs in one process.
+WORKERS ?= 2
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # Style: pyflakes and pycodestyle errors, and the formatter's layout (CI runs this before the tests).
 lint: $(STAMP)

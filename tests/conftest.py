@@ -86,3 +86,13 @@ TINY_RECIPE = dict(
         "audio": {"kind": "qformer", "num_queries": 4, "num_heads": 4},
     },
 )
+
+
+# Run first: the longest test files (the Uni-MoE demo on the real models, minutes each) start one on each
+# worker, then both work through the rest (make test runs two pytest-xdist workers, a file per worker at a
+# time).
+FIRST = ("test_mllm_demo.py", "test_mllm_demo_val.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order

