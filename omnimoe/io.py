@@ -22,6 +22,12 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+def cache_dir() -> Path:
+    """Where downloaded and converted weights and data stay between runs: ``$OMNIMOE_CACHE``, else
+    ``~/.cache/omnimoe``."""
+    return Path(os.environ.get("OMNIMOE_CACHE", Path.home() / ".cache" / "omnimoe"))
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` (atomic on POSIX)."""

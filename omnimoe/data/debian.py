@@ -3,7 +3,6 @@ a cache folder, once (nothing is installed, no root needed, no dependency pulled
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,7 +11,9 @@ from filelock import FileLock
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get("OMNIMOE_CACHE", Path.home() / ".cache" / "omnimoe"))
+    from omnimoe.io import cache_dir
+
+    return cache_dir()
 
 
 def fetch_deb(package: str, name: str, cache: str | Path | None = None) -> Path:

