@@ -206,6 +206,20 @@ def test_save_load_round_trip_and_generation(tmp_path, family):
             logits[sorted(loaded.config.placeholder_ids.values())] = float("-inf")
             seq = torch.cat([seq, logits.argmax().view(1, 1)], 1)
     assert out[0].tolist() == seq[0, prompt.shape[1] :].tolist()
+    # batched as evaluation runs it: left-padded prompts of different lengths (one with an image) generate
+    # exactly what each generates alone
+    long, short = ids[1, :7], torch.tensor([5, 9, 11])
+    batch = torch.zeros(2, 7, dtype=torch.long)
+    batch[0], batch[1, 4:] = long, short
+    attention = torch.zeros_like(batch)
+    attention[0], attention[1, 4:] = 1, 1
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    both = loaded.generate(batch, attention, media=image, **kw)
+    alone = loaded.generate(short[None], media=None, **kw)
+    assert both.sequences[0].tolist() == out[0].tolist() and both.sequences[1].tolist() == alone.sequences[0].tolist()
+    for step_both, step_alone in zip(both.scores, alone.scores):  # the next-token scores, not just the argmax
+        finite = torch.isfinite(step_alone[0])
+        torch.testing.assert_close(step_both[1][finite], step_alone[0][finite], rtol=1e-4, atol=1e-4)
 
 
 def test_connectors_shapes_and_pooling():
