@@ -257,8 +257,15 @@ def align(
         help="Also score the label prior (an encoder's own classifier, e.g. EfficientNet's "
         "ImageNet head, bridged into text space) alone and fused with each connector.",
     ),
+    sweep: Optional[Path] = typer.Option(
+        None,
+        help="YAML of candidate recipes (and data sets) to choose between on the validation split: runs them "
+        "all into --out/<dataset>/<candidate> and writes sweep.md, sweep.json and chosen.json "
+        "(see configs/sweep.yaml).",
+    ),
 ) -> None:
-    """Extract (reusing stores), train every method with every seed, evaluate on the test split, plot."""
+    """Extract (reusing stores), train every method with every seed, evaluate on the test split, plot. With
+    --sweep: run each candidate recipe and choose on validation."""
     from omnimoe.align.pipeline import (
         AlignConfig,
         markdown_table,
@@ -283,10 +290,22 @@ def align(
             train=train_cfg,
             label_prior=label_prior,
         )
-        result = run_align(cfg)
+        if sweep is not None:
+            from omnimoe.align.sweep import load_sweep, run_sweep
+
+            chosen = run_sweep(load_sweep(sweep), cfg)["chosen"]
+        else:
+            result = run_align(cfg)
     except (ConfigError, ManifestError, StoreError, ExtractionError, ValueError, ImportError) as exc:
         _fail(str(exc))
     finish_distributed()
+    if sweep is not None:
+        typer.echo((out / "sweep.md").read_text())
+        typer.echo(
+            f"chosen on validation: {chosen['candidate']} / {chosen['method']} / {chosen['head']} "
+            f"(mean R@1 {chosen['validation_mean_r1']:.3f}); {out / 'chosen.json'}"
+        )
+        return
     if not result["summary"]:
         return  # a non-zero rank under torchrun: rank 0 reports
     typer.echo(markdown_table(result["summary"]) + zero_shot_table(result["zeroshot"]))

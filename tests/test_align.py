@@ -130,36 +130,54 @@ def test_schedules():
 
 @pytest.mark.parametrize("use_moe", [True, False])
 def test_linear_path_starts_as_the_linear_two_tower_and_learns_on_top(use_moe, tmp_path):
-    """With ``linear_path`` the connector's contrastive query at initialisation is exactly a linear map of the
-    pooled source (padding ignored); the MoE (or MLP) path joins as training moves its zero-initialised head."""
+    """With ``linear_path`` the connector at initialisation is the linear two-tower: a trained tower copied in
+    (``load_linear``) gives the tower's queries and keys in both directions (padding ignored); the residuals
+    (the MoE or MLP path's head, the target projections) receive gradients from the first step, and the MoE
+    itself once its head has moved."""
     from omnimoe.align.connector import LinearTwoTower, load_connector
 
     torch.manual_seed(0)
     cfg = ConnectorConfig(modalities={"a": 12, "b": 10}, hidden_size=16, contrastive_dim=8, num_experts=4, num_experts_per_tok=2,
                           dropout=0.0, use_moe=use_moe, linear_path=True)  # fmt: skip
     model = AltMoEConnector(cfg)
-    tower = LinearTwoTower({"a": 12, "b": 10}, 8)
-    tower.proj["a"].load_state_dict(model.linear["a"].state_dict())
+    tower = LinearTwoTower({"a": 12, "b": 10}, 8)  # its own random weights, unlike the connector's
+    model.load_linear(tower)
     tokens, mask = torch.randn(5, 4, 12), torch.tensor([[1, 1, 0, 0]] * 3 + [[1, 1, 1, 1]] * 2, dtype=torch.bool)
     query = model("a->b", tokens, mask).contrastive
     assert torch.allclose(query, tower("a->b", tokens, mask).contrastive, atol=1e-6)
     assert torch.allclose(
         model("a->b", tokens[:, :2], mask[:, :2]).contrastive[:3], query[:3], atol=1e-6
     )  # padding ignored
+    target = torch.randn(5, 10)
+    assert torch.allclose(model("b->a", target).contrastive, tower("b->a", target).contrastive, atol=1e-6)
+    for d, tgt in (("a->b", target), ("b->a", tokens[:, 0])):
+        assert torch.allclose(model.embed_target(d, tgt), tower.embed_target(d, tgt), atol=1e-6)
     without = AltMoEConnector(ConnectorConfig(**{**cfg.__dict__, "linear_path": False}))
     assert not hasattr(without, "linear")
-    target = torch.randn(5, 10)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(3):
+    with pytest.raises(ValueError, match="no linear path"):
+        without.load_linear(tower)
+    with pytest.raises(ValueError, match="does not fit"):
+        model.load_linear(LinearTwoTower({"a": 12, "b": 10}, 6))
+
+    def step() -> None:
         q, k = (
             F.normalize(model("a->b", tokens, mask).contrastive, dim=-1),
             F.normalize(model.embed_target("a->b", target), dim=-1),
         )
-        loss = F.cross_entropy(q @ k.T / 0.1, torch.arange(5))
-        opt.zero_grad()
-        loss.backward()
+        F.cross_entropy(q @ k.T / 0.1, torch.arange(5)).backward()
+
+    step()
+    head, key = model.contrastive_head["a_to_b"], model.target_proj["a_to_b"]
+    assert head.weight.grad.abs().sum() > 0 and key.weight.grad.abs().sum() > 0  # the residuals learn at once
+    inner = model.moe.experts.w_in
+    assert inner.grad is None or inner.grad.abs().sum() == 0  # behind a zero head: nothing yet
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
         opt.step()
-    assert model.contrastive_head["a_to_b"].weight.abs().sum() > 0  # the residual path learns
+        opt.zero_grad()
+        step()
+    assert model.contrastive_head["a_to_b"].weight.abs().sum() > 0
+    assert inner.grad.abs().sum() > 0  # and through the moved head, the MoE (or MLP) path itself
     model.save_pretrained(tmp_path / "c")
     again = load_connector(tmp_path / "c")
     assert again.config.linear_path and torch.allclose(

@@ -275,3 +275,50 @@ def test_trained_on_the_prior_and_served_with_it(tmp_path):
     top = expected.topk(5).indices.tolist()
     assert [h.id for h in hits] == [image_store.ids[i] for i in top]
     assert retriever.index("text->image").record["prior_weight"] == 1.0
+
+
+def test_sweep_chooses_on_validation_across_data_sets(tmp_path):
+    """`omnimoe align --sweep`: every candidate on every data set, ranked by validation mean R@1 (averaged over
+    seeds and data sets); chosen.json is the first of that ranking, recomputed here from the runs'
+    validation.json alone."""
+    import yaml
+
+    sets = {}
+    for name, split_seed in (("a", 0), ("b", 18)):
+        (tmp_path / name).mkdir()
+        manifest = shapes_manifest(tmp_path / name, split_seed=split_seed)
+        recs = [json.loads(line) for line in manifest.read_text().splitlines()]
+        held = sorted({r["text"] for r in recs if r["split"] == "train"})[::3]  # a validation split of whole captions
+        write_manifest(manifest, [{**r, "split": "val" if r["text"] in held else r["split"]} for r in recs])
+        sets[name] = str(manifest)
+    spec = tmp_path / "sweep.yaml"
+    candidates = {"moe-alone": {}, "linear-start": {"linear_path": True, "linear_start": True}}
+    spec.write_text(yaml.safe_dump({"candidates": candidates, "datasets": sets}))
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "omnimoe.cli", "align", "--sweep", str(spec), "--manifest", sets["a"],
+           "--out", str(out), "--methods", "linear,moe-alternating", "--seeds", "0",
+           "--set", "steps=40", "--set", "eval_every=20", "--set", "hidden_size=64", "--set", "num_experts=4",
+           "--set", "num_experts_per_tok=2", "--set", "warmup_steps=5"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores = {}
+    for dataset in sets:
+        assert (out / dataset / "stores").is_dir()
+        for cand in candidates:
+            for r in json.loads((out / dataset / cand / "validation.json").read_text()):
+                assert r["split"] == "val"
+                if r["head"] == "regression":
+                    continue  # retrieval is the contrastive head's (alone or fused with the prior)
+                key = (cand, r["method"], r["head"])
+                scores.setdefault(key, {}).setdefault(dataset, []).append(r["R@1"])
+    assert {k[2] for k in scores} == {"contrastive", "contrastive+prior"}
+    mean = {k: sum(sum(v) / len(v) for v in d.values()) / len(d) for k, d in scores.items()}
+    best = max(mean, key=mean.get)
+    chosen = json.loads((out / "chosen.json").read_text())
+    assert (chosen["candidate"], chosen["method"], chosen["head"]) == best
+    assert abs(chosen["validation_mean_r1"] - mean[best]) < 1e-9 and chosen["overrides"] == candidates[best[0]]
+    assert "chosen on validation" in done.stdout and (out / "sweep.md").read_text() in done.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"candidates": {"typo": {"dropuot": 0.1}}}))
+    refused = subprocess.run(cmd[:5] + [str(bad)] + cmd[6:], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "candidate 'typo'" in refused.stderr and "dropuot" in refused.stderr

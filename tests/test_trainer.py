@@ -1,5 +1,6 @@
 """The alignment trainer on stored latents of a synthetic paired task (real store format, no encoders)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def small(**kw):
         lr=3e-3,
         select_on="R@1",
     )
-    arch = dict(hidden_size=32, contrastive_dim=16, num_experts=4, num_experts_per_tok=2, dropout=0.0)
+    arch = dict(
+        hidden_size=32, contrastive_dim=16, num_experts=4, num_experts_per_tok=2, dropout=0.0, linear_path=False
+    )
     arch.update({k: kw.pop(k) for k in list(kw) if k in arch})
     return TrainConfig(**{**base, **kw}, connector=ConnectorConfig(**arch))
 
@@ -72,6 +75,43 @@ def test_every_method_learns_the_pairing(data, method, tmp_path):
     assert (
         result["best_val"] > 0 and json.loads((tmp_path / "train.json").read_text())["best_step"] == result["best_step"]
     )
+
+
+@pytest.mark.parametrize("method", ["moe-alternating", "mlp-alternating"])
+def test_linear_start_begins_from_the_linear_method_and_can_keep_it(data, method, tmp_path):
+    """``linear_start``: the connector starts from the ``linear`` method's own run (same settings and seed),
+    judged on validation as step 0, and keeps it when no residual step beats it on validation (here the
+    residuals cannot move: lr ~ 0); with the residuals free to learn, it ends at least as good on validation,
+    its linear path unchanged (frozen)."""
+    reference = train(data, DIRS, small(method="linear", min_lr=0.0), tmp_path / "linear", progress=False)
+    for lr, folder in ((3e-3, "learns"), (1e-12, "still")):
+        cfg = small(method=method, linear_path=True, linear_start=True, lr=lr, min_lr=0.0)
+        result = train(data, DIRS, cfg, tmp_path / folder, progress=False)
+        start = result["history"][0]
+        linear = dataclasses.replace(cfg, method="linear", linear_start=False)
+        tower = load_best(linear, data, DIRS, tmp_path / folder / "linear-start")
+        assert (
+            start["step"] == 0
+            and start["val_score"] == train(data, DIRS, linear, tmp_path / folder / "linear-start")["best_val"]
+        )
+        model = load_best(cfg, data, DIRS, tmp_path / folder)
+        for m, proj in tower.proj.items():  # frozen: the linear two-tower inside is the linear run's
+            assert torch.equal(model.linear[m].weight, proj.weight)
+        if folder == "learns":  # the linear method's own run (default lr schedule here)
+            assert start["val_score"] == reference["best_val"] > 0.5 and result["best_val"] >= reference["best_val"]
+            assert torch.equal(
+                tower.proj["a"].weight,
+                load_best(small(method="linear", min_lr=0.0), data, DIRS, tmp_path / "linear").proj["a"].weight,
+            )
+    # lr ~ 0: no residual step beat the linear start on validation, so it is kept, and tests as the tower does
+    assert result["best_step"] == 0 and len(result["history"]) > 1
+    rows, kept = (evaluate(m, data, DIRS, "test") for m in (tower, model))
+    assert [r["R@1"] for r in rows] == [r["R@1"] for r in kept if r["head"] == "contrastive"]
+
+
+def test_linear_start_needs_the_linear_path():
+    with pytest.raises(ValueError, match="linear_start needs connector.linear_path"):
+        small(linear_start=True)
 
 
 def test_resume_after_interruption_gives_the_same_result(data, tmp_path):

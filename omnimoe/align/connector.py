@@ -15,10 +15,11 @@ For a direction ``src->tgt`` (e.g. ``text->image``), a source latent (pooled ``(
 Both paths run in one MoE call (the two copies are concatenated along the batch), so the experts see
 every direction and both tasks: that is what makes the MoE a *multi-directional* connector.
 
-With ``linear_path`` the connector contains the linear two-tower: the contrastive query is a linear map of
-the (pooled) source latent plus the MoE path's contribution, whose head starts at zero. At initialisation
-the connector *is* a linear two-tower (query: one projection per source modality; key: the per-direction
-target projection); training adds what the MoE can add on top.
+With ``linear_path`` the connector contains the linear two-tower (:class:`LinearTwoTower`): one linear
+projection per modality, used for the queries of its source directions and the keys of its target
+directions, plus two residuals that start at zero: the MoE path's contrastive head on the query side and the
+per-direction target projection on the key side. At initialisation the connector *is* a linear two-tower
+(``load_linear`` copies a trained one in); training adds what the MoE can add on top.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ class ConnectorConfig:
     top_p: float = 0.0
     dropout: float = 0.5
     use_moe: bool = True  # False: one dense MLP of the same width in place of the MoE (the MLP ablation)
-    linear_path: bool = False  # contrastive query = linear(pooled source) + the MoE path, its head zero at init
+    # the linear two-tower inside: query = linear[src](pooled source) + the MoE path, key = linear[tgt](target)
+    # + the direction's target projection; both residuals are zero at initialisation
+    linear_path: bool = False
 
     def __post_init__(self) -> None:
         check_ranges(
@@ -157,9 +160,9 @@ class AltMoEConnector(nn.Module):
         self.target_proj = nn.ModuleDict(
             {_key(x): nn.Linear(config.modalities[parse_direction(x)[1]], d) for x in config.directions}
         )
-        if config.linear_path:  # the linear two-tower inside, the MoE as a residual that starts at zero
+        if config.linear_path:  # the linear two-tower inside, the MoE and the target projections as residuals
             self.linear = nn.ModuleDict({m: nn.Linear(width, d) for m, width in config.modalities.items()})
-            for head in self.contrastive_head.values():
+            for head in [*self.contrastive_head.values(), *self.target_proj.values()]:
                 nn.init.zeros_(head.weight)
                 nn.init.zeros_(head.bias)
 
@@ -207,8 +210,27 @@ class AltMoEConnector(nn.Module):
 
     def embed_target(self, direction: str, target: torch.Tensor) -> torch.Tensor:
         """Pooled target latents (B, D_tgt) -> the contrastive space of ``direction`` (not normalised)."""
-        self._check(direction)
-        return self.target_proj[_key(direction)](target)
+        _, tgt = self._check(direction)
+        key = self.target_proj[_key(direction)](target)
+        return self.linear[tgt](target) + key if self.config.linear_path else key
+
+    def linear_parameters(self) -> list[nn.Parameter]:
+        """The linear two-tower inside (``linear_path``): one projection per modality."""
+        if not self.config.linear_path:
+            raise ValueError("this connector has no linear path (ConnectorConfig.linear_path is off)")
+        return list(self.linear.parameters())
+
+    def load_linear(self, tower: "LinearTwoTower") -> None:
+        """Copy a (trained) linear two-tower into the linear path: with the residuals still at zero, the
+        connector's contrastive outputs are then the tower's."""
+        self.linear_parameters()
+        if tower.widths != self.config.modalities or tower.dim != self.config.contrastive_dim:
+            raise ValueError(
+                f"linear two-tower {tower.widths} -> {tower.dim} does not fit this connector's "
+                f"{self.config.modalities} -> {self.config.contrastive_dim}"
+            )
+        for m, proj in tower.proj.items():
+            self.linear[m].load_state_dict(proj.state_dict())
 
     def save_pretrained(self, folder: str | Path) -> Path:
         return save_pretrained(folder, self.model_type, dataclasses.asdict(self.config), self.state_dict())

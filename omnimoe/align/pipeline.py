@@ -4,7 +4,8 @@
 2. train every method with every seed on the train split (validation carved from train, grouped by caption);
 3. evaluate the best checkpoint of each run on the test split;
 4. write ``results.json`` (one row per method, seed, direction and head), ``results.md`` (mean and spread over
-   seeds), plots, and the seed-0 connector of each method (``connectors/<method>``).
+   seeds), ``validation.json`` (the same rows on the validation split, the only ones a choice of recipe may
+   read), plots, and the seed-0 connector of each method (``connectors/<method>``).
 
 Modalities are given as ``name=encoder`` or ``name=encoder@field`` (the manifest field to encode; default: the
 name when the manifest has such a field, else the encoder's modality), e.g.
@@ -247,7 +248,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
         out, {"encoder_weights": {m: LatentStore.open(p).index.get("weights_hash") for m, p in stores.items()}}
     )
     data = AlignmentData(cfg.manifest, stores, tokens=cfg.train.token_inputs)
-    rows, curves, loads, zeroshot, betas = [], {}, {}, [], {}
+    rows, val_rows, curves, loads, zeroshot, betas = [], [], {}, {}, [], {}
     prompts = _category_prompts(cfg, records) if is_rank0() else None
     priors = {}
     if cfg.label_prior and (
@@ -266,6 +267,10 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
             fused, betas[f"{method}/seed{seed}"] = fused_rows(model, data, directions, priors, tcfg)
             for r in evaluate(model, data, directions, "test", cfg=tcfg) + fused:
                 rows.append({"method": method, "seed": seed, **r})
+            # the same rows on the validation split: what a choice between recipes may read (the test rows: never)
+            val_fused = fused_rows(model, data, directions, priors, tcfg, split="val")[0]
+            for r in evaluate(model, data, directions, "val", cfg=tcfg) + val_fused:
+                val_rows.append({"method": method, "seed": seed, "split": "val", **r})
             if prompts is not None:
                 zeroshot += [
                     {"method": method, "seed": seed, **r}
@@ -283,6 +288,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     rows += [{"method": "label-prior", "seed": seed, **r} for seed in cfg.seeds for r in zero_shot_prior]
     summary = summarise(rows)
     write_json(out / "results.json", rows)
+    write_json(out / "validation.json", val_rows)
     if zeroshot:
         write_json(out / "zeroshot.json", zeroshot)
     if priors:  # the weight of the prior in each fused score, picked on validation (omnimoe.align.prior)

@@ -147,6 +147,10 @@ class Trainer:
         self.device = device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg, data.widths, directions).to(device)
+        self.starts_linear = cfg.linear_start and cfg.method != "linear"
+        if self.starts_linear and cfg.freeze_linear:
+            for p in self.model.linear_parameters():
+                p.requires_grad_(False)
         self.scale = LogitScale(cfg.temperature, cfg.learnable_temperature).to(device)
         self.step_module: nn.Module = PairStep(self.model, self.scale)
         if self.world > 1:
@@ -155,7 +159,7 @@ class Trainer:
                 self.step_module, device_ids=ids, find_unused_parameters=True
             )
             torch.manual_seed(cfg.seed + 7919 * self.rank)  # different dropout masks per rank
-        self.params = list(self.model.parameters()) + list(self.scale.parameters())
+        self.params = [p for p in [*self.model.parameters(), *self.scale.parameters()] if p.requires_grad]
         # for-each AdamW: the seeded results in docs/results.md were trained with it (runtime.adamw)
         self.opt = adamw(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device, fused=False)
         self.schedule = schedule_for(cfg, directions)
@@ -204,6 +208,19 @@ class Trainer:
     @property
     def done(self) -> bool:
         return self.step >= self.cfg.steps or self.stopped_early
+
+    def start_from_linear(self, priors: dict[str, LabelPrior] | None) -> None:
+        """``linear_start``: train the linear two-tower (the ``linear`` method, same settings and seed) in
+        ``out/linear-start``, copy it into the connector's linear path, and judge it on validation as step 0.
+        A resumed run has all of this in its state already."""
+        if not self.starts_linear or self.state_path.is_file():
+            return
+        linear = dataclasses.replace(self.cfg, method="linear", linear_start=False)
+        folder = self.out / "linear-start"
+        train(self.data, self.directions, linear, folder, self.progress, priors=priors)
+        self.model.load_linear(load_best(linear, self.data, self.directions, folder).to(self.device))
+        best = torch.load(folder / "best.pt", weights_only=False, map_location=self.device)
+        self.scale.load_state_dict(best["scale"])
 
     def resume(self) -> None:
         """Continue from ``state.pt`` when a killed run left one (refused when its config differs), then open
@@ -410,7 +427,10 @@ def train(
     """
     with ThreadPolicy("small"):  # a connector's ops are small: one thread, whatever else runs (omnimoe.threads)
         run = Trainer(data, directions, cfg, Path(out), priors, progress)
+        run.start_from_linear(priors)
         run.resume()
+        if run.starts_linear and run.step == 0 and not run.history:  # the linear start, judged before any step
+            run.validate(torch.zeros(()), {})
         while not run.done:
             if stop_at_step is not None and run.step >= stop_at_step:
                 run.close()
@@ -426,6 +446,7 @@ def train(
 def _resumable(config: dict[str, Any]) -> dict[str, Any]:
     """The config keys a resumed run must share with the one that wrote the checkpoint (not the device);
     the connector's keys flattened, so a checkpoint written before the ``connector`` section still matches."""
+    config = {"linear_start": False, "freeze_linear": True, **config}  # checkpoints written before these keys
     return {k: v for k, v in flat(config).items() if k not in ("device", "modalities", "directions", "use_moe")}
 
 

@@ -1,0 +1,212 @@
+"""Choosing a recipe on validation: ``omnimoe align --sweep sweep.yaml``.
+
+A sweep file names candidate recipes (``TrainConfig`` overrides, on top of the run's ``--config``/``--set``)
+and, optionally, several data sets (manifests)::
+
+    candidates:
+      default: {}
+      no-linear-start: {linear_start: false}
+      dropout-0.3: {connector: {dropout: 0.3}}
+    datasets:                       # optional; default: the run's --manifest
+      tuxpaint: runs/tux/manifest.jsonl
+      art4apps: runs/art4apps/manifest.jsonl
+
+Every candidate runs ``omnimoe align`` (:func:`omnimoe.align.pipeline.run_align`) on every data set with the
+run's methods and seeds, into ``out/<dataset>/<candidate>`` (latent stores shared per data set; a killed sweep
+resumes run by run). Each (candidate, method, head) is scored on the **validation** split: mean R@1 over
+directions, averaged over seeds, then over data sets. The first of that ranking is the choice; the test
+figures stand beside it for the reader and are never read to choose. Writes ``sweep.json`` (every score),
+``sweep.md`` (the ranking) and ``chosen.json`` (the chosen recipe: candidate, method, head, overrides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from omnimoe.align.config import TrainConfig
+from omnimoe.config import ConfigError, from_dict
+from omnimoe.io import read_json, write_json
+from omnimoe.runtime import is_rank0
+
+HEADS = ("contrastive", "contrastive+prior")
+
+
+@dataclass
+class SweepSpec:
+    candidates: dict[str, dict[str, Any]]  # name -> TrainConfig overrides
+    datasets: dict[str, str] = field(default_factory=dict)  # name -> manifest; empty: the run's own manifest
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and check a sweep file: every candidate must make a valid ``TrainConfig`` (checked by
+    :func:`recipe`), so a typo fails here, before any extraction or training."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or set(data) - {"candidates", "datasets"}:
+        raise ConfigError(f"sweep file {path}: expected the keys 'candidates' and (optional) 'datasets'")
+    candidates, datasets = data.get("candidates"), data.get("datasets") or {}
+    if not isinstance(candidates, dict) or not candidates:
+        raise ConfigError(f"sweep file {path}: 'candidates' must map names to TrainConfig overrides")
+    if not isinstance(datasets, dict) or not all(isinstance(v, str) for v in datasets.values()):
+        raise ConfigError(f"sweep file {path}: 'datasets' must map names to manifest paths")
+    for name, overrides in candidates.items():
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError(f"sweep file {path}: candidate {name!r} must be a mapping of TrainConfig fields")
+    return SweepSpec({str(k): dict(v or {}) for k, v in candidates.items()}, {str(k): v for k, v in datasets.items()})
+
+
+def recipe(base: TrainConfig, overrides: dict[str, Any], name: str = "") -> TrainConfig:
+    """``base`` with a candidate's overrides (flat connector keys such as ``dropout`` read as
+    ``connector.dropout``, as in a recipe file)."""
+    merged = dataclasses.asdict(base)
+    connector = dict(merged.pop("connector"))
+    for key, value in overrides.items():
+        if key == "connector":
+            if not isinstance(value, dict):
+                raise ConfigError(f"candidate {name!r}: 'connector' must be a mapping")
+            connector.update(value)
+        elif key in TrainConfig.legacy_keys:
+            connector[key] = value
+        else:
+            merged[key] = value
+    for key in ("modalities", "directions", "use_moe"):
+        connector.pop(key, None)
+    try:
+        return from_dict(TrainConfig, {**merged, "connector": connector})
+    except ConfigError as exc:
+        raise ConfigError(f"candidate {name!r}: {exc}") from None
+
+
+def _per_seed(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
+    """(method, head) -> the mean R@1 over directions of each seed."""
+    by: dict[tuple[str, str, int], list[float]] = {}
+    for r in rows:
+        if r["head"] in HEADS:
+            by.setdefault((r["method"], r["head"], r["seed"]), []).append(r["R@1"])
+    out: dict[tuple[str, str], list[float]] = {}
+    for (method, head, _), values in sorted(by.items()):
+        out.setdefault((method, head), []).append(statistics.fmean(values))
+    return out
+
+
+def score_run(folder: str | Path) -> list[dict[str, Any]]:
+    """One ``omnimoe align`` folder's (method, head) scores: validation and test mean R@1 over directions,
+    mean and spread over seeds."""
+    folder = Path(folder)
+    val, test = _per_seed(read_json(folder / "validation.json")), _per_seed(read_json(folder / "results.json"))
+    rows = []
+    for (method, head), values in val.items():
+        tested = test.get((method, head), [])
+        rows.append(
+            {
+                "method": method,
+                "head": head,
+                "seeds": len(values),
+                "val": statistics.fmean(values),
+                "val_std": statistics.pstdev(values),
+                "test": statistics.fmean(tested) if tested else None,
+                "test_std": statistics.pstdev(tested) if tested else None,
+            }
+        )
+    return rows
+
+
+def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (candidate, method, head): validation averaged over data sets, best first (ties: the order given)."""
+    keyed: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        keyed.setdefault((r["candidate"], r["method"], r["head"]), []).append(r)
+    ranked = [
+        {
+            "candidate": c,
+            "method": m,
+            "head": h,
+            "val": statistics.fmean(r["val"] for r in rs),
+            "datasets": {r["dataset"]: {k: r[k] for k in ("val", "val_std", "test", "test_std", "seeds")} for r in rs},
+        }
+        for (c, m, h), rs in keyed.items()
+    ]
+    return sorted(ranked, key=lambda r: -r["val"])
+
+
+def markdown(ranked: list[dict[str, Any]]) -> str:
+    datasets = sorted({d for r in ranked for d in r["datasets"]})
+    head = "| rank | candidate | method | head | validation (mean) | " + " | ".join(
+        f"{d} val | {d} test" for d in datasets
+    )
+    lines = [head + " |", "|" + "---|" * (5 + 2 * len(datasets))]
+    for i, r in enumerate(ranked, 1):
+        cells = []
+        for d in datasets:
+            s = r["datasets"].get(d)
+            cells += (
+                [
+                    f"{s['val']:.3f} ± {s['val_std']:.3f}",
+                    "-" if s["test"] is None else f"{s['test']:.3f} ± {s['test_std']:.3f}",
+                ]
+                if s
+                else ["-", "-"]
+            )
+        lines.append(
+            f"| {i} | {r['candidate']} | {r['method']} | {r['head']} | {r['val']:.3f} | " + " | ".join(cells) + " |"
+        )
+    return (
+        "Mean R@1 over directions, mean ± spread over seeds. Ranked by validation (averaged over data sets); the\n"
+        "test columns are for reading, not for choosing.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, Any]:
+    """Run every candidate on every data set (``base``: the run's :class:`~omnimoe.align.pipeline.AlignConfig`;
+    its ``out`` holds the sweep), rank on validation and write ``sweep.json``, ``sweep.md``, ``chosen.json``."""
+    from omnimoe.align.pipeline import run_align
+
+    out = Path(base.out)
+    recipes = {name: recipe(base.train, overrides, name) for name, overrides in spec.candidates.items()}
+    datasets = spec.datasets or {"data": base.manifest}
+    rows = []
+    for dataset, manifest in datasets.items():
+        for name, train_cfg in recipes.items():
+            folder = out / dataset / name
+            stores = out / dataset / ("stores-tokens" if train_cfg.token_inputs else "stores")
+            run_align(
+                dataclasses.replace(base, manifest=manifest, out=str(folder), train=train_cfg, stores=str(stores)),
+                progress,
+            )
+            if not is_rank0():
+                continue  # under torchrun rank 0 alone evaluates and writes
+            rows += [{"dataset": dataset, "candidate": name, **r} for r in score_run(folder)]
+    if not is_rank0():
+        return {"ranked": [], "chosen": {}}
+    if not rows:
+        raise ValueError(
+            f"no validation rows in {list(datasets)}: a sweep chooses on the validation split, and these data "
+            "sets have none (give the manifest a 'val' split, or more train captions to carve one from)"
+        )
+    ranked = rank(rows)
+    best = ranked[0]
+    chosen = {
+        "candidate": best["candidate"],
+        "method": best["method"],
+        "head": best["head"],
+        "label_prior": best["head"] == "contrastive+prior",
+        "overrides": spec.candidates[best["candidate"]],
+        "validation_mean_r1": best["val"],
+        "datasets": datasets,
+        "seeds": base.seeds,
+    }
+    write_json(out / "sweep.json", {"rows": rows, "ranked": ranked, "chosen": chosen})
+    (out / "sweep.md").write_text(markdown(ranked))
+    write_json(out / "chosen.json", chosen)
+    return {"ranked": ranked, "chosen": chosen}

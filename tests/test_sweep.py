@@ -1,0 +1,81 @@
+"""Choosing a recipe on validation (omnimoe.align.sweep): the sweep file is checked before any work, the
+candidates merge into the run's recipe, and the ranking reads the validation rows only."""
+
+import json
+
+import pytest
+
+from omnimoe.align.config import TrainConfig
+from omnimoe.align.sweep import load_sweep, markdown, rank, recipe, score_run
+from omnimoe.config import ConfigError
+
+
+def write_rows(folder, split_rows):
+    folder.mkdir(parents=True)
+    for name, rows in split_rows.items():
+        (folder / name).write_text(json.dumps(rows))
+
+
+def rows(method, head, seed, r1s):
+    return [
+        {"method": method, "head": head, "seed": seed, "query": q, "target": t, "R@1": v}
+        for (q, t), v in zip([("text", "image"), ("image", "text")], r1s)
+    ]
+
+
+def test_recipe_merges_flat_and_nested_connector_keys():
+    base = TrainConfig(steps=300)
+    got = recipe(base, {"dropout": 0.3, "connector": {"hidden_size": 64}, "linear_path": True, "linear_start": True})
+    assert got.steps == 300 and got.linear_start and got.connector.dropout == 0.3
+    assert got.connector.hidden_size == 64 and got.connector.linear_path
+    assert recipe(base, {}) == base
+    with pytest.raises(ConfigError, match="candidate 'bad'.*stepz"):
+        recipe(base, {"stepz": 3}, "bad")
+    with pytest.raises(ConfigError, match="candidate 'x'.*linear_start needs"):
+        recipe(base, {"linear_start": True, "linear_path": False}, "x")
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("candidates: {}", "'candidates' must map"),
+        ("candidates: {a: 3}", "candidate 'a' must be a mapping"),
+        ("candidates: {a: {}}\ndatasets: [x]", "'datasets' must map"),
+        ("candidates: {a: {}}\nextra: 1", "expected the keys"),
+        ("candidates: [", "not valid YAML"),
+    ],
+)
+def test_bad_sweep_files_are_named(tmp_path, text, match):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_sweep(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_sweep(tmp_path / "missing.yaml")
+
+
+def test_the_ranking_reads_validation_never_test(tmp_path):
+    """Candidate b wins on validation on both data sets and loses on test: b is chosen. Scores are the mean
+    R@1 over directions per seed, then over seeds, then over data sets."""
+    for dataset, shift in (("d1", 0.0), ("d2", 0.1)):
+        for cand, val, test in (("a", 0.30, 0.50), ("b", 0.40, 0.20)):
+            write_rows(
+                tmp_path / dataset / cand,
+                {
+                    "validation.json": rows("moe-alternating", "contrastive", 0, [val + shift, val + shift])
+                    + rows("moe-alternating", "contrastive", 1, [val + shift + 0.02, val + shift - 0.02 + 0.04]),
+                    "results.json": rows("moe-alternating", "contrastive", 0, [test, test])
+                    + rows("moe-alternating", "contrastive", 1, [test, test]),
+                },
+            )
+    scored = []
+    for dataset in ("d1", "d2"):
+        for cand in ("a", "b"):
+            scored += [{"dataset": dataset, "candidate": cand, **r} for r in score_run(tmp_path / dataset / cand)]
+    one = next(r for r in scored if r["dataset"] == "d1" and r["candidate"] == "b")
+    assert one["seeds"] == 2 and one["val"] == pytest.approx((0.40 + 0.42) / 2) and one["test"] == pytest.approx(0.2)
+    ranked = rank(scored)
+    assert [r["candidate"] for r in ranked] == ["b", "a"]
+    assert ranked[0]["val"] == pytest.approx(((0.40 + 0.42) / 2 + (0.50 + 0.52) / 2) / 2)
+    table = markdown(ranked)
+    assert table.index("| 1 | b |") < table.index("| 2 | a |") and "d2 test" in table
