@@ -183,3 +183,46 @@ def test_linear_path_starts_as_the_linear_two_tower_and_learns_on_top(use_moe, t
     assert again.config.linear_path and torch.allclose(
         again("a->b", tokens, mask).contrastive, model.eval()("a->b", tokens, mask).contrastive, atol=1e-6
     )
+
+
+def test_pool_tokens_averages_runs_of_real_tokens():
+    """Rows longer than ``most`` become ``most`` averages of consecutive real tokens (padding never enters);
+    shorter rows are kept as they are; the run-length-weighted mean of a pooled row is the row's mean."""
+    from omnimoe.align.data import pool_tokens
+
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 10, 4)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    for i, n in enumerate((10, 7, 3)):
+        mask[i, :n] = True
+    tokens[~mask] = 1e6  # padding that must not leak in
+    out, kept = pool_tokens(tokens, mask, 4)
+    assert out.shape == (3, 4, 4) and kept.tolist() == [[True] * 4, [True] * 4, [True, True, True, False]]
+    assert torch.allclose(out[0, 0], tokens[0, :2].mean(0)) and torch.allclose(out[0, 1], tokens[0, 2:5].mean(0))
+    for i, n in enumerate((10, 7)):
+        sizes = torch.tensor(
+            [len(range(round(j * n / 4), round((j + 1) * n / 4))) for j in range(4)], dtype=torch.float
+        )
+        assert sizes.sum() == n and sizes.min() >= n // 4
+        assert torch.allclose((out[i] * sizes[:, None]).sum(0) / n, tokens[i, :n].mean(0), atol=1e-5)
+    assert torch.equal(out[2, :3], tokens[2, :3]) and out[2, 3].abs().sum() == 0
+    same, same_mask = pool_tokens(tokens, mask, 0)
+    assert same is tokens and same_mask is mask
+    assert pool_tokens(tokens, mask, 10)[0] is tokens
+
+
+def test_alignment_data_from_tensors_pools_tokens():
+    from omnimoe.align.data import AlignmentData
+
+    ids = ["a", "b", "c", "d"]
+    splits = dict(zip(ids, ["train", "train", "val", "test"]))
+    pooled = torch.randn(4, 6)
+    toks, mask = torch.randn(4, 9, 6), torch.ones(4, 9, dtype=torch.bool)
+    data = AlignmentData.from_tensors(splits, {"x": (ids, pooled), "y": (ids[::-1], pooled.flip(0))}, {"x": (toks, mask)},
+                                      pooled_tokens=3)  # fmt: skip
+    pairs = data.pairs("x->y", "train")
+    assert pairs.ids == ["a", "b"] and pairs.tgt_rows.tolist() == [3, 2] and pairs.groups == ["a", "b"]
+    source, m = data.inputs("x", pairs.src_rows, tokens=True)
+    assert source.shape == (2, 3, 6) and m.all() and torch.allclose(source[0, 0], toks[0, :3].mean(0))
+    with pytest.raises(ValueError, match="no token states for 'y'"):
+        data.inputs("y", pairs.tgt_rows, tokens=True)

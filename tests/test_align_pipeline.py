@@ -207,6 +207,33 @@ def test_align_with_token_inputs(tmp_path):
     assert tokens.shape[1:] == (49, 1280) and mask.all()
     text_mask = LatentStore.open(out / "stores" / "text-minilm-tokens").padded_tokens()[1]
     assert text_mask.shape == (60, 6) and text_mask.all()  # "A <colour> <shape>." is 6 tokens with CLS and SEP
+    # pool_tokens=4: trained on at most 4 tokens per item (49 image tokens in runs of 12-13), and a live query
+    # through the retriever is pooled the same way: its vector is the connector's on the stored tokens, pooled
+    import torch
+    import torch.nn.functional as F
+
+    from omnimoe.align.data import pool_tokens
+    from omnimoe.retrieval import Retriever
+
+    pooled_run = tmp_path / "pooled"
+    (pooled_run / "stores").mkdir(parents=True)
+    for store in (out / "stores").iterdir():
+        (pooled_run / "stores" / store.name).symlink_to(store)
+    at = cmd.index("--out") + 1
+    again = cmd[:at] + [str(pooled_run)] + cmd[at + 1 :] + ["--set", "pool_tokens=4"]
+    done = subprocess.run(again, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((pooled_run / "summary.json").read_text())["train_config"]["pool_tokens"] == 4
+    retriever = Retriever(pooled_run, method="moe-alternating")
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    image = str(manifest.parent / records[0]["image"])
+    live = retriever.embed("image", "text", [image])
+    stored = LatentStore.open(out / "stores" / "image-efficientnet-lite0-tokens")
+    row = stored.ids.index(records[0]["id"])
+    expect = retriever.connector("image->text", *pool_tokens(tokens[row : row + 1], mask[row : row + 1], 4)).contrastive
+    assert torch.allclose(live, F.normalize(expect, dim=-1), atol=1e-4)
+    unpooled = retriever.connector("image->text", tokens[row : row + 1], mask[row : row + 1]).contrastive
+    assert not torch.allclose(live, F.normalize(unpooled, dim=-1), atol=1e-3)
 
 
 def test_trained_on_the_prior_and_served_with_it(tmp_path):

@@ -123,3 +123,14 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path):
     layer = json.loads((out / "moe_layer.json").read_text())
     assert {r["dtype"] for r in layer} == {"float32", "bfloat16"} and all(r["device"].startswith("CPU") for r in layer)
     assert "| moe | " in summary and len(json.loads((out / "mllm.json").read_text())) == 3
+
+
+def test_token_inputs_benchmark_quick(tmp_path):
+    bench = load("token_inputs")
+    out = tmp_path / "tokens.json"
+    result = bench.main(["--quick", "--pools", "8", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [r["variant"] for r in result["rows"]] == ["pooled", "tokens (all)", "tokens, pool 8"]
+    assert result["rows"][0]["ratio_to_pooled"] == 1.0 and all(r["median_ms"] > 0 for r in result["rows"])
+    splits, latents, tokens = bench.demo_sized_data()
+    assert tokens["image"][0].shape == (701, 49, 1280) and 6 <= int(tokens["text"][1].sum(1).min())

@@ -64,6 +64,7 @@ class TrainConfig:
     linear_start: bool = False
     freeze_linear: bool = True  # with linear_start: the started linear path stays fixed; the residuals learn
     token_inputs: bool = False  # feed token states (MoE per token, masked mean) instead of pooled vectors
+    pool_tokens: int = 0  # > 0, with token_inputs: each item's tokens averaged down to at most this many (cheaper)
     schedule: str = "auto"  # auto (alternate for *-alternating, joint for moe-joint/linear), alternate, adaptive, joint
     # Latent-space augmentation (the encoders are frozen, so augment the stored vectors):
     mixup_alpha: float = 0.4  # > 0: FuseMix-style mixup, source and target mixed with the same Beta(a, a) weight
@@ -101,6 +102,7 @@ class TrainConfig:
                 "regression_weight": "[0, inf)",
                 "contrastive_weight": "[0, inf)",
                 "steps_per_direction": "[1, inf)",
+                "pool_tokens": "[0, inf)",
                 "mixup_alpha": "[0, inf)",
                 "input_noise": "[0, inf)",
                 "prior_weight": "[0, inf)",

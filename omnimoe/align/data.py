@@ -18,6 +18,28 @@ from omnimoe.data.manifest import read_manifest
 from omnimoe.latents.store import LatentStore
 
 
+def pool_tokens(tokens: torch.Tensor, mask: torch.Tensor, most: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's real tokens averaged down to at most ``most`` (runs of consecutive tokens, as even as they
+    split; a row with fewer keeps its own): (B, L, D) and mask (B, L) -> (B, min(L, most), D) and mask.
+    Fewer tokens make token inputs cheap; the mean of the pooled tokens, weighted by run length, is the
+    mean of the row's tokens."""
+    if most <= 0 or tokens.shape[1] <= most:
+        return tokens, mask
+    lengths = mask.sum(1).tolist()
+    out = tokens.new_zeros(len(tokens), most, tokens.shape[-1])
+    kept = torch.zeros(len(tokens), most, dtype=torch.bool, device=mask.device)
+    for i, n in enumerate(lengths):
+        n = int(n)
+        if n <= most:
+            out[i, :n], kept[i, :n] = tokens[i, :n], True
+            continue
+        bounds = [round(j * n / most) for j in range(most + 1)]  # `most` runs of n // most or n // most + 1
+        for j in range(most):
+            out[i, j] = tokens[i, bounds[j] : bounds[j + 1]].mean(0)
+        kept[i] = True
+    return out, kept
+
+
 @dataclass
 class Pairs:
     """Rows of the source and target tables for the samples of one split that have both modalities."""
@@ -41,7 +63,10 @@ class AlignmentData:
         seed: int = 0,
         tokens: bool = False,
         max_tokens: int = 128,
+        pooled_tokens: int = 0,
     ) -> None:
+        """``tokens``: also load token states (the first ``max_tokens`` of each item), pooled down to at most
+        ``pooled_tokens`` per item when > 0 (:func:`pool_tokens`)."""
         self.manifest_path = Path(manifest)
         records = read_manifest(manifest)
         has_val = any(r.get("split") == "val" for r in records)
@@ -62,7 +87,28 @@ class AlignmentData:
             self.latents[modality] = store.pooled()
             self.row[modality] = {sid: i for i, sid in enumerate(store.ids)}
             if tokens:
-                self.tokens[modality] = store.padded_tokens(max_tokens)
+                self.tokens[modality] = pool_tokens(*store.padded_tokens(max_tokens), pooled_tokens)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        splits: dict[str, str],
+        latents: dict[str, tuple[list[str], torch.Tensor]],
+        tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        groups: dict[str, str] | None = None,
+        pooled_tokens: int = 0,
+    ) -> "AlignmentData":
+        """Latents held in memory instead of stores: ``splits`` (id -> train/val/test), ``latents`` (modality ->
+        (ids, pooled (N, D))), optional ``tokens`` (modality -> (N, L, D) states and (N, L) mask, rows as in
+        ``latents``) and ``groups`` (id -> caption group; default: each id its own)."""
+        data = cls.__new__(cls)
+        data.manifest_path = Path("<memory>")
+        data.split = dict(splits)
+        data.group = {sid: (groups or {}).get(sid, sid) for sid in splits}
+        data.latents = {m: pooled for m, (_, pooled) in latents.items()}
+        data.row = {m: {sid: i for i, sid in enumerate(ids)} for m, (ids, _) in latents.items()}
+        data.tokens = {m: pool_tokens(t, k, pooled_tokens) for m, (t, k) in (tokens or {}).items()}
+        return data
 
     def source(self, modality: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Model inputs for ``rows``: token states trimmed to the longest row and their mask when the data

@@ -247,7 +247,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     check_run_identity(
         out, {"encoder_weights": {m: LatentStore.open(p).index.get("weights_hash") for m, p in stores.items()}}
     )
-    data = AlignmentData(cfg.manifest, stores, tokens=cfg.train.token_inputs)
+    data = AlignmentData(cfg.manifest, stores, tokens=cfg.train.token_inputs, pooled_tokens=cfg.train.pool_tokens)
     rows, val_rows, curves, loads, zeroshot, betas = [], [], {}, {}, [], {}
     prompts = _category_prompts(cfg, records) if is_rank0() else None
     priors = {}

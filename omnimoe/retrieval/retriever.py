@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from omnimoe.align.connector import AltMoEConnector, direction_name, load_connector
+from omnimoe.align.data import pool_tokens
 from omnimoe.align.query import MAX_ROWS as QUERY_PATH_MAX_ROWS
 from omnimoe.align.query import QueryPath
 from omnimoe.data.manifest import MEDIA_FIELDS, media_path, read_manifest
@@ -78,6 +79,7 @@ class Retriever:
         self.connector = load_connector(folder)
         self.connector_hash = hash_state_dict(self.connector.state_dict())
         self.token_inputs = bool(summary.get("train_config", {}).get("token_inputs")) and method != "linear"
+        self.pool_tokens = int(summary.get("train_config", {}).get("pool_tokens") or 0)  # as the connector trained
         given = [m for m in summary.get("modalities", []) if m in summary["stores"]]
         order = given + sorted(set(summary["stores"]) - set(given))
         self.stores = {
@@ -292,7 +294,9 @@ class Retriever:
         with self._lock:
             out = encoder.encode(loaded)
             if self.token_inputs and out.tokens is not None:
-                q = self.connector(direction, out.tokens, out.mask, tasks=("contrastive",)).contrastive
+                q = self.connector(
+                    direction, *pool_tokens(out.tokens, out.mask, self.pool_tokens), tasks=("contrastive",)
+                ).contrastive
             elif (path := self._query_path(direction)) is not None and len(out.pooled) <= QUERY_PATH_MAX_ROWS:
                 q = path(out.pooled)  # a handful of queries: the lean NumPy path (omnimoe.align.query)
             else:
