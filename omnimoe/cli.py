@@ -353,18 +353,30 @@ def store_verify(store: Path = typer.Argument(...)) -> None:
     typer.echo(f"{store}: {len(opened.index['shards'])} shard(s), {len(opened)} rows, every checksum matches")
 
 
-def _retriever(run: Path, method: str, index: str, rebuild: bool = False):
+def _retriever(run: Path, method: str, index: str, rebuild: bool = False, label_prior: Optional[bool] = None):
     from omnimoe.retrieval import IndexSpec, Retriever
 
     try:
-        return Retriever(run, method=method, spec=IndexSpec(kind=index), rebuild=rebuild)  # type: ignore[arg-type]
+        retriever = Retriever(
+            run, method=method or None, spec=IndexSpec(kind=index), rebuild=rebuild, label_prior=label_prior
+        )  # type: ignore[arg-type]
     except (OSError, ValueError) as exc:  # IndexMismatch is a ValueError
         _fail(str(exc))
+    served = retriever.method + (" + label prior" if retriever.head == "contrastive+prior" else "")
+    typer.echo(f"serving {served}" + (" (chosen on validation)" if retriever.chosen else ""), err=True)
+    return retriever
 
 
 _RUN = typer.Option(Path("runs/demo"), help="An alignment run (`omnimoe demo` / `omnimoe align` output).")
 _METHOD = typer.Option(
-    "moe-alternating", help="Which trained connector of the run (linear, mlp-alternating, moe-joint, moe-alternating)."
+    "",
+    help="Which trained connector of the run (linear, mlp-alternating, moe-joint, moe-alternating); "
+    "default: the one the run chose on validation.",
+)
+_PRIOR = typer.Option(
+    None,
+    "--label-prior/--no-label-prior",
+    help="Fuse the connector's score with the label prior; default: where validation chose it.",
 )
 _INDEX = typer.Option(
     "flat", help="Index kind: flat (exact), ivf, hnsw (approximate, for large stores), torch (exact, no faiss)."
@@ -383,6 +395,7 @@ def search(
     ),
     run: Path = _RUN,
     method: str = _METHOD,
+    label_prior: Optional[bool] = _PRIOR,
     index: str = _INDEX,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -393,7 +406,7 @@ def search(
     if len(given) != 1:
         _fail("give exactly one query: a text argument, --image PATH or --audio PATH")
     kind, query = given[0]
-    retriever = _retriever(run, method, index)
+    retriever = _retriever(run, method, index, label_prior=label_prior)
     try:
         src = retriever.source_for(kind, target, source)
         hits, ms = retriever.timed_search(src, target, [str(query)], k)
@@ -401,7 +414,8 @@ def search(
         _fail(str(exc))
     rows = [{**h.__dict__, **(retriever.item(h.id) or {})} for h in hits[0]]
     if as_json:
-        typer.echo(json.dumps({"direction": f"{src}->{target}", "took_ms": round(ms, 2), "results": rows}))
+        served = {"method": retriever.method, "head": retriever.head, "chosen_on_validation": retriever.chosen}
+        typer.echo(json.dumps({"direction": f"{src}->{target}", "took_ms": round(ms, 2), "results": rows, **served}))
         return
     typer.echo(f"{src} -> {target}: top {len(rows)} of {len(retriever.index(f'{src}->{target}'))} ({ms:.1f} ms)")
     for r in rows:
@@ -412,11 +426,12 @@ def search(
 def build_index(
     run: Path = _RUN,
     method: str = _METHOD,
+    label_prior: Optional[bool] = _PRIOR,
     index: str = _INDEX,
     rebuild: bool = typer.Option(False, help="Replace existing indexes (e.g. after retraining the connector)."),
 ) -> None:
     """Build (or update with new store items) the index of every direction of a run."""
-    retriever = _retriever(run, method, index, rebuild)
+    retriever = _retriever(run, method, index, rebuild, label_prior=label_prior)
     try:
         sizes = retriever.build_all()
     except (OSError, ValueError) as exc:  # IndexMismatch is a ValueError
@@ -430,6 +445,7 @@ def build_index(
 def serve(
     run: Path = _RUN,
     method: str = _METHOD,
+    label_prior: Optional[bool] = _PRIOR,
     index: str = _INDEX,
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port (0: any free port; the chosen one is printed)."),
@@ -439,7 +455,7 @@ def serve(
     """The retrieval service: POST /search, GET /items/{id}, GET /media/{field}/{id}, GET /health, a web page at /."""
     from omnimoe.retrieval.service import ServiceConfig, serve as run_service
 
-    retriever = _retriever(run, method, index)
+    retriever = _retriever(run, method, index, label_prior=label_prior)
     for problem in retriever.problems():
         typer.secho(f"warning: {problem}", err=True, fg=typer.colors.YELLOW)
     run_service(

@@ -227,3 +227,16 @@ def test_prior_logits_with_gathered_negatives_equal_one_big_batch():
         info_nce(q, k, 10.0, prior_qk=10 * torch.eye(12), prior_kq=10 * torch.eye(12)) < without
     )  # a prior that knows the pairs helps
     run_distributed(_prior_loss_worker, 2, q, k, prior)
+
+
+def test_a_fused_score_is_served_as_cos_plus_a_rescaled_prior():
+    """z(learned) + beta * z(prior) orders each query's targets as learned + beta * std(learned) / std(prior) *
+    prior (the serving weight of omnimoe.align.evaluate.serving_weights): one index can serve the fusion."""
+    from omnimoe.align.prior import fuse
+
+    g = torch.Generator().manual_seed(0)
+    learned, prior = torch.rand(30, 50, generator=g) * 0.3, torch.rand(30, 50, generator=g) * 2
+    for beta in (0.25, 1.0, 4.0):
+        w = beta * learned.std() / prior.std()
+        assert torch.equal(fuse(learned, prior, beta).argsort(1), (learned + w * prior).argsort(1))
+        assert not torch.equal((learned + beta * prior).argsort(1), fuse(learned, prior, beta).argsort(1))

@@ -44,7 +44,7 @@ def test_live_queries_match_the_stored_latents(demo_run):
     """Encoding a raw query now gives the vector that was stored at extraction, so search agrees with the
     ranking computed from the store, for a text, an image and an audio query."""
     run, _ = demo_run
-    retriever = Retriever(run)
+    retriever = Retriever(run, method="moe-alternating", label_prior=False)  # the connector's score alone
     manifest = retriever.stores["image"].manifest
     sample = next(
         r
@@ -89,16 +89,17 @@ def test_query_errors_name_the_problem(demo_run, tmp_path):
 
 def test_index_is_reused_refused_for_another_connector_and_rebuilt(demo_run, tmp_path):
     run = copy_run(demo_run[0], tmp_path / "run")
-    folder = run / "index" / "moe-alternating" / "text-to-image"
+    served = Retriever(run)  # what the demo indexed: the run's choice on validation
+    folder = served.index_root / "text-to-image"
     before = (folder / "index.faiss").stat().st_mtime_ns
     first = Retriever(run).search("text", "image", ["A frog."], 5)[0]
     assert (folder / "index.faiss").stat().st_mtime_ns == before  # loaded, not rebuilt
     # retrain (here: perturb) the connector in place: the saved index no longer matches it
-    connector = load_connector(run / "connectors" / "moe-alternating")
+    connector = load_connector(run / "connectors" / served.method)
     with torch.no_grad():
         for p in connector.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    connector.save_pretrained(run / "connectors" / "moe-alternating")
+    connector.save_pretrained(run / "connectors" / served.method)
     with pytest.raises(IndexMismatch, match="connector"):
         Retriever(run).index("text->image")
     rebuilt = Retriever(run, rebuild=True).search("text", "image", ["A frog."], 5)[0]
@@ -110,7 +111,7 @@ def test_index_is_reused_refused_for_another_connector_and_rebuilt(demo_run, tmp
 
 def test_new_items_are_added_without_a_rebuild(demo_run, tmp_path):
     run = copy_run(demo_run[0], tmp_path / "run")
-    retriever = Retriever(run)
+    retriever = Retriever(run, method="moe-alternating", label_prior=False)
     index = retriever.index("text->image")
     n = len(index)
     store = retriever.stores["image"]
@@ -129,7 +130,9 @@ def test_new_items_are_added_without_a_rebuild(demo_run, tmp_path):
     for r in extra:
         key = retriever.connector.embed_target("text->image", reopened.pooled()[reopened.rows_of([r["id"]])]).detach()
         assert index.search(key, 1)[1][0][0] in (r["id"], r["id"].removesuffix("-copy"))  # the copy or its twin
-    assert Retriever(run).index("text->image").ids[-2:] == [r["id"] for r in extra]
+    assert Retriever(run, method="moe-alternating", label_prior=False).index("text->image").ids[-2:] == [
+        r["id"] for r in extra
+    ]
 
 
 def omnimoe(*args):
@@ -160,9 +163,15 @@ def test_search_cli(demo_run, tmp_path):
         "search", "--audio", str(media_path(manifest, rec["audio"])), "--target", "image", "--run", str(run), "--json"
     )
     assert audio.returncode == 0 and json.loads(audio.stdout)["direction"] == "speech->image", audio.stderr[-2000:]
+    chosen = json.loads((run / "summary.json").read_text())["chosen"]
+    assert data["method"] == chosen["method"] and data["head"] == chosen["head"] and data["chosen_on_validation"]
+    said = chosen["method"] + (" + label prior" if chosen["head"] == "contrastive+prior" else "")
+    assert f"serving {said} (chosen on validation)" in out.stderr
     linear = omnimoe(
-        "search", "A frog.", "--target", "image", "--run", str(run), "--method", "linear", "--index", "ivf"
-    )
+        "search", "A frog.", "--target", "image", "--run", str(run), "--method", "linear", "--no-label-prior",
+        "--index", "ivf",
+    )  # fmt: skip
+    assert "serving linear\n" in linear.stderr
     assert linear.returncode == 0 and (run / "index" / "linear" / "text-to-image.ivf" / "index.json").is_file(), (
         linear.stderr[-2000:]
     )
@@ -200,16 +209,49 @@ def test_batcher_coalesces_and_isolates_errors(demo_run):
 
 def test_index_cli_builds_every_direction_with_every_stored_item(demo_run, tmp_path):
     run = copy_run(demo_run[0], tmp_path / "run")
-    built = omnimoe("index", "--run", str(run), "--method", "linear", "--index", "torch")
+    built = omnimoe("index", "--run", str(run), "--method", "linear", "--no-label-prior", "--index", "torch")
     assert built.returncode == 0, built.stderr[-2000:]
-    retriever = Retriever(run, method="linear")
+    retriever = Retriever(run, method="linear", label_prior=False)
     lines = dict(line.split(None, 1) for line in built.stdout.splitlines() if "->" in line.split(None, 1)[0])
     assert set(lines) == set(retriever.directions())
     for direction, text in lines.items():
         target = direction.split("->")[1]
         assert text.strip() == f"{len(retriever.stores[target])} items", (direction, text)
         assert (run / "index" / "linear" / f"{direction.replace('->', '-to-')}.torch" / "index.json").is_file()
-    again = omnimoe("index", "--run", str(run), "--method", "linear", "--index", "torch", "--rebuild")
+    again = omnimoe(
+        "index", "--run", str(run), "--method", "linear", "--no-label-prior", "--index", "torch", "--rebuild"
+    )
     assert again.returncode == 0 and again.stdout == built.stdout
     bad = omnimoe("index", "--run", str(run), "--method", "nope")
     assert bad.returncode == 2 and "no trained connector for method 'nope'" in bad.stderr
+
+
+def test_fused_with_the_prior_the_search_ranks_as_the_validated_fusion(demo_run, tmp_path):
+    """``label_prior``: one index over [key, prior side] and a query [query, w * prior side] rank the targets by
+    cos(learned) + w * cos(prior), with w of prior.json: the fusion validation picked (beta), rescaled by the
+    two scores' spreads on validation (omnimoe.align.evaluate.serving_weights). Without it: the connector alone."""
+    run, _ = demo_run
+    fused = Retriever(run, method="moe-alternating", label_prior=True)
+    plain = Retriever(run, method="moe-alternating", label_prior=False)
+    assert fused.head == "contrastive+prior" and plain.head == "contrastive" and fused.index_root != plain.index_root
+    w = json.loads((run / "prior.json").read_text())["serve"]["moe-alternating"]["text->image"]
+    assert w > 0 and fused.weight("text->image") == w and plain.weight("text->image") == 0
+    text, image = fused.stores["text"], fused.stores["image"]
+    records = {r["id"]: r for r in read_manifest(text.manifest)}
+    prior = fused.prior("text->image")
+    for sid in [i for i in text.ids if i in image.ids][:4]:
+        live = fused.search("text", "image", [records[sid]["text"]], 5)[0]
+        with torch.no_grad():
+            q = F.normalize(fused.connector("text->image", text.pooled()[text.rows_of([sid])]).contrastive, dim=-1)
+            k = F.normalize(fused.connector.embed_target("text->image", image.pooled()), dim=-1)
+        p = prior.side("text", text.pooled()[text.rows_of([sid])]) @ prior.side("image", image.pooled()).T
+        want = [image.ids[i] for i in (q @ k.T + w * p)[0].topk(5).indices.tolist()]
+        assert live[0].id == want[0] and len({h.id for h in live} & set(want)) >= 4, (sid, live, want)
+        alone = [image.ids[i] for i in (q @ k.T)[0].topk(5).indices.tolist()]
+        assert [h.id for h in plain.search("text", "image", [records[sid]["text"]], 5)[0]][0] == alone[0]
+    copy = copy_run(run, tmp_path / "run")
+    info = json.loads((copy / "prior.json").read_text())
+    info["serve"].pop("linear")
+    (copy / "prior.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="no label-prior weights for 'linear'"):
+        Retriever(copy, method="linear", label_prior=True)

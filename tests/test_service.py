@@ -47,7 +47,9 @@ def service(demo_run):
 def test_health_docs_and_text_search(service):
     url, run, sample, _ = service
     health = httpx.get(f"{url}/health").json()
-    assert health["status"] == "ok" and health["method"] == "moe-alternating"
+    chosen = json.loads((run / "summary.json").read_text())["chosen"]  # served by default: validation's choice
+    assert health["status"] == "ok" and health["method"] == chosen["method"] and health["chosen_on_validation"]
+    assert health["head"] == chosen["heads"][chosen["method"]] == chosen["head"]
     assert health["modalities"]["text"] == "text" and health["items"]["image"] > 50
     spec = httpx.get(f"{url}/openapi.json").json()
     assert {"/search", "/health", "/items/{item_id}"} <= set(spec["paths"])

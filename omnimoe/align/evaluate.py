@@ -174,6 +174,39 @@ def fused_rows(
 
 
 @torch.no_grad()
+def serving_weights(
+    model: torch.nn.Module,
+    data: AlignmentData,
+    directions: list[str],
+    priors: dict[str, LabelPrior],
+    betas: dict[str, float],
+    cfg: TrainConfig | None = None,
+) -> dict[str, float]:
+    """Per direction, the weight ``w`` that serves a fused score from one vector index: the index holds
+    ``[key, prior side]`` and a query ``[query, w * prior side]``, so a search ranks by ``cos(learned) +
+    w * cos(prior)``. A connector trained on top of the prior has ``w = prior_weight``; one fused after
+    training ranks by ``z(learned) + beta * z(prior)``, which orders a query's targets as ``cos(learned) +
+    beta * std(learned) / std(prior) * cos(prior)``, with both spreads measured on the validation split.
+    Directions without a prior, or where validation chose ``beta = 0``, are left out."""
+    weight = cfg.prior_weight if cfg is not None else 0.0
+    out = {}
+    model.eval()
+    for d in directions:
+        prior = prior_for(priors, d)
+        if prior is None:
+            continue
+        if weight:
+            out[d] = weight
+        elif betas.get(d, 0.0) > 0 and len(data.pairs(d, "val")) > 1:
+            pairs, con, keys, _ = embed_pairs(model, data, d, "val", cfg=cfg)
+            learned = F.normalize(con, dim=-1) @ F.normalize(keys, dim=-1).t()
+            spread = prior.scores(data, d, pairs).std().clamp_min(1e-8)
+            out[d] = float(betas[d] * learned.std() / spread)
+    model.train()
+    return out
+
+
+@torch.no_grad()
 def expert_load(
     model: Any, data: AlignmentData, directions: list[str], cfg: TrainConfig
 ) -> dict[str, list[float]] | None:

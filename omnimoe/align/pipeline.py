@@ -25,7 +25,15 @@ import torch
 from omnimoe.align.connector import direction_name
 from omnimoe.align.data import AlignmentData
 from omnimoe.align.config import METHODS, TrainConfig
-from omnimoe.align.evaluate import ZERO_SHOT_PROMPT, evaluate, expert_load, fused_rows, prior_rows, zero_shot
+from omnimoe.align.evaluate import (
+    ZERO_SHOT_PROMPT,
+    evaluate,
+    expert_load,
+    fused_rows,
+    prior_rows,
+    serving_weights,
+    zero_shot,
+)
 from omnimoe.align.prior import LABEL_PROMPT, build_label_priors
 from omnimoe.align.trainer import load_best, train
 from omnimoe.data.manifest import read_manifest
@@ -207,6 +215,31 @@ def _category_prompts(cfg: AlignConfig, records: list[dict]) -> tuple[dict[str, 
 RUN = "run.json"
 
 
+def choose(val_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What this run serves (``omnimoe search``/``serve`` by default), chosen on the validation split: the
+    (method, head) of highest mean R@1 over directions, averaged over seeds, where head is the connector's
+    contrastive score alone or fused with the label prior; and, per method, the better of its two heads."""
+    per: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for r in val_rows:
+        if r["head"] in ("contrastive", "contrastive+prior"):
+            per.setdefault((r["method"], r["head"]), {}).setdefault(r["seed"], []).append(r["R@1"])
+    scores = {key: statistics.fmean(statistics.fmean(v) for v in seeds.values()) for key, seeds in per.items() if seeds}
+    if not scores:
+        return {}
+    ranking = sorted(scores, key=lambda k: -scores[k])  # stable: the methods' order breaks ties
+    heads = {}
+    for method, head in ranking:
+        heads.setdefault(method, head)
+    method, head = ranking[0]
+    return {
+        "method": method,
+        "head": head,
+        "validation_mean_r1": scores[ranking[0]],
+        "heads": heads,
+        "ranking": [{"method": m, "head": h, "validation_mean_r1": scores[(m, h)]} for m, h in ranking],
+    }
+
+
 def check_run_identity(out: Path, identity: dict[str, Any]) -> None:
     """``out/run.json`` records what decides a run folder's connectors (the manifest's bytes, each modality's
     encoder and weights, the directions, the token inputs). The first run writes it; a later run into the same
@@ -248,7 +281,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
         out, {"encoder_weights": {m: LatentStore.open(p).index.get("weights_hash") for m, p in stores.items()}}
     )
     data = AlignmentData(cfg.manifest, stores, tokens=cfg.train.token_inputs, pooled_tokens=cfg.train.pool_tokens)
-    rows, val_rows, curves, loads, zeroshot, betas = [], [], {}, {}, [], {}
+    rows, val_rows, curves, loads, zeroshot, betas, serve = [], [], {}, {}, [], {}, {}
     prompts = _category_prompts(cfg, records) if is_rank0() else None
     priors = {}
     if cfg.label_prior and (
@@ -280,6 +313,9 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
                 curves[method] = result["history"]
                 if hasattr(model, "save_pretrained"):
                     model.save_pretrained(out / "connectors" / method)
+                    serve[method] = serving_weights(
+                        model, data, directions, priors, betas[f"{method}/seed{seed}"], tcfg
+                    )
                 if (load := expert_load(model, data, directions, tcfg)) is not None:
                     loads[method] = load
     if not is_rank0():
@@ -299,6 +335,8 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
                 "modalities": {m: p.text for m, p in priors.items()},
                 "prior_weight": cfg.train.prior_weight,
                 "beta": betas,
+                # per method, the weight of the prior side in a fused search (omnimoe.align.evaluate.serving_weights)
+                "serve": serve,
             },
         )
     (out / "results.md").write_text(markdown_table(summary) + zero_shot_table(zeroshot))
@@ -324,6 +362,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
             "stores": {m: relative_path(p, out) for m, p in stores.items()},
             "directions": directions,
             "train_config": dataclasses.asdict(cfg.train),
+            "chosen": choose(val_rows),
             "plots": [p.name for p in plots],
         },
     )

@@ -6,14 +6,16 @@
 3. train every method (linear two-tower, MLP with alternation, MoE joint, MoE alternating) with 3 seeds, all
    directions among the modalities in one connector, on stored latents;
 4. evaluate on the held-out split (grouped by caption) and print the comparison; write results and plots;
-5. build the retrieval index of every direction for the Alt-MoE connector (``<out>/index/moe-alternating``) and
-   run one search of each kind, ready for ``omnimoe search`` and ``omnimoe serve``.
+5. build the retrieval index of every direction for the connector validation ranks first (fused with the label
+   prior where validation chose it; ``<out>/index/<method>[+prior]``) and run one search of each kind for a
+   held-out item drawn at random (fixed seed), ready for ``omnimoe search`` and ``omnimoe serve``.
 
 ``quick=True`` runs the same path on a small slice with short training (a CI smoke test, about a minute).
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,10 @@ def comparison(summary: list[dict[str, Any]], pairs: list[tuple[str, str]]) -> s
     return "\n".join(lines)
 
 
-def build_retrieval(out: Path, manifest: Path, method: str = "moe-alternating") -> dict[str, Any]:
-    """Index every direction's targets for ``method`` and try a text query and an image query."""
+def build_retrieval(out: Path, manifest: Path, method: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """Index every direction's targets for ``method`` (default: what the run chose on validation, with the label
+    prior where validation chose it) and try a text query and an image query of one held-out item drawn at
+    random (``seed``)."""
     from omnimoe.retrieval import Retriever
 
     retriever = Retriever(out, method=method)
@@ -65,7 +69,7 @@ def build_retrieval(out: Path, manifest: Path, method: str = "moe-alternating") 
     test = [r for r in read_manifest(manifest) if r.get("split") == "test" and r.get("text") and r.get("image")]
     examples = []
     if test:
-        sample = test[0]
+        sample = random.Random(seed).choice(test)
         for kind, query, target in (
             ("text", sample["text"], "image"),
             ("image", str(media_path(manifest, sample["image"])), "text"),
@@ -81,7 +85,14 @@ def build_retrieval(out: Path, manifest: Path, method: str = "moe-alternating") 
                     "hits": [(h.id, h.score, (retriever.item(h.id) or {}).get("text")) for h in hits[0]],
                 }
             )
-    return {"method": method, "index": str(retriever.index_root), "sizes": sizes, "examples": examples}
+    return {
+        "method": retriever.method,
+        "head": retriever.head,
+        "chosen_on_validation": retriever.chosen,
+        "index": str(retriever.index_root),
+        "sizes": sizes,
+        "examples": examples,
+    }
 
 
 def run_demo(
@@ -120,7 +131,9 @@ def report(result: dict[str, Any]) -> str:
     )
     if retrieval := result.get("retrieval"):
         sizes = ", ".join(f"{d} {n}" for d, n in retrieval["sizes"].items())
-        text += f"\n\nRetrieval index ({retrieval['method']}): {retrieval['index']}\n  items per direction: {sizes}"
+        served = retrieval["method"] + (" + label prior" if retrieval.get("head") == "contrastive+prior" else "")
+        chosen = " (chosen on validation)" if retrieval.get("chosen_on_validation") else ""
+        text += f"\n\nRetrieval index ({served}{chosen}): {retrieval['index']}\n  items per direction: {sizes}"
         for ex in retrieval["examples"]:
             text += f"\n  {ex['direction']} for {ex['query']!r} ({ex['ms']:.1f} ms):"
             for sid, score, caption in ex["hits"]:

@@ -54,12 +54,17 @@ class Retriever:
     def __init__(
         self,
         run: str | Path,
-        method: str = DEFAULT_METHOD,
+        method: str | None = None,
         spec: IndexSpec | None = None,
         index_root: str | Path | None = None,
         rebuild: bool = False,
         batch_size: int = 1024,
+        label_prior: bool | None = None,
     ) -> None:
+        """``method``: which trained connector of the run; None serves the one the run chose on validation
+        (``summary.json`` ``chosen``; runs written before that: ``moe-alternating``). ``label_prior``: fuse
+        the connector's score with the label prior; None does so where validation chose it for the method.
+        A connector trained on top of the prior is always served with it."""
         self.run = Path(run)
         summary_path = self.run / "summary.json"
         if not summary_path.is_file():
@@ -67,6 +72,9 @@ class Retriever:
                 f"{self.run} is not an alignment run (no summary.json): run `omnimoe demo` or `omnimoe align` first"
             )
         summary = read_json(summary_path)
+        chosen = summary.get("chosen") or {}
+        self.chosen = method is None and bool(chosen)  # serving what validation chose
+        method = method or chosen.get("method") or DEFAULT_METHOD
         folder = self.run / "connectors" / method
         if not folder.is_dir():
             have = (
@@ -86,7 +94,33 @@ class Retriever:
             m: LatentStore.open(resolve_path(self.run, summary["stores"][m])) for m in order
         }  # the run's modality order
         self.spec = spec or IndexSpec()
-        self.index_root = Path(index_root) if index_root else self.run / "index" / method
+        # The label prior beside the connector's score: one inner product over [key, prior side] and [query,
+        # w * prior side] gives cos(learned) + w * cos(prior), w per direction. A connector trained on top of
+        # the prior (prior_weight > 0) is scored so as trained; one fused after training with the weights
+        # that reproduce its validation-picked fusion (omnimoe.align.evaluate.serving_weights).
+        prior = read_json(self.run / "prior.json") if (self.run / "prior.json").is_file() else {}
+        self.prior_weight = float(prior.get("prior_weight") or 0.0)
+        self.prior_modalities: dict[str, str] = dict(prior.get("modalities") or {})  # modality -> its text modality
+        self.prior_prompt = prior.get("prompt")
+        self._priors: dict[str, Any] | None = None
+        fused = self.prior_weight > 0 or (
+            label_prior if label_prior is not None else chosen.get("heads", {}).get(method) == "contrastive+prior"
+        )
+        weights = (prior.get("serve") or {}).get(method) or {}
+        if fused and not self.prior_weight and label_prior and not weights:
+            raise ValueError(
+                f"{self.run}: no label-prior weights for {method!r} (prior.json has none: a run without the "
+                "label prior, or written before fused serving); serve it without the prior"
+            )
+        self.prior_weights: dict[str, float] = (
+            {d: float(w) for d, w in weights.items()} if fused and not self.prior_weight else {}
+        )
+        self.head = "contrastive+prior" if fused else "contrastive"
+        self.index_root = (
+            Path(index_root)
+            if index_root
+            else self.run / "index" / (method + ("+prior" if fused and not self.prior_weight else ""))
+        )
         self.rebuild = rebuild
         self.batch_size = batch_size
         self._indexes: dict[str, VectorIndex] = {}
@@ -95,14 +129,6 @@ class Retriever:
         self._ids: set[str] | None = None
         self._query_paths: dict[str, QueryPath | None] = {}
         self._lock = threading.RLock()  # one model call at a time: torch already uses every core per call
-        # A connector trained on top of the label prior (omnimoe.align.prior, prior_weight > 0) is scored as
-        # trained: cos(learned) + w * cos(prior). The index holds [key, prior side] and a query is
-        # [query, w * prior side], so one inner product gives exactly that sum.
-        prior = read_json(self.run / "prior.json") if (self.run / "prior.json").is_file() else {}
-        self.prior_weight = float(prior.get("prior_weight") or 0.0)
-        self.prior_modalities: dict[str, str] = dict(prior.get("modalities") or {})  # modality -> its text modality
-        self.prior_prompt = prior.get("prompt")
-        self._priors: dict[str, Any] | None = None
 
     # -- what is here ---------------------------------------------------------------------------------
     @property
@@ -140,11 +166,15 @@ class Retriever:
         )
 
     # -- indexes --------------------------------------------------------------------------------------
+    def weight(self, direction: str) -> float:
+        """The weight of the label prior's side in ``direction``'s search (0: the connector's score alone)."""
+        if not any({m, t} == set(direction.split("->")) for m, t in self.prior_modalities.items()):
+            return 0.0
+        return self.prior_weight or self.prior_weights.get(direction, 0.0)
+
     def prior(self, direction: str) -> Any:
-        """The label prior this connector was trained on top of for ``direction``, or None."""
-        if not self.prior_weight or not any(
-            {m, t} == set(direction.split("->")) for m, t in self.prior_modalities.items()
-        ):
+        """The label prior served beside the connector for ``direction``, or None."""
+        if not self.weight(direction):
             return None
         with self._lock:
             if self._priors is None:
@@ -174,7 +204,7 @@ class Retriever:
             "direction": direction,
             "encoder": store.index.get("encoder"),
             "weights_hash": store.index.get("weights_hash"),
-            "prior_weight": self.prior_weight if self.prior(direction) is not None else 0.0,
+            "prior_weight": self.weight(direction),
         }
 
     def index_folder(self, direction: str) -> Path:
@@ -303,7 +333,7 @@ class Retriever:
                 q = self.connector(direction, out.pooled, tasks=("contrastive",)).contrastive
             q = F.normalize(q.float(), dim=-1)
             if (prior := self.prior(direction)) is not None:
-                q = torch.cat([q, self.prior_weight * prior.side(source, out.pooled)], dim=1)
+                q = torch.cat([q, self.weight(direction) * prior.side(source, out.pooled)], dim=1)
         return F.normalize(q, dim=-1)
 
     def search(self, source: str, target: str, items: list[Any], k: int = 5) -> list[list[Hit]]:

@@ -361,6 +361,8 @@ def create_app(retriever: Retriever, cfg: ServiceConfig | None = None) -> Any:
         return {
             "status": "ok",
             "method": retriever.method,
+            "head": retriever.head,  # "contrastive", or "contrastive+prior" (fused with the label prior)
+            "chosen_on_validation": retriever.chosen,
             "modalities": {m: retriever.encoder_kind(m) for m in retriever.modalities},
             "directions": retriever.directions(),
             "items": {m: len(s) for m, s in retriever.stores.items()},
