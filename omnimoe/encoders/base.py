@@ -102,7 +102,8 @@ def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d tensors too
+        if t.numel():  # 0-d tensors too; the bytes are read in place (no copy)
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()[:16]
 
 

@@ -8,6 +8,7 @@ special tokens and grows the embedding table when they fall outside it.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,24 @@ def load_llm(
         raise ValueError(
             f"unknown LLM {name!r}: use gemma3-270m, hf:<model id or local folder>, or tiny:<{'|'.join(TINY_FAMILIES)}>"
         )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
-    return model, tokenizer
+    key = (str(Path(path).resolve()) if Path(path).exists() else str(path), dtype)
+    if key not in _LOADED:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        if size > CACHE_BYTES:
+            return model, tokenizer
+        _LOADED.clear()  # one model at a time
+        _LOADED[key] = (model, tokenizer)
+    model, tokenizer = _LOADED[key]
+    return copy.deepcopy(model), copy.deepcopy(tokenizer)  # callers grow, train and merge their own copy
+
+
+# A pipeline loads the same base LLM once per stage, group and evaluation (the Uni-MoE demo: about ten times).
+# The first load of a model up to CACHE_BYTES is kept in memory and later loads are copies of it (a memory
+# copy instead of reading and converting the checkpoint again). Larger models are read every time.
+CACHE_BYTES = 2 * 2**30
+_LOADED: dict[tuple[str, torch.dtype], tuple[nn.Module, Any]] = {}
 
 
 def add_placeholders(llm: nn.Module, tokenizer: Any, modalities: list[str]) -> dict[str, int]:
@@ -98,6 +114,15 @@ def add_placeholders(llm: nn.Module, tokenizer: Any, modalities: list[str]) -> d
     rows = llm.get_input_embeddings().weight.shape[0]
     if max(ids.values(), default=-1) >= rows:
         # New rows start at the mean embedding (so, tied or not, their logits start at the mean logit instead of
-        # a random, possibly large one); generation also suppresses them (MultimodalLLM.generate).
-        llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        # a random, possibly large one); generation also suppresses them (MultimodalLLM.generate). Set here
+        # exactly: the library's own mean resizing samples around the mean from the full covariance, seconds
+        # of work for a 262k-token vocabulary.
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            tables = {id(t): t for t in (llm.get_input_embeddings(), llm.get_output_embeddings()) if t is not None}
+            for table in tables.values():
+                table.weight[rows:] = table.weight[:rows].mean(0)
+                bias = getattr(table, "bias", None)
+                if bias is not None:
+                    bias[rows:] = bias[:rows].mean()
     return ids
