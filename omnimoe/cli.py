@@ -259,13 +259,13 @@ def align(
     ),
     sweep: Optional[Path] = typer.Option(
         None,
-        help="YAML of candidate recipes (and data sets) to choose between on the validation split: runs them "
-        "all into --out/<dataset>/<candidate> and writes sweep.md, sweep.json and chosen.json "
-        "(see configs/sweep.yaml).",
+        help="YAML of candidate recipes (and data sets) to choose between on a dev split held out from "
+        "training and early stopping: runs them all into --out/<dataset>/<candidate> and writes sweep.md, "
+        "sweep.json and chosen.json (see configs/sweep.yaml).",
     ),
 ) -> None:
     """Extract (reusing stores), train every method with every seed, evaluate on the test split, plot. With
-    --sweep: run each candidate recipe and choose on validation."""
+    --sweep: run each candidate recipe and choose on a held-out dev split."""
     from omnimoe.align.pipeline import (
         AlignConfig,
         markdown_table,
@@ -302,8 +302,8 @@ def align(
     if sweep is not None:
         typer.echo((out / "sweep.md").read_text())
         typer.echo(
-            f"chosen on validation: {chosen['candidate']} / {chosen['method']} / {chosen['head']} "
-            f"(mean R@1 {chosen['validation_mean_r1']:.3f}); {out / 'chosen.json'}"
+            f"chosen on the dev split: {chosen['candidate']} / {chosen['method']} / {chosen['head']} "
+            f"(mean R@1 {chosen['dev_mean_r1']:.3f}); {out / 'chosen.json'}"
         )
         return
     if not result["summary"]:

@@ -42,6 +42,7 @@ def test_recipe_merges_flat_and_nested_connector_keys():
         ("candidates: {a: 3}", "candidate 'a' must be a mapping"),
         ("candidates: {a: {}}\ndatasets: [x]", "'datasets' must map"),
         ("candidates: {a: {}}\nextra: 1", "expected the keys"),
+        ("candidates: {a: {}}\ndev_fraction: 0.7", "dev_fraction must be a number in"),
         ("candidates: [", "not valid YAML"),
     ],
 )
@@ -54,8 +55,8 @@ def test_bad_sweep_files_are_named(tmp_path, text, match):
         load_sweep(tmp_path / "missing.yaml")
 
 
-def test_the_ranking_reads_validation_never_test(tmp_path):
-    """Candidate b wins on validation on both data sets and loses on test: b is chosen. Scores are the mean
+def test_the_ranking_reads_the_choice_split_never_test(tmp_path):
+    """Candidate b wins on the choice split (validation.json: dev) on both data sets and loses on test: b is chosen. Scores are the mean
     R@1 over directions per seed, then over seeds, then over data sets."""
     for dataset, shift in (("d1", 0.0), ("d2", 0.1)):
         for cand, val, test in (("a", 0.30, 0.50), ("b", 0.40, 0.20)):
@@ -73,9 +74,9 @@ def test_the_ranking_reads_validation_never_test(tmp_path):
         for cand in ("a", "b"):
             scored += [{"dataset": dataset, "candidate": cand, **r} for r in score_run(tmp_path / dataset / cand)]
     one = next(r for r in scored if r["dataset"] == "d1" and r["candidate"] == "b")
-    assert one["seeds"] == 2 and one["val"] == pytest.approx((0.40 + 0.42) / 2) and one["test"] == pytest.approx(0.2)
+    assert one["seeds"] == 2 and one["dev"] == pytest.approx((0.40 + 0.42) / 2) and one["test"] == pytest.approx(0.2)
     ranked = rank(scored)
     assert [r["candidate"] for r in ranked] == ["b", "a"]
-    assert ranked[0]["val"] == pytest.approx(((0.40 + 0.42) / 2 + (0.50 + 0.52) / 2) / 2)
+    assert ranked[0]["dev"] == pytest.approx(((0.40 + 0.42) / 2 + (0.50 + 0.52) / 2) / 2)
     table = markdown(ranked)
     assert table.index("| 1 | b |") < table.index("| 2 | a |") and "d2 test" in table

@@ -61,11 +61,16 @@ class AlignmentData:
         group_field: str = "text",
         val_fraction: float = 0.1,
         seed: int = 0,
+        dev_fraction: float = 0.0,
         tokens: bool = False,
         max_tokens: int = 128,
         pooled_tokens: int = 0,
     ) -> None:
-        """``tokens``: also load token states (the first ``max_tokens`` of each item), pooled down to at most
+        """``val_fraction``: the share of train groups carved out as ``val`` (early stopping) when the manifest
+        has no val split. ``dev_fraction`` > 0: another share of train groups carved out as ``dev``, used by
+        neither training nor early stopping: an unbiased score for choosing between recipes (the val score
+        of a run is the best of many evaluations, so it flatters the runs that fluctuate most).
+        ``tokens``: also load token states (the first ``max_tokens`` of each item), pooled down to at most
         ``pooled_tokens`` per item when > 0 (:func:`pool_tokens`)."""
         self.manifest_path = Path(manifest)
         records = read_manifest(manifest)
@@ -78,6 +83,8 @@ class AlignmentData:
             split = r.get("split", "train")
             if split == "train" and not has_val and val_fraction > 0:
                 split = "val" if grouped_split(group, val_fraction, seed=seed + 1) == "test" else "train"
+            if split == "train" and dev_fraction > 0:
+                split = "dev" if grouped_split(group, dev_fraction, seed=seed + 2) == "test" else "train"
             self.split[r["id"]], self.group[r["id"]] = split, group
         self.latents: dict[str, torch.Tensor] = {}  # pooled (N, D) per modality
         self.tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (N, L, D) and mask, when asked for

@@ -58,6 +58,9 @@ class AlignConfig:
     # add "prior" rows (zero-shot) and "contrastive+prior" rows: the learned score fused with it (weight picked on
     # val), or, with train.prior_weight > 0, the connector trained on top of it and scored as trained.
     label_prior: bool = True
+    # > 0: a share of train captions held out as a "dev" split that neither training nor early stopping sees;
+    # validation.json (what a choice between recipes reads) is then scored on it instead of on val
+    dev_fraction: float = 0.0
 
 
 def parse_encoders(spec: str) -> dict[str, str]:
@@ -246,7 +249,7 @@ def check_run_identity(out: Path, identity: dict[str, Any]) -> None:
     folder must match it key for key, else it is refused naming what differs: a connector trained on other
     latents is never resumed or reported under new labels. Keys a run does not know yet are added."""
     path = out / RUN
-    before = read_json(path) if path.is_file() else {}
+    before = {"dev_fraction": 0.0, **read_json(path)} if path.is_file() else {}  # runs written before the key
     differs = [
         f"{k}: {before[k]!r} in {path}, {v!r} now" for k, v in identity.items() if k in before and before[k] != v
     ]
@@ -274,13 +277,21 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
             "encoders": dict(cfg.encoders),
             "directions": directions,
             "token_inputs": cfg.train.token_inputs,
+            "dev_fraction": cfg.dev_fraction,
         },
     )
     stores = extract_all(cfg, progress)
     check_run_identity(
         out, {"encoder_weights": {m: LatentStore.open(p).index.get("weights_hash") for m, p in stores.items()}}
     )
-    data = AlignmentData(cfg.manifest, stores, tokens=cfg.train.token_inputs, pooled_tokens=cfg.train.pool_tokens)
+    data = AlignmentData(
+        cfg.manifest,
+        stores,
+        tokens=cfg.train.token_inputs,
+        pooled_tokens=cfg.train.pool_tokens,
+        dev_fraction=cfg.dev_fraction,
+    )
+    choice = "dev" if any(len(data.pairs(d, "dev")) for d in directions) else "val"
     rows, val_rows, curves, loads, zeroshot, betas, serve = [], [], {}, {}, [], {}, {}
     prompts = _category_prompts(cfg, records) if is_rank0() else None
     priors = {}
@@ -300,10 +311,11 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
             fused, betas[f"{method}/seed{seed}"] = fused_rows(model, data, directions, priors, tcfg)
             for r in evaluate(model, data, directions, "test", cfg=tcfg) + fused:
                 rows.append({"method": method, "seed": seed, **r})
-            # the same rows on the validation split: what a choice between recipes may read (the test rows: never)
-            val_fused = fused_rows(model, data, directions, priors, tcfg, split="val")[0]
-            for r in evaluate(model, data, directions, "val", cfg=tcfg) + val_fused:
-                val_rows.append({"method": method, "seed": seed, "split": "val", **r})
+            # the same rows on the split a choice between recipes reads (dev where there is one, else val; the
+            # test rows: never)
+            val_fused = fused_rows(model, data, directions, priors, tcfg, split=choice)[0]
+            for r in evaluate(model, data, directions, choice, cfg=tcfg) + val_fused:
+                val_rows.append({"method": method, "seed": seed, "split": choice, **r})
             if prompts is not None:
                 zeroshot += [
                     {"method": method, "seed": seed, **r}
@@ -362,7 +374,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
             "stores": {m: relative_path(p, out) for m, p in stores.items()},
             "directions": directions,
             "train_config": dataclasses.asdict(cfg.train),
-            "chosen": choose(val_rows),
+            "chosen": {**choose(val_rows), "split": choice} if val_rows else {},
             "plots": [p.name for p in plots],
         },
     )

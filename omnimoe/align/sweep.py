@@ -1,4 +1,4 @@
-"""Choosing a recipe on validation: ``omnimoe align --sweep sweep.yaml``.
+"""Choosing a recipe on held-out data: ``omnimoe align --sweep sweep.yaml``.
 
 A sweep file names candidate recipes (``TrainConfig`` overrides, on top of the run's ``--config``/``--set``)
 and, optionally, several data sets (manifests)::
@@ -10,12 +10,15 @@ and, optionally, several data sets (manifests)::
     datasets:                       # optional; default: the run's --manifest
       tuxpaint: runs/tux/manifest.jsonl
       art4apps: runs/art4apps/manifest.jsonl
+    dev_fraction: 0.1               # optional (default 0.1): train captions held out for choosing
 
 Every candidate runs ``omnimoe align`` (:func:`omnimoe.align.pipeline.run_align`) on every data set with the
 run's methods and seeds, into ``out/<dataset>/<candidate>`` (latent stores shared per data set; a killed sweep
-resumes run by run). Each (candidate, method, head) is scored on the **validation** split: mean R@1 over
-directions, averaged over seeds, then over data sets. The first of that ranking is the choice; the test
-figures stand beside it for the reader and are never read to choose. Writes ``sweep.json`` (every score),
+resumes run by run). A share of the train captions (``dev_fraction``) is held out as a **dev** split that
+neither training nor early stopping sees: the validation score of a run is the best of its evaluations and
+flatters the recipes that fluctuate most, the dev score is not. Each (candidate, method, head) is scored on
+dev: mean R@1 over directions, averaged over seeds, then over data sets. The first of that ranking is the
+choice; the test figures stand beside it for the reader and are never read to choose. Writes ``sweep.json`` (every score),
 ``sweep.md`` (the ranking) and ``chosen.json`` (the chosen recipe: candidate, method, head, overrides).
 """
 
@@ -41,6 +44,7 @@ HEADS = ("contrastive", "contrastive+prior")
 class SweepSpec:
     candidates: dict[str, dict[str, Any]]  # name -> TrainConfig overrides
     datasets: dict[str, str] = field(default_factory=dict)  # name -> manifest; empty: the run's own manifest
+    dev_fraction: float = 0.1  # train captions held out for choosing (neither trained on nor early-stopped on)
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -53,8 +57,13 @@ def load_sweep(path: str | Path) -> SweepSpec:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"sweep file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict) or set(data) - {"candidates", "datasets"}:
-        raise ConfigError(f"sweep file {path}: expected the keys 'candidates' and (optional) 'datasets'")
+    if not isinstance(data, dict) or set(data) - {"candidates", "datasets", "dev_fraction"}:
+        raise ConfigError(
+            f"sweep file {path}: expected the keys 'candidates' and (optional) 'datasets' and 'dev_fraction'"
+        )
+    dev = data.get("dev_fraction", 0.1)
+    if not isinstance(dev, (int, float)) or not 0 < dev < 0.5:
+        raise ConfigError(f"sweep file {path}: dev_fraction must be a number in (0, 0.5), got {dev!r}")
     candidates, datasets = data.get("candidates"), data.get("datasets") or {}
     if not isinstance(candidates, dict) or not candidates:
         raise ConfigError(f"sweep file {path}: 'candidates' must map names to TrainConfig overrides")
@@ -63,7 +72,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
     for name, overrides in candidates.items():
         if overrides is not None and not isinstance(overrides, dict):
             raise ConfigError(f"sweep file {path}: candidate {name!r} must be a mapping of TrainConfig fields")
-    return SweepSpec({str(k): dict(v or {}) for k, v in candidates.items()}, {str(k): v for k, v in datasets.items()})
+    return SweepSpec(
+        {str(k): dict(v or {}) for k, v in candidates.items()}, {str(k): v for k, v in datasets.items()}, float(dev)
+    )
 
 
 def recipe(base: TrainConfig, overrides: dict[str, Any], name: str = "") -> TrainConfig:
@@ -101,20 +112,20 @@ def _per_seed(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
 
 
 def score_run(folder: str | Path) -> list[dict[str, Any]]:
-    """One ``omnimoe align`` folder's (method, head) scores: validation and test mean R@1 over directions,
-    mean and spread over seeds."""
+    """One ``omnimoe align`` folder's (method, head) scores: on the choice split (``validation.json``: dev, or
+    val where the run has no dev split) and on test, mean R@1 over directions, mean and spread over seeds."""
     folder = Path(folder)
-    val, test = _per_seed(read_json(folder / "validation.json")), _per_seed(read_json(folder / "results.json"))
+    chosen, test = _per_seed(read_json(folder / "validation.json")), _per_seed(read_json(folder / "results.json"))
     rows = []
-    for (method, head), values in val.items():
+    for (method, head), values in chosen.items():
         tested = test.get((method, head), [])
         rows.append(
             {
                 "method": method,
                 "head": head,
                 "seeds": len(values),
-                "val": statistics.fmean(values),
-                "val_std": statistics.pstdev(values),
+                "dev": statistics.fmean(values),
+                "dev_std": statistics.pstdev(values),
                 "test": statistics.fmean(tested) if tested else None,
                 "test_std": statistics.pstdev(tested) if tested else None,
             }
@@ -123,7 +134,7 @@ def score_run(folder: str | Path) -> list[dict[str, Any]]:
 
 
 def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (candidate, method, head): validation averaged over data sets, best first (ties: the order given)."""
+    """Per (candidate, method, head): the dev score averaged over data sets, best first (ties: the order given)."""
     keyed: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         keyed.setdefault((r["candidate"], r["method"], r["head"]), []).append(r)
@@ -132,19 +143,17 @@ def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "candidate": c,
             "method": m,
             "head": h,
-            "val": statistics.fmean(r["val"] for r in rs),
-            "datasets": {r["dataset"]: {k: r[k] for k in ("val", "val_std", "test", "test_std", "seeds")} for r in rs},
+            "dev": statistics.fmean(r["dev"] for r in rs),
+            "datasets": {r["dataset"]: {k: r[k] for k in ("dev", "dev_std", "test", "test_std", "seeds")} for r in rs},
         }
         for (c, m, h), rs in keyed.items()
     ]
-    return sorted(ranked, key=lambda r: -r["val"])
+    return sorted(ranked, key=lambda r: -r["dev"])
 
 
 def markdown(ranked: list[dict[str, Any]]) -> str:
     datasets = sorted({d for r in ranked for d in r["datasets"]})
-    head = "| rank | candidate | method | head | validation (mean) | " + " | ".join(
-        f"{d} val | {d} test" for d in datasets
-    )
+    head = "| rank | candidate | method | head | dev (mean) | " + " | ".join(f"{d} dev | {d} test" for d in datasets)
     lines = [head + " |", "|" + "---|" * (5 + 2 * len(datasets))]
     for i, r in enumerate(ranked, 1):
         cells = []
@@ -152,24 +161,26 @@ def markdown(ranked: list[dict[str, Any]]) -> str:
             s = r["datasets"].get(d)
             cells += (
                 [
-                    f"{s['val']:.3f} ± {s['val_std']:.3f}",
+                    f"{s['dev']:.3f} ± {s['dev_std']:.3f}",
                     "-" if s["test"] is None else f"{s['test']:.3f} ± {s['test_std']:.3f}",
                 ]
                 if s
                 else ["-", "-"]
             )
         lines.append(
-            f"| {i} | {r['candidate']} | {r['method']} | {r['head']} | {r['val']:.3f} | " + " | ".join(cells) + " |"
+            f"| {i} | {r['candidate']} | {r['method']} | {r['head']} | {r['dev']:.3f} | " + " | ".join(cells) + " |"
         )
     return (
-        "Mean R@1 over directions, mean ± spread over seeds. Ranked by validation (averaged over data sets); the\n"
-        "test columns are for reading, not for choosing.\n\n" + "\n".join(lines) + "\n"
+        "Mean R@1 over directions, mean ± spread over seeds. Ranked by the dev split (held out from training and\n"
+        "early stopping; averaged over data sets); the test columns are for reading, not for choosing.\n\n"
+        + "\n".join(lines)
+        + "\n"
     )
 
 
 def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, Any]:
     """Run every candidate on every data set (``base``: the run's :class:`~omnimoe.align.pipeline.AlignConfig`;
-    its ``out`` holds the sweep), rank on validation and write ``sweep.json``, ``sweep.md``, ``chosen.json``."""
+    its ``out`` holds the sweep), rank on the dev split and write ``sweep.json``, ``sweep.md``, ``chosen.json``."""
     from omnimoe.align.pipeline import run_align
 
     out = Path(base.out)
@@ -181,7 +192,14 @@ def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, An
             folder = out / dataset / name
             stores = out / dataset / ("stores-tokens" if train_cfg.token_inputs else "stores")
             run_align(
-                dataclasses.replace(base, manifest=manifest, out=str(folder), train=train_cfg, stores=str(stores)),
+                dataclasses.replace(
+                    base,
+                    manifest=manifest,
+                    out=str(folder),
+                    train=train_cfg,
+                    stores=str(stores),
+                    dev_fraction=spec.dev_fraction,
+                ),
                 progress,
             )
             if not is_rank0():
@@ -191,8 +209,8 @@ def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, An
         return {"ranked": [], "chosen": {}}
     if not rows:
         raise ValueError(
-            f"no validation rows in {list(datasets)}: a sweep chooses on the validation split, and these data "
-            "sets have none (give the manifest a 'val' split, or more train captions to carve one from)"
+            f"no dev rows in {list(datasets)}: a sweep chooses on a dev split carved from train, and these data "
+            "sets have too few train captions to carve one"
         )
     ranked = rank(rows)
     best = ranked[0]
@@ -202,7 +220,8 @@ def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, An
         "head": best["head"],
         "label_prior": best["head"] == "contrastive+prior",
         "overrides": spec.candidates[best["candidate"]],
-        "validation_mean_r1": best["val"],
+        "dev_mean_r1": best["dev"],
+        "dev_fraction": spec.dev_fraction,
         "datasets": datasets,
         "seeds": base.seeds,
     }
