@@ -31,8 +31,8 @@ def test_recipe_merges_flat_and_nested_connector_keys():
     assert recipe(base, {}) == base
     with pytest.raises(ConfigError, match="candidate 'bad'.*stepz"):
         recipe(base, {"stepz": 3}, "bad")
-    with pytest.raises(ConfigError, match="candidate 'x'.*linear_start needs"):
-        recipe(base, {"linear_start": True, "linear_path": False}, "x")
+    with pytest.raises(ConfigError, match="candidate 'x'.*dropout"):
+        recipe(base, {"connector": {"dropout": 1.5}}, "x")
 
 
 @pytest.mark.parametrize(

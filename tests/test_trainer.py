@@ -109,9 +109,9 @@ def test_linear_start_begins_from_the_linear_method_and_can_keep_it(data, method
     assert [r["R@1"] for r in rows] == [r["R@1"] for r in kept if r["head"] == "contrastive"]
 
 
-def test_linear_start_needs_the_linear_path():
-    with pytest.raises(ValueError, match="linear_start needs connector.linear_path"):
-        small(linear_start=True)
+def test_linear_start_without_a_linear_path_does_nothing(data, tmp_path):
+    result = train(data, DIRS, small(method="moe-alternating", linear_start=True, steps=50), tmp_path, progress=False)
+    assert result["history"][0]["step"] > 0 and not (tmp_path / "linear-start").exists()  # no step-0 start
 
 
 def test_resume_after_interruption_gives_the_same_result(data, tmp_path):

@@ -58,9 +58,10 @@ class TrainConfig:
     regression_weight: float = 0.5
     contrastive_weight: float = 0.5
     steps_per_direction: int = 1
-    # with connector.linear_path: train the linear two-tower first (the ``linear`` method's run, same settings
-    # and seed, in ``out/linear-start``), start the connector from it, and judge that start on validation
-    # before the first residual step, so early stopping keeps the linear solution unless the MoE improves on it
+    # where the connector has a linear path (connector.linear_path): train the linear two-tower first (the
+    # ``linear`` method's run, same settings and seed, in ``out/linear-start``), start the connector from it, and
+    # judge that start on validation before the first residual step, so early stopping keeps the linear
+    # solution unless the MoE improves on it. Without a linear path it does nothing.
     linear_start: bool = False
     freeze_linear: bool = True  # with linear_start: the started linear path stays fixed; the residuals learn
     token_inputs: bool = False  # feed token states (MoE per token, masked mean) instead of pooled vectors
@@ -117,8 +118,6 @@ class TrainConfig:
             raise ConfigError(f"select_on: {self.select_on!r} is not one of {list(SELECT_ON)}")
         if self.connector.modalities or self.connector.directions:
             raise ConfigError("connector.modalities / connector.directions come from the data: leave them out")
-        if self.linear_start and not self.connector.linear_path:
-            raise ConfigError("linear_start needs connector.linear_path (the linear two-tower inside the connector)")
         if not self.connector.use_moe:
             raise ConfigError("connector.use_moe: the method decides it (mlp-alternating is the dense MLP connector)")
 

@@ -147,7 +147,7 @@ class Trainer:
         self.device = device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg, data.widths, directions).to(device)
-        self.starts_linear = cfg.linear_start and cfg.method != "linear"
+        self.starts_linear = cfg.linear_start and cfg.connector.linear_path and cfg.method != "linear"
         if self.starts_linear and cfg.freeze_linear:
             for p in self.model.linear_parameters():
                 p.requires_grad_(False)
