@@ -226,3 +226,29 @@ def test_alignment_data_from_tensors_pools_tokens():
     assert source.shape == (2, 3, 6) and m.all() and torch.allclose(source[0, 0], toks[0, :3].mean(0))
     with pytest.raises(ValueError, match="no token states for 'y'"):
         data.inputs("y", pairs.tgt_rows, tokens=True)
+
+
+@pytest.mark.parametrize("linear_path", [False, True])
+def test_padded_token_batches_give_each_rows_own_outputs_and_loss(linear_path):
+    """Token inputs of different lengths, right-padded into one batch, give every row exactly the outputs (both
+    heads) and the loss it has alone without padding: padding reaches neither the MoE nor the masked mean."""
+    from omnimoe.align.data import pool_tokens
+    from omnimoe.align.losses import info_nce
+
+    torch.manual_seed(0)
+    cfg = ConnectorConfig(modalities={"a": 12, "b": 10}, hidden_size=16, contrastive_dim=8, num_experts=4,
+                          num_experts_per_tok=2, dropout=0.0, linear_path=linear_path)  # fmt: skip
+    model = AltMoEConnector(cfg).eval()
+    lengths = [5, 2, 7, 3]
+    tokens = torch.randn(4, 7, 12)
+    mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
+    tokens[~mask] = 50.0  # padding values that would show if they leaked
+    target = torch.randn(4, 10)
+    for toks, m in ((tokens, mask), pool_tokens(tokens, mask, 4)):
+        batch = model("a->b", toks, m)
+        alone = [model("a->b", toks[i : i + 1, : int(m[i].sum())]) for i in range(4)]
+        for head in ("contrastive", "regression"):
+            torch.testing.assert_close(getattr(batch, head), torch.cat([getattr(o, head) for o in alone]))
+        keys = model.embed_target("a->b", target)
+        loss = info_nce(batch.contrastive, keys, 20.0)
+        torch.testing.assert_close(loss, info_nce(torch.cat([o.contrastive for o in alone]), keys, 20.0))
