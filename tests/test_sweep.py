@@ -80,3 +80,18 @@ def test_the_ranking_reads_the_choice_split_never_test(tmp_path):
     assert ranked[0]["dev"] == pytest.approx(((0.40 + 0.42) / 2 + (0.50 + 0.52) / 2) / 2)
     table = markdown(ranked)
     assert table.index("| 1 | b |") < table.index("| 2 | a |") and "d2 test" in table
+
+
+def test_ties_within_a_standard_error_go_to_the_first_listed_candidate():
+    from omnimoe.align.sweep import choose, standard_error
+
+    def row(cand, dev, std):
+        return {"candidate": cand, "method": "m", "head": "h", "dev": dev,
+                "datasets": {"d1": {"dev": dev, "dev_std": std, "seeds": 4}, "d2": {"dev": dev, "dev_std": std, "seeds": 4}}}  # fmt: skip
+
+    ranked = [row("tokens", 0.300, 0.02), row("safe", 0.295, 0.02), row("other", 0.20, 0.02)]
+    assert standard_error(ranked[0]) == pytest.approx((2 * 0.02**2 / 4) ** 0.5 / 2)  # 0.00707
+    assert choose(ranked, ["safe", "tokens", "other"])["candidate"] == "safe"  # 0.005 apart: a tie
+    assert choose(ranked, ["other", "tokens", "safe"])["candidate"] == "tokens"  # "other" is no tie
+    ranked[1]["dev"] = 0.290  # 0.010 apart: more than a standard error
+    assert choose(ranked, ["safe", "tokens", "other"])["candidate"] == "tokens"

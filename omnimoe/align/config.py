@@ -62,7 +62,7 @@ class TrainConfig:
     # ``linear`` method's run, same settings and seed, in ``out/linear-start``), start the connector from it, and
     # judge that start on validation before the first residual step, so early stopping keeps the linear
     # solution unless the MoE improves on it. Without a linear path it does nothing.
-    linear_start: bool = False
+    linear_start: bool = True
     freeze_linear: bool = True  # with linear_start: the started linear path stays fixed; the residuals learn
     token_inputs: bool = False  # feed token states (MoE per token, masked mean) instead of pooled vectors
     pool_tokens: int = 0  # > 0, with token_inputs: each item's tokens averaged down to at most this many (cheaper)

@@ -77,7 +77,7 @@ class ConnectorConfig:
     use_moe: bool = True  # False: one dense MLP of the same width in place of the MoE (the MLP ablation)
     # the linear two-tower inside: query = linear[src](pooled source) + the MoE path, key = linear[tgt](target)
     # + the direction's target projection; both residuals are zero at initialisation
-    linear_path: bool = False
+    linear_path: bool = True
 
     def __post_init__(self) -> None:
         check_ranges(
@@ -238,6 +238,7 @@ class AltMoEConnector(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "AltMoEConnector":
         config, state = load_pretrained(folder, cls.model_type)
+        config = {"linear_path": False, **config}  # connectors saved before the option had no linear path
         model = cls(from_dict(ConnectorConfig, config))
         model.load_state_dict(state)
         return model

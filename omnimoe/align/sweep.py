@@ -17,8 +17,9 @@ run's methods and seeds, into ``out/<dataset>/<candidate>`` (latent stores share
 resumes run by run). A share of the train captions (``dev_fraction``) is held out as a **dev** split that
 neither training nor early stopping sees: the validation score of a run is the best of its evaluations and
 flatters the recipes that fluctuate most, the dev score is not. Each (candidate, method, head) is scored on
-dev: mean R@1 over directions, averaged over seeds, then over data sets. The first of that ranking is the
-choice; the test figures stand beside it for the reader and are never read to choose. Writes ``sweep.json`` (every score),
+dev: mean R@1 over directions, averaged over seeds, then over data sets. Rows within one standard error of
+the top are ties, and among ties the candidate listed first in the file wins (:func:`choose`); the test
+figures stand beside the ranking for the reader and are never read to choose. Writes ``sweep.json`` (every score),
 ``sweep.md`` (the ranking) and ``chosen.json`` (the chosen recipe: candidate, method, head, overrides).
 """
 
@@ -151,6 +152,21 @@ def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(ranked, key=lambda r: -r["dev"])
 
 
+def standard_error(row: dict[str, Any]) -> float:
+    """The standard error of a ranked row's dev score (a mean over data sets of means over seeds)."""
+    parts = [d["dev_std"] ** 2 / max(1, d["seeds"]) for d in row["datasets"].values()]
+    return (sum(parts) ** 0.5) / len(parts)
+
+
+def choose(ranked: list[dict[str, Any]], preference: list[str]) -> dict[str, Any]:
+    """The first of ``ranked`` after ties are settled: every row within one standard error of the top's dev
+    score is a tie (the dev split cannot tell them apart), and among ties the candidate listed first in the
+    sweep file wins (list the safer or cheaper recipes first), then the higher score."""
+    top = ranked[0]
+    ties = [r for r in ranked if top["dev"] - r["dev"] <= standard_error(top)]
+    return min(ties, key=lambda r: (preference.index(r["candidate"]), -r["dev"]))
+
+
 def markdown(ranked: list[dict[str, Any]]) -> str:
     datasets = sorted({d for r in ranked for d in r["datasets"]})
     head = "| rank | candidate | method | head | dev (mean) | " + " | ".join(f"{d} dev | {d} test" for d in datasets)
@@ -213,7 +229,7 @@ def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, An
             "sets have too few train captions to carve one"
         )
     ranked = rank(rows)
-    best = ranked[0]
+    best = choose(ranked, list(spec.candidates))
     chosen = {
         "candidate": best["candidate"],
         "method": best["method"],
