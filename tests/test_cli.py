@@ -91,8 +91,21 @@ def test_altmoe_demo_quick(demo_run):
     assert "text <-> image" in out.stdout and "mean R@1" in out.stdout and "moe-alternating + prior" in out.stdout
     for name in ("recall.png", "training_curves.png", "expert_load_moe-alternating.png"):
         assert (run / name).is_file()
-    assert "Retrieval index (moe-alternating)" in out.stdout and "text->image for" in out.stdout
-    assert (run / "index" / "moe-alternating" / "text-to-image" / "index.faiss").is_file()
+    # the index is built for what validation chose (method and head), and the report says which
+    chosen = json.loads((run / "summary.json").read_text())["chosen"]
+    fused = chosen["head"] == "contrastive+prior"
+    served = chosen["method"] + (" + label prior" if fused else "")
+    assert f"Retrieval index ({served} (chosen on validation))" in out.stdout and "text->image for" in out.stdout
+    folder = chosen["method"] + ("+prior" if fused else "")
+    assert (run / "index" / folder / "text-to-image" / "index.faiss").is_file()
+    # the example queries: one held-out item drawn at random with a fixed seed (not the first one)
+    import random
+
+    from omnimoe.data.manifest import read_manifest
+
+    manifest = run / json.loads((run / "summary.json").read_text())["manifest"]
+    test = [r for r in read_manifest(manifest) if r.get("split") == "test" and r.get("text") and r.get("image")]
+    assert f"text->image for {random.Random(0).choice(test)['text']!r}" in out.stdout
     assert {p.name for p in (run / "connectors").iterdir()} == {"linear", "moe-alternating"}
 
 

@@ -324,7 +324,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data, tmp_path):
     assert subprocess.run(cmd(tmp_path / "full"), capture_output=True, timeout=600).returncode == 0
     proc = subprocess.Popen(cmd(tmp_path / "cut"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (tmp_path / "cut" / "state.pt").exists() and time.time() < deadline and proc.poll() is None:
+    state = tmp_path / "cut" / "state.pt"
+
+    def reached() -> int:  # the step of the last checkpoint (written atomically: never seen half-written)
+        return torch.load(state, weights_only=False)["step"] if state.exists() else -1
+
+    while reached() < 50 and time.time() < deadline and proc.poll() is None:  # past the linear start's step 0
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
