@@ -362,8 +362,7 @@ def _retriever(run: Path, method: str, index: str, rebuild: bool = False, label_
         )  # type: ignore[arg-type]
     except (OSError, ValueError) as exc:  # IndexMismatch is a ValueError
         _fail(str(exc))
-    served = retriever.method + (" + label prior" if retriever.head == "contrastive+prior" else "")
-    typer.echo(f"serving {served}" + (" (chosen on validation)" if retriever.chosen else ""), err=True)
+    typer.echo(f"serving {retriever.served}", err=True)
     return retriever
 
 

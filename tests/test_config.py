@@ -114,6 +114,15 @@ def test_align_recipe_connector_section_and_the_flat_form(tmp_path):
     del flat_config["connector"]
     assert _resumable(flat_config) == _resumable(dataclasses.asdict(old))
     assert _resumable(dataclasses.asdict(old)) != _resumable(dataclasses.asdict(TrainConfig()))
+    # one written before the linear path, the linear start and token pooling existed: it was trained without
+    # them, so it resumes under a config that turns them off, and is refused under the new defaults
+    before = {
+        k: v for k, v in flat_config.items() if k not in ("linear_path", "linear_start", "freeze_linear", "pool_tokens")
+    }
+    without = load_config(
+        TrainConfig, None, ["hidden_size=64", "num_experts=6", "steps=10", "linear_path=false", "linear_start=false"]
+    )
+    assert _resumable(before) == _resumable(dataclasses.asdict(without)) != _resumable(dataclasses.asdict(old))
     for overrides, message in (
         (["hidden_size=64", "connector.hidden_size=32"], "hidden_size and connector.hidden_size are both given"),
         (["connector.hidden_sise=64"], "unknown config key\\(s\\) connector.hidden_sise"),

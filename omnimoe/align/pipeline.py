@@ -218,15 +218,24 @@ def _category_prompts(cfg: AlignConfig, records: list[dict]) -> tuple[dict[str, 
 RUN = "run.json"
 
 
+SERVED_HEADS = ("contrastive", "contrastive+prior")  # what retrieval can serve: the connector alone, or fused
+
+
+def seed_means(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
+    """(method, head) -> the mean R@1 over directions of each seed (in seed order), for the served heads;
+    keys in the order the rows first give them."""
+    per: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for r in rows:
+        if r["head"] in SERVED_HEADS:
+            per.setdefault((r["method"], r["head"]), {}).setdefault(r["seed"], []).append(r["R@1"])
+    return {key: [statistics.fmean(v) for _, v in sorted(seeds.items())] for key, seeds in per.items()}
+
+
 def choose(val_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """What this run serves (``omnimoe search``/``serve`` by default), chosen on the validation split: the
     (method, head) of highest mean R@1 over directions, averaged over seeds, where head is the connector's
     contrastive score alone or fused with the label prior; and, per method, the better of its two heads."""
-    per: dict[tuple[str, str], dict[int, list[float]]] = {}
-    for r in val_rows:
-        if r["head"] in ("contrastive", "contrastive+prior"):
-            per.setdefault((r["method"], r["head"]), {}).setdefault(r["seed"], []).append(r["R@1"])
-    scores = {key: statistics.fmean(statistics.fmean(v) for v in seeds.values()) for key, seeds in per.items() if seeds}
+    scores = {key: statistics.fmean(values) for key, values in seed_means(val_rows).items()}
     if not scores:
         return {}
     ranking = sorted(scores, key=lambda k: -scores[k])  # stable: the methods' order breaks ties

@@ -34,11 +34,10 @@ from typing import Any
 import yaml
 
 from omnimoe.align.config import TrainConfig
+from omnimoe.align.pipeline import run_align, seed_means
 from omnimoe.config import ConfigError, from_dict
 from omnimoe.io import read_json, write_json
 from omnimoe.runtime import is_rank0
-
-HEADS = ("contrastive", "contrastive+prior")
 
 
 @dataclass
@@ -100,23 +99,11 @@ def recipe(base: TrainConfig, overrides: dict[str, Any], name: str = "") -> Trai
         raise ConfigError(f"candidate {name!r}: {exc}") from None
 
 
-def _per_seed(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
-    """(method, head) -> the mean R@1 over directions of each seed."""
-    by: dict[tuple[str, str, int], list[float]] = {}
-    for r in rows:
-        if r["head"] in HEADS:
-            by.setdefault((r["method"], r["head"], r["seed"]), []).append(r["R@1"])
-    out: dict[tuple[str, str], list[float]] = {}
-    for (method, head, _), values in sorted(by.items()):
-        out.setdefault((method, head), []).append(statistics.fmean(values))
-    return out
-
-
 def score_run(folder: str | Path) -> list[dict[str, Any]]:
     """One ``omnimoe align`` folder's (method, head) scores: on the choice split (``validation.json``: dev, or
     val where the run has no dev split) and on test, mean R@1 over directions, mean and spread over seeds."""
     folder = Path(folder)
-    chosen, test = _per_seed(read_json(folder / "validation.json")), _per_seed(read_json(folder / "results.json"))
+    chosen, test = seed_means(read_json(folder / "validation.json")), seed_means(read_json(folder / "results.json"))
     rows = []
     for (method, head), values in chosen.items():
         tested = test.get((method, head), [])
@@ -197,8 +184,6 @@ def markdown(ranked: list[dict[str, Any]]) -> str:
 def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, Any]:
     """Run every candidate on every data set (``base``: the run's :class:`~omnimoe.align.pipeline.AlignConfig`;
     its ``out`` holds the sweep), rank on the dev split and write ``sweep.json``, ``sweep.md``, ``chosen.json``."""
-    from omnimoe.align.pipeline import run_align
-
     out = Path(base.out)
     recipes = {name: recipe(base.train, overrides, name) for name, overrides in spec.candidates.items()}
     datasets = spec.datasets or {"data": base.manifest}

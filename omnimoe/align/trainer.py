@@ -218,8 +218,10 @@ class Trainer:
         linear = dataclasses.replace(self.cfg, method="linear", linear_start=False)
         folder = self.out / "linear-start"
         train(self.data, self.directions, linear, folder, self.progress, priors=priors)
-        self.model.load_linear(load_best(linear, self.data, self.directions, folder).to(self.device))
         best = torch.load(folder / "best.pt", weights_only=False, map_location=self.device)
+        tower = build_model(linear, self.data.widths, self.directions)
+        tower.load_state_dict(best["model"])
+        self.model.load_linear(tower)
         self.scale.load_state_dict(best["scale"])
 
     def resume(self) -> None:
@@ -446,8 +448,13 @@ def train(
 def _resumable(config: dict[str, Any]) -> dict[str, Any]:
     """The config keys a resumed run must share with the one that wrote the checkpoint (not the device);
     the connector's keys flattened, so a checkpoint written before the ``connector`` section still matches."""
-    config = {"linear_start": False, "freeze_linear": True, **config}  # checkpoints written before these keys
-    return {k: v for k, v in flat(config).items() if k not in ("device", "modalities", "directions", "use_moe")}
+    # keys added since, at the value a checkpoint written before them was trained with
+    before = {"linear_start": False, "freeze_linear": True, "pool_tokens": 0, "linear_path": False}
+    return {
+        k: v
+        for k, v in {**before, **flat(config)}.items()
+        if k not in ("device", "modalities", "directions", "use_moe")
+    }
 
 
 def load_best(cfg: TrainConfig, data: AlignmentData, directions: list[str], out: str | Path) -> nn.Module:

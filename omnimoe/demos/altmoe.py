@@ -89,6 +89,7 @@ def build_retrieval(out: Path, manifest: Path, method: str | None = None, seed: 
         "method": retriever.method,
         "head": retriever.head,
         "chosen_on_validation": retriever.chosen,
+        "served": retriever.served,
         "index": str(retriever.index_root),
         "sizes": sizes,
         "examples": examples,
@@ -131,9 +132,8 @@ def report(result: dict[str, Any]) -> str:
     )
     if retrieval := result.get("retrieval"):
         sizes = ", ".join(f"{d} {n}" for d, n in retrieval["sizes"].items())
-        served = retrieval["method"] + (" + label prior" if retrieval.get("head") == "contrastive+prior" else "")
-        chosen = " (chosen on validation)" if retrieval.get("chosen_on_validation") else ""
-        text += f"\n\nRetrieval index ({served}{chosen}): {retrieval['index']}\n  items per direction: {sizes}"
+        served = retrieval.get("served", retrieval["method"])
+        text += f"\n\nRetrieval index ({served}): {retrieval['index']}\n  items per direction: {sizes}"
         for ex in retrieval["examples"]:
             text += f"\n  {ex['direction']} for {ex['query']!r} ({ex['ms']:.1f} ms):"
             for sid, score, caption in ex["hits"]:

@@ -103,24 +103,17 @@ class Retriever:
         self.prior_modalities: dict[str, str] = dict(prior.get("modalities") or {})  # modality -> its text modality
         self.prior_prompt = prior.get("prompt")
         self._priors: dict[str, Any] | None = None
-        fused = self.prior_weight > 0 or (
-            label_prior if label_prior is not None else chosen.get("heads", {}).get(method) == "contrastive+prior"
-        )
+        wanted = label_prior if label_prior is not None else chosen.get("heads", {}).get(method) == "contrastive+prior"
         weights = (prior.get("serve") or {}).get(method) or {}
-        if fused and not self.prior_weight and label_prior and not weights:
+        if label_prior and not self.prior_weight and not weights:
             raise ValueError(
                 f"{self.run}: no label-prior weights for {method!r} (prior.json has none: a run without the "
                 "label prior, or written before fused serving); serve it without the prior"
             )
-        self.prior_weights: dict[str, float] = (
-            {d: float(w) for d, w in weights.items()} if fused and not self.prior_weight else {}
-        )
-        self.head = "contrastive+prior" if fused else "contrastive"
-        self.index_root = (
-            Path(index_root)
-            if index_root
-            else self.run / "index" / (method + ("+prior" if fused and not self.prior_weight else ""))
-        )
+        self.prior_weights = {d: float(w) for d, w in weights.items()} if wanted and not self.prior_weight else {}
+        self.head = "contrastive+prior" if self.prior_weight or self.prior_weights else "contrastive"
+        fused_after = "+prior" if self.prior_weights else ""  # its own index, beside the connector-alone one
+        self.index_root = Path(index_root) if index_root else self.run / "index" / (method + fused_after)
         self.rebuild = rebuild
         self.batch_size = batch_size
         self._indexes: dict[str, VectorIndex] = {}
@@ -131,6 +124,12 @@ class Retriever:
         self._lock = threading.RLock()  # one model call at a time: torch already uses every core per call
 
     # -- what is here ---------------------------------------------------------------------------------
+    @property
+    def served(self) -> str:
+        """What this retriever serves, in words: ``"moe-alternating + label prior (chosen on validation)"``."""
+        prior = " + label prior" if self.head == "contrastive+prior" else ""
+        return self.method + prior + (" (chosen on validation)" if self.chosen else "")
+
     @property
     def modalities(self) -> list[str]:
         return list(self.stores)
