@@ -3,6 +3,7 @@ Paint manifest, each made once per session; the Tux Paint stamps, which a test m
 they cannot be fetched and CI does not require them (``OMNIMOE_REQUIRE_DATA=1``: a fetch failure fails the
 test); and the one tiny causal-LM shape the unit tests build (no download)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,19 +15,39 @@ import torch
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """``omnimoe demo --quick`` once per test session: (run folder, the finished process)."""
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # a relative --out from another working directory, as `make demo` runs it (paths in the run must not depend on it)
-    done = subprocess.run(
-        [sys.executable, "-m", "omnimoe.cli", "demo", "--quick", "--out", out.name],
-        capture_output=True,
-        text=True,
-        cwd=out.parent,
-        env=env,
-        timeout=900,
-    )
+    """``omnimoe demo --quick`` once per ``make test``: (this session's copy of the run folder, the finished process).
+
+    The run is made once for all pytest-xdist workers (in the folder their temporary folders share, under a file
+    lock); each session gets a private copy, so tests that write into the run cannot meet another worker's."""
+    from filelock import FileLock
+
+    # The run's manifest points at the cached stamps by a relative path, so the shared run and the copies sit at
+    # the same depth: <base>/demo-shared/demo and <base>/demo0/demo, where under xdist <base> is the worker's
+    # temporary folder, and the shared run goes into the folder the workers' folders share.
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent / "demo-shared" / "run" if os.environ.get("PYTEST_XDIST_WORKER") else base / "demo-shared"
+    record = shared / "process.json"
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(shared) + ".lock"):
+        if not record.exists():
+            shared.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            # a relative --out from another working directory, as `make demo` runs it (paths in the run must not
+            # depend on it)
+            done = subprocess.run(
+                [sys.executable, "-m", "omnimoe.cli", "demo", "--quick", "--out", "demo"],
+                capture_output=True,
+                text=True,
+                cwd=shared,
+                env=env,
+                timeout=900,
+            )
+            fields = {"args": done.args, "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
+            record.write_text(json.dumps(fields))
+    done = subprocess.CompletedProcess(**json.loads(record.read_text()))
     assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    shutil.copytree(shared / "demo", out)
     return out, done
 
 

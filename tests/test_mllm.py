@@ -293,3 +293,67 @@ def test_global_token_is_the_mlp_of_the_whole_item():
     plain = MLPConnector(ConnectorSpec("mlp", in_dim=8, out_dim=16, max_tokens=5))
     plain.load_state_dict(mlp.state_dict())
     torch.testing.assert_close(out[:, 1:][m[:, 1:]], plain(tokens, mask)[0][plain(tokens, mask)[1]])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_placeholder_rows_are_the_libraries_resize_with_rows_at_the_mean(tmp_path, tied):
+    """grow_embeddings gives what the library's resize gives once its new rows are set to the mean row: the
+    same weights (output layer tied or not), logits, config and saved model."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from omnimoe.mllm.llm import byte_tokenizer, grow_embeddings, tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", len(byte_tokenizer()), 32, 2)
+    config.tie_word_embeddings = tied
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    if not tied:
+        with torch.no_grad():
+            base.lm_head.weight.normal_()
+    rows, size = config.vocab_size, config.vocab_size + 3
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    grow_embeddings(ours, size)
+    theirs.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        for table in {id(t): t for t in (theirs.get_input_embeddings(), theirs.get_output_embeddings())}.values():
+            table.weight[rows:] = table.weight[:rows].mean(0)
+    assert (ours.get_output_embeddings().weight is ours.get_input_embeddings().weight) == tied
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    ids = torch.tensor([[1, 2, rows, rows + 2, 5]])
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=0)
+    assert ours.config.vocab_size == theirs.config.vocab_size == size and ours.vocab_size == size
+    assert ours.get_input_embeddings().num_embeddings == ours.get_output_embeddings().out_features == size
+    ours.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    torch.testing.assert_close(again(ids).logits, theirs(ids).logits, rtol=0, atol=0)
+
+
+def test_a_cached_base_gives_each_stage_its_own_model_and_one_tokenizer(tmp_path, monkeypatch):
+    """load_llm_with_placeholders on a base read once per process: the model is a fresh copy each time (training
+    one changes no other), the tokenizer with the placeholders is read once per set of modalities, and both equal
+    what load_llm + add_placeholders give."""
+    from omnimoe.mllm import llm as llm_module
+    from omnimoe.mllm.llm import add_placeholders, byte_tokenizer, load_llm, load_llm_with_placeholders
+
+    tiny_llm("llama").save_pretrained(tmp_path / "base")
+    byte_tokenizer().save_pretrained(tmp_path / "base")
+    monkeypatch.setattr(llm_module, "_LOADED", {})
+    monkeypatch.setattr(llm_module, "_PLACED", {})
+    name = f"hf:{tmp_path / 'base'}"
+    first, tok, ids = load_llm_with_placeholders(name, ["image", "audio"])
+    second, tok2, ids2 = load_llm_with_placeholders(name, ["image", "audio"])
+    plain, plain_tok = load_llm(name)
+    plain_ids = add_placeholders(plain, plain_tok, ["image", "audio"])
+    assert ids == ids2 == plain_ids and tok is tok2 and len(tok) == len(plain_tok)
+    assert first is not second and tok is not plain_tok
+    for (_, a), (_, b) in zip(first.state_dict().items(), plain.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        first.get_input_embeddings().weight.add_(1.0)
+    torch.testing.assert_close(second.get_input_embeddings().weight, plain.get_input_embeddings().weight)
+    image_only, tok3, ids3 = load_llm_with_placeholders(name, ["image"])
+    assert tok3 is not tok and ids3 == {"image": ids["image"]} and len(tok3) == len(tok) - 1
+    assert image_only.get_input_embeddings().weight.shape[0] == len(tok3)

@@ -51,7 +51,7 @@ from omnimoe.runtime import (
 )
 from omnimoe.mllm.connectors import ConnectorSpec, embedding_rms
 from omnimoe.mllm.data import ConversationData, MediaFeatures, read_conversations, report_bad, template_for
-from omnimoe.mllm.llm import add_placeholders, load_llm
+from omnimoe.mllm.llm import load_llm_with_placeholders
 from omnimoe.mllm.model import MultimodalLLM, causal_lm
 from omnimoe.mllm.moe_llm import MoELLMConfig, decoder_layers, select_layers
 from omnimoe.mllm.prealign import PrealignRecipe, prealign
@@ -212,8 +212,9 @@ def features_for(cfg: MLLMTrainConfig, files: list[Path], progress: bool = True)
 
 def base_model(cfg: MLLMTrainConfig, modalities: list[str], dims: dict[str, int]) -> tuple[MultimodalLLM, Any]:
     """The LLM with placeholders and fresh connectors for ``modalities`` (seeded: the same on every rank)."""
-    llm, tokenizer = load_llm(cfg.llm, tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed)
-    ids = add_placeholders(llm, tokenizer, modalities)
+    llm, tokenizer, ids = load_llm_with_placeholders(
+        cfg.llm, modalities, tiny_hidden=cfg.tiny_hidden, tiny_layers=cfg.tiny_layers, seed=cfg.seed
+    )
     width = causal_lm(llm).get_input_embeddings().weight.shape[1]
     torch.manual_seed(cfg.seed)
     specs = connector_specs(cfg, dims, width, modalities, embedding_rms(causal_lm(llm)))
