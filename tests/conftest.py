@@ -30,18 +30,17 @@ def demo_run(tmp_path_factory):
     shared.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(shared) + ".lock"):
         if not record.exists():
+            shutil.rmtree(shared / "demo", ignore_errors=True)  # what an interrupted earlier attempt left
             shared.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             # a relative --out from another working directory, as `make demo` runs it (paths in the run must not
             # depend on it)
-            done = subprocess.run(
-                [sys.executable, "-m", "omnimoe.cli", "demo", "--quick", "--out", "demo"],
-                capture_output=True,
-                text=True,
-                cwd=shared,
-                env=env,
-                timeout=900,
-            )
+            args = [sys.executable, "-m", "omnimoe.cli", "demo", "--quick", "--out", "demo"]
+            try:
+                done = subprocess.run(args, capture_output=True, text=True, cwd=shared, env=env, timeout=840)
+            except BaseException as exc:  # timed out or interrupted: the other workers fail at once, not again
+                record.write_text(json.dumps({"args": args, "returncode": -1, "stdout": "", "stderr": repr(exc)}))
+                raise
             fields = {"args": done.args, "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
             record.write_text(json.dumps(fields))
     done = subprocess.CompletedProcess(**json.loads(record.read_text()))

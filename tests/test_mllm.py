@@ -295,10 +295,10 @@ def test_global_token_is_the_mlp_of_the_whole_item():
     torch.testing.assert_close(out[:, 1:][m[:, 1:]], plain(tokens, mask)[0][plain(tokens, mask)[1]])
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_placeholder_rows_are_the_libraries_resize_with_rows_at_the_mean(tmp_path, tied):
-    """grow_embeddings gives what the library's resize gives once its new rows are set to the mean row: the
-    same weights (output layer tied or not), logits, config and saved model."""
+@pytest.mark.parametrize("tied,bias", [(True, False), (False, False), (False, True)])
+def test_placeholder_rows_are_the_libraries_resize_with_rows_at_the_mean(tmp_path, tied, bias):
+    """grow_embeddings gives what the library's resize gives once its new rows (and output biases) are set to the
+    mean: the same weights (output layer tied or not, with a bias or not), logits, config and saved model."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -310,8 +310,12 @@ def test_placeholder_rows_are_the_libraries_resize_with_rows_at_the_mean(tmp_pat
     config.tie_word_embeddings = tied
     base = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     if not tied:
+        if bias:
+            base.lm_head = torch.nn.Linear(32, config.vocab_size, bias=True)
         with torch.no_grad():
             base.lm_head.weight.normal_()
+            if bias:
+                base.lm_head.bias.normal_()
     rows, size = config.vocab_size, config.vocab_size + 3
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
     grow_embeddings(ours, size)
@@ -319,6 +323,8 @@ def test_placeholder_rows_are_the_libraries_resize_with_rows_at_the_mean(tmp_pat
     with torch.no_grad():
         for table in {id(t): t for t in (theirs.get_input_embeddings(), theirs.get_output_embeddings())}.values():
             table.weight[rows:] = table.weight[:rows].mean(0)
+            if getattr(table, "bias", None) is not None:
+                table.bias[rows:] = table.bias[:rows].mean()
     assert (ours.get_output_embeddings().weight is ours.get_input_embeddings().weight) == tied
     for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -326,6 +332,8 @@ def test_placeholder_rows_are_the_libraries_resize_with_rows_at_the_mean(tmp_pat
     torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=0)
     assert ours.config.vocab_size == theirs.config.vocab_size == size and ours.vocab_size == size
     assert ours.get_input_embeddings().num_embeddings == ours.get_output_embeddings().out_features == size
+    if bias:  # the library's model class has no output bias to save
+        return
     ours.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     torch.testing.assert_close(again(ids).logits, theirs(ids).logits, rtol=0, atol=0)

@@ -159,20 +159,22 @@ def grow_embeddings(llm: nn.Module, size: int) -> None:
     table first, and its mean resizing samples around the mean from the full covariance: seconds of work for a
     262k-token vocabulary."""
     inputs, outputs = llm.get_input_embeddings(), llm.get_output_embeddings()
+    rows = inputs.weight.shape[0]
+    if size <= rows:
+        raise ValueError(f"grow_embeddings: the table has {rows} rows already, asked for {size}")
     tied = outputs is not None and outputs.weight is inputs.weight
     with torch.no_grad():
-        for table in [inputs] if tied or outputs is None else [inputs, outputs]:
-            rows = table.weight.shape[0]
-            weight = torch.cat([table.weight, table.weight.mean(0, keepdim=True).expand(size - rows, -1)])
-            table.weight = nn.Parameter(weight, requires_grad=table.weight.requires_grad)
+        for table in [t for t in (inputs, outputs) if t is not None]:
+            if not (tied and table is outputs):
+                weight = torch.cat([table.weight, table.weight.mean(0, keepdim=True).expand(size - rows, -1)])
+                table.weight = nn.Parameter(weight, requires_grad=table.weight.requires_grad)
             bias = getattr(table, "bias", None)
             if bias is not None:
                 table.bias = nn.Parameter(torch.cat([bias, bias.mean().expand(size - rows)]), bias.requires_grad)
             for attr in ("num_embeddings", "out_features"):
                 if hasattr(table, attr):
                     setattr(table, attr, size)
+        if tied:
+            outputs.weight = inputs.weight
     llm.config.get_text_config().vocab_size = size
     llm.vocab_size = size
-    if tied:
-        outputs.weight = inputs.weight
-        outputs.out_features = size

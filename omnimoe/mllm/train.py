@@ -713,7 +713,9 @@ def _ignore_local_adapters(model: MultimodalLLM) -> None:
 # -- loading a stage's model ----------------------------------------------------------------------------------
 def load_stage(folder: str | Path) -> tuple[MultimodalLLM, Any, MLLMTrainConfig]:
     """The model of any stage folder: stage 3's ``model/`` (or that folder itself), a stage-1 folder
-    (base LLM + its connectors), or one stage-2 group folder (that group's FFNs in the base LLM)."""
+    (base LLM + its connectors), or one stage-2 group folder (that group's FFNs in the base LLM). The
+    tokenizer of a stage-1 or stage-2 folder is the process's shared one (:func:`load_llm_with_placeholders`):
+    read it, do not change it."""
     from transformers import AutoTokenizer
 
     folder = Path(folder)
