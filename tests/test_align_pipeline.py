@@ -1,5 +1,6 @@
 """`omnimoe align` end to end on real encoders (MiniLM + EfficientNet-Lite0) over generated shape images."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from omnimoe.data.adapters import grouped_split, normalise_caption
 from omnimoe.data.manifest import write_manifest
 
 pytestmark = pytest.mark.slow
+# the small pair (the command's default is the larger pair the sweep chose: mpnet + EfficientNet-Lite2)
+ENCODERS = ["--encoders", "text=minilm,image=efficientnet-lite0"]
 COLORS = {
     "red": (220, 20, 20),
     "green": (20, 160, 40),
@@ -79,6 +82,7 @@ def test_align_end_to_end(tmp_path):
         "-m",
         "omnimoe.cli",
         "align",
+        *ENCODERS,
         "--manifest",
         str(manifest),
         "--out",
@@ -168,6 +172,7 @@ def test_align_with_token_inputs(tmp_path):
         "-m",
         "omnimoe.cli",
         "align",
+        *ENCODERS,
         "--manifest",
         str(manifest),
         "--out",
@@ -254,6 +259,7 @@ def test_trained_on_the_prior_and_served_with_it(tmp_path):
         "-m",
         "omnimoe.cli",
         "align",
+        *ENCODERS,
         "--manifest",
         str(manifest),
         "--out",
@@ -291,7 +297,10 @@ def test_trained_on_the_prior_and_served_with_it(tmp_path):
     hits = retriever.search("text", "image", [query], k=5)[0]
     # brute force: the connector's cosine plus the prior's, over every stored image
     text_enc, image_store = load_encoder("minilm"), LatentStore.open(out / "stores" / "image-efficientnet-lite0")
-    prior = build_label_priors({"text": "minilm", "image": "efficientnet-lite0"})["image"]
+    settings = prior_file["settings"]["image"]  # the bridge's settings, chosen on the train split
+    assert set(settings) == {"prompt", "temperature", "top_k"}
+    prior = build_label_priors({"text": "minilm", "image": "efficientnet-lite0"}, prompt=settings["prompt"])["image"]
+    prior = dataclasses.replace(prior, temperature=settings["temperature"], top_k=settings["top_k"])
     pooled_q = text_enc.encode([text_enc.load_item(query)]).pooled
     with torch.no_grad():
         q = F.normalize(
@@ -319,10 +328,14 @@ def test_sweep_chooses_on_a_dev_split_across_data_sets(tmp_path):
         write_manifest(manifest, [{**r, "split": "val" if r["text"] in held else r["split"]} for r in recs])
         sets[name] = str(manifest)
     spec = tmp_path / "sweep.yaml"
-    candidates = {"moe-alone": {}, "linear-start": {"linear_path": True, "linear_start": True}}
+    candidates = {
+        "moe-alone": {},
+        "linear-start": {"linear_path": True, "linear_start": True},
+        "lite1": {"linear_path": True, "linear_start": True, "encoders": {"image": "efficientnet-lite1"}},
+    }
     spec.write_text(yaml.safe_dump({"candidates": candidates, "datasets": sets, "dev_fraction": 0.3}))
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "omnimoe.cli", "align", "--sweep", str(spec), "--manifest", sets["a"],
+    cmd = [sys.executable, "-m", "omnimoe.cli", "align", "--sweep", str(spec), *ENCODERS, "--manifest", sets["a"],
            "--out", str(out), "--methods", "linear,moe-alternating", "--seeds", "0",
            "--set", "steps=40", "--set", "eval_every=20", "--set", "hidden_size=64", "--set", "num_experts=4",
            "--set", "num_experts_per_tok=2", "--set", "warmup_steps=5"]  # fmt: skip
@@ -345,6 +358,14 @@ def test_sweep_chooses_on_a_dev_split_across_data_sets(tmp_path):
     picked = (chosen["candidate"], chosen["method"], chosen["head"])
     assert abs(mean[picked] - top) < 1e-9 and abs(chosen["dev_mean_r1"] - top) < 1e-9  # the first (ties: any)
     assert chosen["overrides"] == candidates[picked[0]]
+    lite1 = {"text": "minilm", "image": "efficientnet-lite1"}
+    assert chosen["encoders"] == (lite1 if picked[0] == "lite1" else {"text": "minilm", "image": "efficientnet-lite0"})
+    for dataset in sets:  # a candidate's towers: its own stores, beside the run's in the data set's folder
+        assert json.loads((out / dataset / "lite1" / "summary.json").read_text())["encoders"] == lite1
+        assert {p.name for p in (out / dataset / "stores").iterdir()} >= {
+            "image-efficientnet-lite0",
+            "image-efficientnet-lite1",
+        }
     from omnimoe.align.data import AlignmentData
 
     for dataset, manifest in sets.items():  # dev: captions of neither train nor val

@@ -107,6 +107,9 @@ def test_altmoe_demo_quick(demo_run):
     test = [r for r in read_manifest(manifest) if r.get("split") == "test" and r.get("text") and r.get("image")]
     assert f"text->image for {random.Random(0).choice(test)['text']!r}" in out.stdout
     assert {p.name for p in (run / "connectors").iterdir()} == {"linear", "moe-alternating"}
+    from omnimoe.demos.altmoe import QUICK_ENCODERS
+
+    assert json.loads((run / "summary.json").read_text())["encoders"] == QUICK_ENCODERS  # the smallest towers
 
 
 @pytest.mark.slow

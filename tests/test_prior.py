@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from omnimoe.align.connector import ConnectorConfig
 from omnimoe.align.data import AlignmentData
 from omnimoe.align.evaluate import fused_rows, prior_rows
-from omnimoe.align.prior import BETAS, LabelPrior, build_label_priors, fuse, pick_beta
+from omnimoe.align.prior import BETAS, LabelPrior, build_label_priors, calibrate, fuse, pick_beta
 from omnimoe.align.trainer import TrainConfig, build_model, evaluate
 from omnimoe.data.manifest import write_manifest
 from omnimoe.encoders.base import LabelHead
@@ -65,6 +65,53 @@ def test_prior_scores_orientation_and_zero_shot_rows(setup):
     ]
     assert all(r["R@1"] == 1.0 and r["n"] == len(pairs) for r in rows)
     assert prior_rows(data, ["text->image"], {}) == []
+
+
+def test_calibration_sharpens_a_diffuse_classifier_on_the_train_split_alone(tmp_path):
+    """A classifier that ranks the right label first but spreads its probability over all labels: the plain
+    bridge blurs every image toward the mean label vector; keeping the top labels (or a lower temperature's
+    sharper spread) undoes it. The settings are chosen on train; the other splits are never read (NaN there
+    changes nothing)."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(3)
+    n, labels = 80, 400
+    label_vectors = F.normalize(torch.randn(labels, 16, generator=g), dim=-1)
+    own = torch.randperm(labels, generator=g)[:n]  # each sample's label
+    logits = 0.6 * torch.randn(n, labels, generator=g)
+    logits[torch.arange(n), own] += 2.5
+    text = label_vectors[own] + 0.1 * torch.randn(n, 16, generator=g)
+    ids = [f"s{i}" for i in range(n)]
+    recs = [
+        {"id": sid, "split": ("test", "val", "train", "train")[i % 4], "text": f"c{i}"} for i, sid in enumerate(ids)
+    ]
+    manifest = write_manifest(tmp_path / "m.jsonl", recs)
+    write_store(tmp_path / "text", ids, text, {"encoder": "t", "modality": "text"})
+    write_store(tmp_path / "image", ids, logits, {"encoder": "i", "modality": "image"})
+    data = AlignmentData(manifest, {"text": tmp_path / "text", "image": tmp_path / "image"})
+    plain = LabelPrior(
+        "image",
+        "text",
+        LabelHead(torch.eye(labels), torch.zeros(labels), [str(i) for i in range(labels)]),
+        label_vectors,
+    )
+    other = dataclasses.replace(
+        plain, prompt="{}", label_vectors=F.normalize(torch.randn(labels, 16, generator=g), dim=-1)
+    )
+    chosen = calibrate({plain.prompt: {"image": plain}, "{}": {"image": other}}, data)["image"]
+    assert chosen.prompt == plain.prompt and (chosen.top_k > 0 or chosen.temperature > 1)
+    assert chosen.settings == {"prompt": plain.prompt, "temperature": chosen.temperature, "top_k": chosen.top_k}
+
+    def train_r1(prior):
+        return prior_rows(data, ["text->image"], {"image": prior}, split="train")[0]["R@1"]
+
+    assert train_r1(chosen) > train_r1(plain) + 0.1
+    held = [data.row["image"][sid] for sid in ids if data.split[sid] != "train"]
+    data.latents["image"][held] = float("nan")
+    assert calibrate({plain.prompt: {"image": plain}, "{}": {"image": other}}, data)["image"] == chosen
+    write_store(tmp_path / "clean", ids, 10 * F.one_hot(own, labels).float(), {"encoder": "i", "modality": "image"})
+    clean = AlignmentData(manifest, {"text": tmp_path / "text", "image": tmp_path / "clean"})
+    assert calibrate({plain.prompt: {"image": plain}}, clean)["image"].settings == plain.settings  # all tie: plain
 
 
 def test_pick_beta_uses_the_prior_only_when_it_helps():

@@ -251,6 +251,14 @@ def test_fused_with_the_prior_the_search_ranks_as_the_validated_fusion(demo_run,
         assert [h.id for h in plain.search("text", "image", [records[sid]["text"]], 5)[0]][0] == alone[0]
     copy = copy_run(run, tmp_path / "run")
     info = json.loads((copy / "prior.json").read_text())
+    assert prior.settings == info["settings"]["image"]  # the bridge the run calibrated and scored
+    info["settings"]["image"] = {"prompt": "{}", "temperature": 3.0, "top_k": 5}
+    (copy / "prior.json").write_text(json.dumps(info))
+    assert Retriever(copy, method="moe-alternating", label_prior=True).prior("text->image").settings == {
+        "prompt": "{}",
+        "temperature": 3.0,
+        "top_k": 5,
+    }
     info["serve"].pop("linear")
     (copy / "prior.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="no label-prior weights for 'linear'"):

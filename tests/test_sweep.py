@@ -6,7 +6,7 @@ import json
 import pytest
 
 from omnimoe.align.config import TrainConfig
-from omnimoe.align.sweep import load_sweep, markdown, rank, recipe, score_run
+from omnimoe.align.sweep import candidate_encoders, load_sweep, markdown, rank, recipe, score_run
 from omnimoe.config import ConfigError
 
 
@@ -35,6 +35,16 @@ def test_recipe_merges_flat_and_nested_connector_keys():
         recipe(base, {"connector": {"dropout": 1.5}}, "x")
 
 
+def test_a_candidate_replaces_some_encoders_and_names_a_modality_the_run_lacks():
+    base = {"text": "minilm", "image": "efficientnet-lite0"}
+    overrides = {"encoders": {"image": "efficientnet-lite2"}, "linear_start": True}
+    assert candidate_encoders(base, overrides) == {"text": "minilm", "image": "efficientnet-lite2"}
+    assert candidate_encoders(base, {"linear_start": True}) == base
+    assert recipe(TrainConfig(), overrides) == recipe(TrainConfig(), {"linear_start": True})  # not a training field
+    with pytest.raises(ConfigError, match=r"candidate 'c': encoders for \['speech'\]"):
+        candidate_encoders(base, {"encoders": {"speech": "whisper-tiny"}}, "c")
+
+
 @pytest.mark.parametrize(
     "text, match",
     [
@@ -44,6 +54,8 @@ def test_recipe_merges_flat_and_nested_connector_keys():
         ("candidates: {a: {}}\nextra: 1", "expected the keys"),
         ("candidates: {a: {}}\ndev_fraction: 0.7", "dev_fraction must be a number in"),
         ("candidates: [", "not valid YAML"),
+        ("candidates: {a: {encoders: mpnet}}", "candidate 'a': 'encoders' must map modalities"),
+        ("candidates: {a: {encoders: {text: ''}}}", "candidate 'a': 'encoders' must map modalities"),
     ],
 )
 def test_bad_sweep_files_are_named(tmp_path, text, match):
@@ -95,3 +107,18 @@ def test_ties_within_a_standard_error_go_to_the_first_listed_candidate():
     assert choose(ranked, ["other", "tokens", "safe"])["candidate"] == "tokens"  # "other" is no tie
     ranked[1]["dev"] = 0.290  # 0.010 apart: more than a standard error
     assert choose(ranked, ["safe", "tokens", "other"])["candidate"] == "tokens"
+
+
+def test_the_shipped_sweep_file_makes_a_recipe_and_names_known_encoders_for_every_candidate():
+    from pathlib import Path
+
+    from omnimoe.encoders.registry import REGISTRY
+
+    spec = load_sweep(Path(__file__).parents[1] / "configs" / "sweep.yaml")
+    base = {"text": "minilm", "image": "efficientnet-lite0"}  # the --encoders of the file's command
+    for name, overrides in spec.candidates.items():
+        recipe(TrainConfig(), overrides, name)
+        assert set(candidate_encoders(base, overrides, name).values()) <= set(REGISTRY), name
+    assert {"mpnet", "efficientnet-lite2"} <= {
+        e for o in spec.candidates.values() for e in o.get("encoders", {}).values()
+    }

