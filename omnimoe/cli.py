@@ -204,7 +204,7 @@ def data_validate(
 def extract(
     manifest: Path = typer.Option(..., help="Manifest (JSONL)."),
     encoder: str = typer.Option(
-        ..., help="Encoder name (minilm, efficientnet-lite0, whisper-tiny, gemma3-270m, hf:<id or folder>)."
+        ..., help="Encoder name (minilm, mpnet, efficientnet-lite0, whisper-tiny, gemma3-270m, hf:<id or folder>)."
     ),
     out: Path = typer.Option(..., help="Store folder (created; rerun the same command to resume)."),
     field: Optional[str] = typer.Option(None, help="Manifest field to encode (default: the encoder's modality)."),
