@@ -155,10 +155,17 @@ def test_align_end_to_end(tmp_path):
     assert (out / "connectors" / "moe-alternating" / "model.safetensors").is_file()
     stores = sorted((out / "stores").iterdir())
     assert [s.name for s in stores] == ["image-efficientnet-lite0", "text-minilm"]
-    # a second call reuses the stores (extraction resumes: nothing to redo) and the finished runs
+    # residual_per_direction (the default): each direction's choice is recorded
+    residuals = json.loads((out / "residuals.json").read_text())
+    assert set(residuals) == {"moe-alternating/seed0", "moe-alternating/seed1"}  # linear has no residual
+    assert all(set(k) == {"text->image", "image->text"} for k in residuals.values())
+    # a second call reuses the stores (extraction resumes: nothing to redo) and the finished runs; without
+    # residual_per_direction (chosen at load, not a training setting: the runs resume) no choice is recorded
     inode = (stores[0] / "shard-00000.safetensors").stat().st_ino
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and (stores[0] / "shard-00000.safetensors").stat().st_ino == inode
+    again = subprocess.run(cmd + ["--set", "residual_per_direction=false"], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (stores[0] / "shard-00000.safetensors").stat().st_ino == inode
+    assert not (out / "residuals.json").exists()
     bad = subprocess.run(cmd[:-2] + ["--set", "stepz=3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "stepz" in bad.stderr
 

@@ -109,6 +109,50 @@ def test_linear_start_begins_from_the_linear_method_and_can_keep_it(data, method
     assert [r["R@1"] for r in rows] == [r["R@1"] for r in kept if r["head"] == "contrastive"]
 
 
+def test_residual_per_direction_keeps_a_residual_only_where_validation_says_it_helps(data, tmp_path):
+    """``residual_per_direction``: after training, a direction whose residual (MoE head + target projection)
+    does not beat the linear path alone on validation is zeroed and then scores exactly as the linear
+    two-tower; one that does is left as trained. A residual spoiled on purpose is dropped; the test split is
+    never read (NaN there changes nothing)."""
+    from omnimoe.align.evaluate import keep_residuals_that_help, selection_score
+
+    cfg = small(method="moe-alternating", linear_path=True, linear_start=True, residual_per_direction=True)
+    train(data, DIRS, cfg, tmp_path, progress=False)
+    model = load_best(cfg, data, DIRS, tmp_path)
+    tower = load_best(
+        dataclasses.replace(cfg, method="linear", linear_start=False), data, DIRS, tmp_path / "linear-start"
+    )
+    with torch.no_grad():
+        for p in model.residual_parameters("b->a"):
+            p.add_(torch.randn_like(p) * 10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    own = {}
+    for d in DIRS:
+        with_residual = selection_score(evaluate(model, data, [d], "val", cfg=cfg), cfg.select_on)
+        bare = load_best(cfg, data, DIRS, tmp_path)  # the same weights, the residual of d zeroed by hand
+        if d == "b->a":
+            bare.load_state_dict({n: v.clone() for n, v in before.items()}, strict=False)
+        with torch.no_grad():
+            for p in bare.residual_parameters(d):
+                p.zero_()
+        own[d] = with_residual > selection_score(evaluate(bare, data, [d], "val", cfg=cfg), cfg.select_on)
+    test = [data.row["b"][sid] for sid in data.pairs("a->b", "test").ids]
+    saved = data.latents["b"][test].clone()
+    data.latents["b"][test] = float("nan")  # the fixture is shared: restored below
+    try:
+        kept = keep_residuals_that_help(model, data, DIRS, cfg)
+    finally:
+        data.latents["b"][test] = saved
+    assert kept == own and kept["b->a"] is False
+    for d in DIRS:
+        residual = model.residual_parameters(d)
+        assert all((p == 0).all() for p in residual) != kept[d]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "b_to_a" not in n or kept["b->a"])
+    rows, alone = (evaluate(m, data, ["b->a"], "val") for m in (tower, model))
+    assert [r["R@1"] for r in rows] == [r["R@1"] for r in alone if r["head"] == "contrastive"]
+    assert keep_residuals_that_help(tower, data, DIRS, cfg) == {}  # the linear method has no residual
+
+
 def test_linear_start_without_a_linear_path_does_nothing(data, tmp_path):
     result = train(data, DIRS, small(method="moe-alternating", linear_start=True, steps=50), tmp_path, progress=False)
     assert result["history"][0]["step"] > 0 and not (tmp_path / "linear-start").exists()  # no step-0 start

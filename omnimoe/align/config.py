@@ -64,6 +64,11 @@ class TrainConfig:
     # solution unless the MoE improves on it. Without a linear path it does nothing.
     linear_start: bool = True
     freeze_linear: bool = True  # with linear_start: the started linear path stays fixed; the residuals learn
+    # where the connector has a linear path: after training, each direction keeps its residual (the MoE path's
+    # head and its target projection) only where that beats the linear path alone on validation; elsewhere
+    # the residual is zeroed and the direction is the linear two-tower's (chosen at load, best.pt unchanged;
+    # the choices are in the run's residuals.json)
+    residual_per_direction: bool = True
     token_inputs: bool = False  # feed token states (MoE per token, masked mean) instead of pooled vectors
     pool_tokens: int = 0  # > 0, with token_inputs: each item's tokens averaged down to at most this many (cheaper)
     schedule: str = "auto"  # auto (alternate for *-alternating, joint for moe-joint/linear), alternate, adaptive, joint

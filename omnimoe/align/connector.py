@@ -220,6 +220,14 @@ class AltMoEConnector(nn.Module):
             raise ValueError("this connector has no linear path (ConnectorConfig.linear_path is off)")
         return list(self.linear.parameters())
 
+    def residual_parameters(self, direction: str) -> list[nn.Parameter]:
+        """What ``direction`` adds to the linear path (``linear_path``): the MoE path's contrastive head (query
+        side) and the direction's target projection (key side). Zeroed, the direction is the linear two-tower's."""
+        self.linear_parameters()
+        self._check(direction)
+        key = _key(direction)
+        return [*self.contrastive_head[key].parameters(), *self.target_proj[key].parameters()]
+
     def load_linear(self, tower: "LinearTwoTower") -> None:
         """Copy a (trained) linear two-tower into the linear path: with the residuals still at zero, the
         connector's contrastive outputs are then the tower's."""

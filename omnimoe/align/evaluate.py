@@ -103,6 +103,46 @@ def selection_score(rows: list[dict[str, Any]], select_on: str = "R@1") -> float
     return sum(best.values()) / len(best) if best else 0.0
 
 
+@torch.no_grad()
+def keep_residuals_that_help(
+    model: nn.Module,
+    data: AlignmentData,
+    directions: list[str],
+    cfg: TrainConfig,
+    priors: dict[str, LabelPrior] | None = None,
+    split: str = "val",
+) -> dict[str, bool]:
+    """``TrainConfig.residual_per_direction``: per direction, keep the residual on top of the linear path only
+    where it scores higher on ``split`` (the early-stopping score) than the linear path alone; elsewhere zero
+    it, in place. Returns direction -> kept. A tie keeps the linear path; a direction with fewer than two
+    ``split`` pairs keeps its residual (nothing to judge by). Empty for a model without a linear path."""
+    if not getattr(getattr(model, "config", None), "linear_path", False):
+        return {}
+    model.eval()
+
+    def score(d: str) -> float:
+        rows = evaluate(model, data, [d], split, cfg=cfg)
+        if cfg.prior_weight and priors:  # trained on top of the prior: judged with it, as in early stopping
+            rows += fused_rows(model, data, [d], priors, cfg, split=split)[0]
+        return selection_score(rows, cfg.select_on)
+
+    kept = {}
+    for d in directions:
+        if len(data.pairs(d, split)) < 2:
+            kept[d] = True
+            continue
+        with_residual = score(d)
+        parts = model.residual_parameters(d)
+        saved = [p.detach().clone() for p in parts]
+        for p in parts:
+            p.zero_()
+        kept[d] = with_residual > score(d)
+        if kept[d]:
+            for p, value in zip(parts, saved):
+                p.copy_(value)
+    return kept
+
+
 def prior_rows(
     data: AlignmentData, directions: list[str], priors: dict[str, LabelPrior], split: str = "test"
 ) -> list[dict[str, Any]]:

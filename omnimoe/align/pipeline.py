@@ -30,6 +30,7 @@ from omnimoe.align.evaluate import (
     evaluate,
     expert_load,
     fused_rows,
+    keep_residuals_that_help,
     prior_rows,
     serving_weights,
     zero_shot,
@@ -301,7 +302,7 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
         dev_fraction=cfg.dev_fraction,
     )
     choice = "dev" if any(len(data.pairs(d, "dev")) for d in directions) else "val"
-    rows, val_rows, curves, loads, zeroshot, betas, serve = [], [], {}, {}, [], {}, {}
+    rows, val_rows, curves, loads, zeroshot, betas, serve, residuals = [], [], {}, {}, [], {}, {}, {}
     prompts = _category_prompts(cfg, records) if is_rank0() else None
     priors = {}
     if cfg.label_prior and (
@@ -319,6 +320,10 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
             if not is_rank0():
                 continue  # under torchrun every rank trains; rank 0 alone evaluates and writes
             model = load_best(tcfg, data, directions, run_dir)
+            if tcfg.residual_per_direction and (  # before anything reads or saves the model
+                kept := keep_residuals_that_help(model, data, directions, tcfg, priors)
+            ):
+                residuals[f"{method}/seed{seed}"] = kept
             fused, betas[f"{method}/seed{seed}"] = fused_rows(model, data, directions, priors, tcfg)
             for r in evaluate(model, data, directions, "test", cfg=tcfg) + fused:
                 rows.append({"method": method, "seed": seed, **r})
@@ -348,6 +353,10 @@ def run_align(cfg: AlignConfig, progress: bool = True) -> dict[str, Any]:
     summary = summarise(rows)
     write_json(out / "results.json", rows)
     write_json(out / "validation.json", val_rows)
+    if residuals:  # per run and direction: whether the residual on top of the linear path was kept
+        write_json(out / "residuals.json", residuals)
+    else:
+        (out / "residuals.json").unlink(missing_ok=True)  # an earlier call's choices no longer apply
     if zeroshot:
         write_json(out / "zeroshot.json", zeroshot)
     if priors:  # the weight of the prior in each fused score, picked on validation (omnimoe.align.prior)

@@ -453,7 +453,7 @@ def _resumable(config: dict[str, Any]) -> dict[str, Any]:
     return {
         k: v
         for k, v in {**before, **flat(config)}.items()
-        if k not in ("device", "modalities", "directions", "use_moe")
+        if k not in ("device", "modalities", "directions", "use_moe", "residual_per_direction")  # not training
     }
 
 
