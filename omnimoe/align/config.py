@@ -66,8 +66,8 @@ class TrainConfig:
     freeze_linear: bool = True  # with linear_start: the started linear path stays fixed; the residuals learn
     # where the connector has a linear path: after training, each direction keeps its residual (the MoE path's
     # head and its target projection) only where that beats the linear path alone on validation; elsewhere
-    # the residual is zeroed and the direction is the linear two-tower's (chosen at load, best.pt unchanged;
-    # the choices are in the run's residuals.json)
+    # the residual is zeroed and the direction is the linear path's (the linear two-tower's with linear_start
+    # and freeze_linear); chosen at load, best.pt unchanged; the choices are in the run's residuals.json
     residual_per_direction: bool = True
     token_inputs: bool = False  # feed token states (MoE per token, masked mean) instead of pooled vectors
     pool_tokens: int = 0  # > 0, with token_inputs: each item's tokens averaged down to at most this many (cheaper)

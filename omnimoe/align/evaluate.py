@@ -254,6 +254,7 @@ def expert_load(
     moe = getattr(model, "moe", None)
     if moe is None or moe.config.num_experts < 2:
         return None
+    model.eval()  # routing as at inference: no dropout before the router
     load = {}
     for d in directions:
         pairs = data.pairs(d, "test")
@@ -284,6 +285,7 @@ def zero_shot(
     ``prompt_latents`` are the text encoder's vectors of ``ZERO_SHOT_PROMPT.format(name)`` for ``names``. Returns one row
     per source modality: accuracy, chance (1 / classes), n.
     """
+    model.eval()
     rows = []
     for d in directions:
         src, tgt = d.split("->")

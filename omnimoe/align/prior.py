@@ -1,6 +1,6 @@
 """The label prior: what a frozen encoder's own classifier already knows, placed in the text encoder's space.
 
-EfficientNet was trained to name what it sees among 1,000 ImageNet classes, and MiniLM can embed those names.
+EfficientNet was trained to name what it sees among 1,000 ImageNet classes, and the text encoder can embed those names.
 So every stored image latent gets a vector in text space without any training: the class-probability-weighted
 mean of the class-name embeddings (ConSE, Norouzi et al. 2014). The classifier is a linear map of the pooled
 latent, so this needs the stored latents only, never the images. The cosine between a caption's latent and

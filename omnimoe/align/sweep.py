@@ -92,7 +92,25 @@ def candidate_encoders(base: dict[str, str], overrides: dict[str, Any], name: st
         raise ConfigError(
             f"candidate {name!r}: encoders for {unknown}, which the run does not have (it has {sorted(base)})"
         )
-    return {**base, **encoders}
+    merged = dict(base)
+    for modality, spec in encoders.items():
+        field_name = base[modality].partition("@")[2]
+        merged[modality] = spec if "@" in spec or not field_name else f"{spec}@{field_name}"  # keeps the field read
+    return merged
+
+
+def check_encoder_names(encoders: dict[str, str], name: str = "") -> None:
+    """Refuse an encoder that is neither a registry name nor ``hf[-text|-vision|-audio]:...``, before any run."""
+    from omnimoe.encoders.registry import REGISTRY
+
+    for modality, spec in encoders.items():
+        encoder = spec.partition("@")[0]
+        prefix, sep, target = encoder.partition(":")
+        if encoder not in REGISTRY and not (sep and target and prefix in ("hf", "hf-text", "hf-vision", "hf-audio")):
+            raise ConfigError(
+                f"candidate {name!r}: unknown encoder {encoder!r} for {modality!r} (use one of "
+                f"{', '.join(sorted(REGISTRY))}, or hf:<model id or local folder>)"
+            )
 
 
 def recipe(base: TrainConfig, overrides: dict[str, Any], name: str = "") -> TrainConfig:
@@ -207,6 +225,8 @@ def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, An
     out = Path(base.out)
     recipes = {name: recipe(base.train, overrides, name) for name, overrides in spec.candidates.items()}
     encoders = {name: candidate_encoders(base.encoders, o, name) for name, o in spec.candidates.items()}
+    for name, chosen_encoders in encoders.items():
+        check_encoder_names(chosen_encoders, name)
     datasets = spec.datasets or {"data": base.manifest}
     rows = []
     for dataset, manifest in datasets.items():

