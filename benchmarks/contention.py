@@ -10,7 +10,7 @@ Jobs (each a real step of the project, on random inputs):
 * ``unimoe``: one training step of a Uni-MoE language model (every FFN an MoE of 4 experts top-2, LoRA-free,
   batch 4 x 128 tokens) on a tiny Llama (hidden 256, 4 layers; ``--gemma``: the real Gemma-3-270M, which
   takes about a minute to load); large work;
-* ``encoder``: MiniLM (the default text encoder) on 64 captions, no grad; large work.
+* ``encoder``: MiniLM (the quick demo's text encoder) on 64 captions, no grad; large work.
 
 Candidates per job: ``auto`` (the policy), and each fixed count from 1 to the cores (``torch``'s default is
 the largest). Conditions: ``idle``, then ``busy`` (a Python busy loop on one core, started for the
