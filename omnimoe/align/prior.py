@@ -44,6 +44,7 @@ PROMPTS: tuple[str, ...] = (LABEL_PROMPT, "{}")
 TEMPERATURES: tuple[float, ...] = (1.0, 2.0, 3.0)
 TOP_KS: tuple[int, ...] = (0, 5, 10, 20)
 CALIBRATION_PAIRS = 2000  # at most this many train pairs score each setting (every k-th pair beyond)
+PLAIN_BRIDGE: dict[str, Any] = {"prompt": PROMPTS[0], "temperature": TEMPERATURES[0], "top_k": TOP_KS[0]}
 
 
 @dataclass
@@ -143,8 +144,7 @@ def calibrate(
     chosen: dict[str, LabelPrior] = {}
     first = next(iter(candidates.values()), {})
     for modality, plain in first.items():
-        directions = [f"{plain.text}->{modality}", f"{modality}->{plain.text}"]
-        pairs = data.pairs(directions[0], split) if {plain.text, modality} <= set(data.latents) else None
+        pairs = data.pairs(f"{plain.text}->{modality}", split) if {plain.text, modality} <= set(data.latents) else None
         if pairs is None or len(pairs) < 2:
             chosen[modality] = plain
             continue

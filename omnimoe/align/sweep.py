@@ -101,12 +101,11 @@ def candidate_encoders(base: dict[str, str], overrides: dict[str, Any], name: st
 
 def check_encoder_names(encoders: dict[str, str], name: str = "") -> None:
     """Refuse an encoder that is neither a registry name nor ``hf[-text|-vision|-audio]:...``, before any run."""
-    from omnimoe.encoders.registry import REGISTRY
+    from omnimoe.encoders.registry import REGISTRY, is_encoder_name
 
     for modality, spec in encoders.items():
         encoder = spec.partition("@")[0]
-        prefix, sep, target = encoder.partition(":")
-        if encoder not in REGISTRY and not (sep and target and prefix in ("hf", "hf-text", "hf-vision", "hf-audio")):
+        if not is_encoder_name(encoder):
             raise ConfigError(
                 f"candidate {name!r}: unknown encoder {encoder!r} for {modality!r} (use one of "
                 f"{', '.join(sorted(REGISTRY))}, or hf:<model id or local folder>)"

@@ -184,13 +184,22 @@ def _hf_modality(path: str) -> str:
     return "text"
 
 
+HF_PREFIXES = ("hf", "hf-text", "hf-vision", "hf-audio")  # hf[-modality]:<model id or local folder>
+
+
+def is_encoder_name(name: str) -> bool:
+    """A registry name, or ``hf[-text|-vision|-audio]:<id or folder>`` (checked without loading anything)."""
+    prefix, sep, target = name.partition(":")
+    return name in REGISTRY or bool(sep and target and prefix in HF_PREFIXES)
+
+
 def load_encoder(name: str, options: EncoderOptions | None = None) -> FrozenEncoder:
     """Build an encoder by registry name or ``hf[-text|-vision|-audio]:<id-or-path>``."""
     options = options or EncoderOptions()
     if name in REGISTRY:
         return REGISTRY[name][1](options)
     prefix, sep, target = name.partition(":")
-    if sep and prefix in ("hf", "hf-text", "hf-vision", "hf-audio") and target:
+    if sep and prefix in HF_PREFIXES and target:
         modality = {"hf-text": "text", "hf-vision": "image", "hf-audio": "audio"}.get(prefix) or _hf_modality(target)
         if modality == "audio":
             from omnimoe.encoders.audio import HFWhisperEncoder

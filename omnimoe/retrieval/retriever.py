@@ -32,9 +32,8 @@ from omnimoe.data.manifest import MEDIA_FIELDS, media_path, read_manifest
 from omnimoe.encoders.base import hash_state_dict
 from omnimoe.io import read_json, resolve_path
 from omnimoe.latents.store import LatentStore
+from omnimoe.align.prior import PLAIN_BRIDGE
 from omnimoe.retrieval.index import IndexMismatch, IndexSpec, VectorIndex, ids_digest
-
-PLAIN_BRIDGE = {"prompt": "A {}.", "temperature": 1.0, "top_k": 0}  # the label prior's bridge before calibration
 
 DEFAULT_METHOD = "moe-alternating"
 
@@ -209,7 +208,9 @@ class Retriever:
             "prior_weight": self.weight(direction),
         }
         prior = self.prior(direction)
-        if prior is not None and prior.settings != PLAIN_BRIDGE:  # the prior side's vectors depend on them
+        if (
+            prior is not None and prior.settings != PLAIN_BRIDGE
+        ):  # omnimoe.align.prior  # the prior side's vectors depend on them
             record["prior_bridge"] = prior.settings  # (left out for the plain bridge: indexes built before match)
         return record
 
