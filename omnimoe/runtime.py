@@ -46,6 +46,12 @@ def is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def barrier() -> None:
+    """Under torchrun: wait until every rank is here (rank 0 has written what the others read next)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def finish_distributed() -> None:
     """Under torchrun: wait for every rank, then shut the process group down in step."""
     if dist.is_available() and dist.is_initialized():

@@ -336,11 +336,13 @@ def test_sweep_chooses_on_a_dev_split_across_data_sets(tmp_path):
         sets[name] = str(manifest)
     spec = tmp_path / "sweep.yaml"
     candidates = {
-        "moe-alone": {},
+        "moe-alone": {"linear_path": False, "linear_start": False},
         "linear-start": {"linear_path": True, "linear_start": True},
         "lite1": {"linear_path": True, "linear_start": True, "encoders": {"image": "efficientnet-lite1"}},
+        # linear-start but for a field read after training: trained once, its runs shared
+        "all-residuals": {"linear_path": True, "linear_start": True, "residual_per_direction": False},
     }
-    spec.write_text(yaml.safe_dump({"candidates": candidates, "datasets": sets, "dev_fraction": 0.3}))
+    spec.write_text(yaml.safe_dump({"candidates": candidates, "datasets": sets, "dev_fraction": 0.3}, sort_keys=False))
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "omnimoe.cli", "align", "--sweep", str(spec), *ENCODERS, "--manifest", sets["a"],
            "--out", str(out), "--methods", "linear,moe-alternating", "--seeds", "0",
@@ -383,6 +385,18 @@ def test_sweep_chooses_on_a_dev_split_across_data_sets(tmp_path):
         assert splits["dev"] and not splits["dev"] & (splits["train"] | splits["val"])
         assert json.loads((run / "run.json").read_text())["dev_fraction"] == 0.3
     assert "chosen on the dev split" in done.stdout and (out / "sweep.md").read_text() in done.stdout
+    # the candidate that differs from linear-start after training alone: the same runs, linked, not retrained
+    assert json.loads((out / "sweep.json").read_text())["shared_training"] == {
+        f"{d}/all-residuals": f"{d}/linear-start" for d in sets
+    }
+    for dataset in sets:
+        first, second = out / dataset / "linear-start", out / dataset / "all-residuals"
+        for method in ("linear", "moe-alternating"):
+            a, b = first / "runs" / method / "seed0", second / "runs" / method / "seed0"
+            assert (a / "best.pt").stat().st_ino == (b / "best.pt").stat().st_ino
+            assert (a / "train.json").read_text() == (b / "train.json").read_text()
+        assert (first / "residuals.json").is_file() and not (second / "residuals.json").exists()
+        assert json.loads((second / "summary.json").read_text())["train_config"]["residual_per_direction"] is False
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"candidates": {"typo": {"dropuot": 0.1}}}))
     refused = subprocess.run(cmd[:5] + [str(bad)] + cmd[6:], capture_output=True, text=True, timeout=300)

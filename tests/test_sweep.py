@@ -14,6 +14,8 @@ from omnimoe.align.sweep import (
     rank,
     recipe,
     score_run,
+    share_training,
+    training_key,
 )
 from omnimoe.config import ConfigError
 
@@ -41,6 +43,27 @@ def test_recipe_merges_flat_and_nested_connector_keys():
         recipe(base, {"stepz": 3}, "bad")
     with pytest.raises(ConfigError, match="candidate 'x'.*dropout"):
         recipe(base, {"connector": {"dropout": 1.5}}, "x")
+
+
+def test_candidates_that_differ_after_training_alone_share_their_runs(tmp_path):
+    """The training key leaves out the fields read once training is over, and nothing else; sharing links the
+    finished runs into a folder that has none, and never touches one that has its own."""
+    base, encoders = TrainConfig(), {"text": "minilm", "image": "efficientnet-lite0"}
+    key = training_key(base, encoders)
+    assert training_key(recipe(base, {"residual_per_direction": False}), encoders) == key
+    assert training_key(recipe(base, {"dropout": 0.3}), encoders) != key
+    assert training_key(recipe(base, {"linear_start": False}), encoders) != key
+    assert training_key(base, {**encoders, "image": "efficientnet-lite1"}) != key
+    done = tmp_path / "a"
+    (done / "runs" / "linear" / "seed0").mkdir(parents=True)
+    (done / "runs" / "linear" / "seed0" / "best.pt").write_bytes(b"weights")
+    assert share_training(done, tmp_path / "b")
+    shared = tmp_path / "b" / "runs" / "linear" / "seed0" / "best.pt"
+    assert shared.read_bytes() == b"weights"
+    assert shared.stat().st_ino == (done / "runs" / "linear" / "seed0" / "best.pt").stat().st_ino
+    own = tmp_path / "c" / "runs"
+    own.mkdir(parents=True)
+    assert not share_training(done, tmp_path / "c") and not any(own.iterdir())
 
 
 def test_a_candidate_replaces_some_encoders_and_names_a_modality_the_run_lacks():

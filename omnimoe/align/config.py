@@ -24,6 +24,9 @@ from omnimoe.config import ConfigError, check_ranges
 Method = Literal["moe-alternating", "moe-joint", "mlp-alternating", "linear"]
 METHODS: tuple[str, ...] = ("linear", "mlp-alternating", "moe-joint", "moe-alternating")
 SELECT_ON: tuple[str, ...] = ("R@1", "R@5", "R@10", "mean")
+# TrainConfig fields read only once training is over (when the best weights are loaded): runs that differ in
+# these alone train identically, so a finished run is resumed, or shared by a sweep, whatever their values
+AFTER_TRAINING: tuple[str, ...] = ("residual_per_direction",)
 
 # architecture keys a recipe may still give at the top level (read into ``connector``)
 _CONNECTOR_KEYS = (

@@ -15,7 +15,8 @@ and, optionally, several data sets (manifests)::
 
 Every candidate runs ``omnimoe align`` (:func:`omnimoe.align.pipeline.run_align`) on every data set with the
 run's methods and seeds, into ``out/<dataset>/<candidate>`` (latent stores shared per data set; a killed sweep
-resumes run by run). A share of the train captions (``dev_fraction``) is held out as a **dev** split that
+resumes run by run). Candidates that differ only in fields read after training (``residual_per_direction``)
+train once: the later ones start from the earlier one's finished runs (:func:`share_training`). A share of the train captions (``dev_fraction``) is held out as a **dev** split that
 neither training nor early stopping sees: the validation score of a run is the best of its evaluations and
 flatters the recipes that fluctuate most, the dev score is not. Each (candidate, method, head) is scored on
 dev: mean R@1 over directions, averaged over seeds, then over data sets. Rows within one standard error of
@@ -27,6 +28,9 @@ figures stand beside the ranking for the reader and are never read to choose. Wr
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +38,11 @@ from typing import Any
 
 import yaml
 
-from omnimoe.align.config import TrainConfig
+from omnimoe.align.config import AFTER_TRAINING, TrainConfig
 from omnimoe.align.pipeline import run_align, seed_means
 from omnimoe.config import ConfigError, from_dict
 from omnimoe.io import read_json, write_json
-from omnimoe.runtime import is_rank0
+from omnimoe.runtime import barrier, is_rank0
 
 
 @dataclass
@@ -136,6 +140,35 @@ def recipe(base: TrainConfig, overrides: dict[str, Any], name: str = "") -> Trai
         raise ConfigError(f"candidate {name!r}: {exc}") from None
 
 
+def training_key(cfg: TrainConfig, encoders: dict[str, str]) -> str:
+    """What a candidate's training depends on: its towers and its ``TrainConfig`` less the fields read only
+    after training (:data:`~omnimoe.align.config.AFTER_TRAINING`). Candidates with equal keys on one data set
+    train the same runs (training is deterministic), so a sweep trains them once."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in AFTER_TRAINING}
+    return json.dumps({"encoders": encoders, "train": config}, sort_keys=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # run files are replaced whole (written beside, then renamed), never edited in place
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def share_training(done: Path, folder: Path) -> bool:
+    """Start ``folder`` from the finished runs of ``done`` (a candidate with the same :func:`training_key`):
+    its ``runs`` tree, hard-linked where the file system allows. False (nothing done) where ``folder`` already
+    has runs of its own."""
+    if (folder / "runs").exists() or not (done / "runs").is_dir():
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / "runs.sharing"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a sweep killed while sharing
+    shutil.copytree(done / "runs", staging, copy_function=_link_or_copy)
+    staging.rename(folder / "runs")
+    return True
+
+
 def score_run(folder: str | Path) -> list[dict[str, Any]]:
     """One ``omnimoe align`` folder's (method, head) scores: on the choice split (``validation.json``: dev, or
     val where the run has no dev split) and on test, mean R@1 over directions, mean and spread over seeds."""
@@ -227,11 +260,20 @@ def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, An
     for name, chosen_encoders in encoders.items():
         check_encoder_names(chosen_encoders, name)
     datasets = spec.datasets or {"data": base.manifest}
-    rows = []
+    rows, shared = [], {}
     for dataset, manifest in datasets.items():
+        trained: dict[str, Path] = {}  # training key -> the first candidate's folder that trained it
         for name, train_cfg in recipes.items():
             folder = out / dataset / name
             stores = out / dataset / ("stores-tokens" if train_cfg.token_inputs else "stores")
+            key = training_key(train_cfg, encoders[name])
+            if key in trained:  # differs from an earlier candidate only after training: its runs, not a retraining
+                if is_rank0() and share_training(trained[key], folder):
+                    print(f"{dataset}/{name}: trains as {trained[key].name}; its runs are shared", flush=True)
+                shared[f"{dataset}/{name}"] = f"{dataset}/{trained[key].name}"
+                barrier()
+            else:
+                trained[key] = folder
             run_align(
                 dataclasses.replace(
                     base,
@@ -268,7 +310,7 @@ def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, An
         "datasets": datasets,
         "seeds": base.seeds,
     }
-    write_json(out / "sweep.json", {"rows": rows, "ranked": ranked, "chosen": chosen})
+    write_json(out / "sweep.json", {"rows": rows, "ranked": ranked, "chosen": chosen, "shared_training": shared})
     (out / "sweep.md").write_text(markdown(ranked))
     write_json(out / "chosen.json", chosen)
     return {"ranked": ranked, "chosen": chosen}

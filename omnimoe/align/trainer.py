@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from omnimoe.align.config import METHODS, TrainConfig, flat
+from omnimoe.align.config import AFTER_TRAINING, METHODS, TrainConfig, flat
 from omnimoe.align.connector import AltMoEConnector, ConnectorOutput, LinearTwoTower, parse_direction
 from omnimoe.align.data import AlignmentData
 from omnimoe.align.evaluate import evaluate, fused_rows, mean_r1, selection_score
@@ -453,7 +453,7 @@ def _resumable(config: dict[str, Any]) -> dict[str, Any]:
     return {
         k: v
         for k, v in {**before, **flat(config)}.items()
-        if k not in ("device", "modalities", "directions", "use_moe", "residual_per_direction")  # not training
+        if k not in ("device", "modalities", "directions", "use_moe", *AFTER_TRAINING)  # not training
     }
 
 
