@@ -387,14 +387,18 @@ def test_sweep_chooses_on_a_dev_split_across_data_sets(tmp_path):
     assert "chosen on the dev split" in done.stdout and (out / "sweep.md").read_text() in done.stdout
     # the candidate that differs from linear-start after training alone: the same runs, linked, not retrained
     assert json.loads((out / "sweep.json").read_text())["shared_training"] == {
-        f"{d}/all-residuals": f"{d}/linear-start" for d in sets
+        f"{d}/all-residuals": {"from": f"{d}/linear-start", "runs": ["linear/seed0", "moe-alternating/seed0"]}
+        for d in sets
     }
     for dataset in sets:
         first, second = out / dataset / "linear-start", out / dataset / "all-residuals"
         for method in ("linear", "moe-alternating"):
             a, b = first / "runs" / method / "seed0", second / "runs" / method / "seed0"
-            assert (a / "best.pt").stat().st_ino == (b / "best.pt").stat().st_ino
+            for name in ("best.pt", "state.pt"):  # linked, and left as trained (a resumed run rewrites neither)
+                assert (a / name).stat().st_ino == (b / name).stat().st_ino
+            # rewritten when the shared run was resumed: replaced by a new file, never edited through the link
             assert (a / "train.json").read_text() == (b / "train.json").read_text()
+            assert (a / "train.json").stat().st_ino != (b / "train.json").stat().st_ino
         assert (first / "residuals.json").is_file() and not (second / "residuals.json").exists()
         assert json.loads((second / "summary.json").read_text())["train_config"]["residual_per_direction"] is False
     bad = tmp_path / "bad.yaml"

@@ -55,15 +55,24 @@ def test_candidates_that_differ_after_training_alone_share_their_runs(tmp_path):
     assert training_key(recipe(base, {"linear_start": False}), encoders) != key
     assert training_key(base, {**encoders, "image": "efficientnet-lite1"}) != key
     done = tmp_path / "a"
-    (done / "runs" / "linear" / "seed0").mkdir(parents=True)
-    (done / "runs" / "linear" / "seed0" / "best.pt").write_bytes(b"weights")
-    assert share_training(done, tmp_path / "b")
-    shared = tmp_path / "b" / "runs" / "linear" / "seed0" / "best.pt"
-    assert shared.read_bytes() == b"weights"
-    assert shared.stat().st_ino == (done / "runs" / "linear" / "seed0" / "best.pt").stat().st_ino
-    own = tmp_path / "c" / "runs"
-    own.mkdir(parents=True)
-    assert not share_training(done, tmp_path / "c") and not any(own.iterdir())
+    for run in ("linear/seed0", "linear/seed1", "moe-alternating/seed0", "moe-alternating/seed1"):
+        (done / "runs" / run).mkdir(parents=True)
+        (done / "runs" / run / "best.pt").write_bytes(run.encode())
+        if run != "moe-alternating/seed1":  # that one is unfinished: never shared
+            (done / "runs" / run / "train.json").write_text("{}")
+    later = tmp_path / "b"
+    (later / "runs" / "linear" / "seed0").mkdir(parents=True)  # a run of its own: kept
+    stale = later / "runs" / "linear" / "seed1.sharing"  # left by a sweep killed while sharing
+    stale.mkdir()
+    (stale / "half").write_text("")
+    assert share_training(done, later) == ["linear/seed1", "moe-alternating/seed0"]
+    linked = later / "runs" / "moe-alternating" / "seed0" / "best.pt"
+    assert linked.read_bytes() == b"moe-alternating/seed0"
+    assert linked.stat().st_ino == (done / "runs" / "moe-alternating" / "seed0" / "best.pt").stat().st_ino
+    assert not any((later / "runs" / "linear" / "seed0").iterdir())
+    assert not stale.exists() and not (later / "runs" / "linear" / "seed1" / "half").exists()
+    assert not (later / "runs" / "moe-alternating" / "seed1").exists()
+    assert share_training(done, later) == ["linear/seed1", "moe-alternating/seed0"]  # a resumed sweep: the same
 
 
 def test_a_candidate_replaces_some_encoders_and_names_a_modality_the_run_lacks():

@@ -16,9 +16,10 @@ and, optionally, several data sets (manifests)::
 Every candidate runs ``omnimoe align`` (:func:`omnimoe.align.pipeline.run_align`) on every data set with the
 run's methods and seeds, into ``out/<dataset>/<candidate>`` (latent stores shared per data set; a killed sweep
 resumes run by run). Candidates that differ only in fields read after training (``residual_per_direction``)
-train once: the later ones start from the earlier one's finished runs (:func:`share_training`). A share of the train captions (``dev_fraction``) is held out as a **dev** split that
-neither training nor early stopping sees: the validation score of a run is the best of its evaluations and
-flatters the recipes that fluctuate most, the dev score is not. Each (candidate, method, head) is scored on
+train once: the later ones start from the earlier one's finished runs (:func:`share_training`). A share of
+the train captions (``dev_fraction``) is held out as a **dev** split that neither training nor early stopping
+sees: the validation score of a run is the best of its evaluations and flatters the recipes that fluctuate
+most, the dev score is not. Each (candidate, method, head) is scored on
 dev: mean R@1 over directions, averaged over seeds, then over data sets. Rows within one standard error of
 the top are ties, and among ties the candidate listed first in the file wins (:func:`choose`); the test
 figures stand beside the ranking for the reader and are never read to choose. Writes ``sweep.json`` (every score),
@@ -142,10 +143,15 @@ def recipe(base: TrainConfig, overrides: dict[str, Any], name: str = "") -> Trai
 
 def training_key(cfg: TrainConfig, encoders: dict[str, str]) -> str:
     """What a candidate's training depends on: its towers and its ``TrainConfig`` less the fields read only
-    after training (:data:`~omnimoe.align.config.AFTER_TRAINING`). Candidates with equal keys on one data set
-    train the same runs (training is deterministic), so a sweep trains them once."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in AFTER_TRAINING}
+    after training (:data:`~omnimoe.align.config.AFTER_TRAINING`) and those every run sets itself (method,
+    seed). Candidates with equal keys on one data set train the same runs (training is deterministic), so a
+    sweep trains them once."""
+    skip = {*AFTER_TRAINING, "method", "seed"}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     return json.dumps({"encoders": encoders, "train": config}, sort_keys=True)
+
+
+SHARED_MARK = "shared_from.json"  # in a run folder that another candidate's run was linked into
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -155,18 +161,26 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def share_training(done: Path, folder: Path) -> bool:
-    """Start ``folder`` from the finished runs of ``done`` (a candidate with the same :func:`training_key`):
-    its ``runs`` tree, hard-linked where the file system allows. False (nothing done) where ``folder`` already
-    has runs of its own."""
-    if (folder / "runs").exists() or not (done / "runs").is_dir():
-        return False
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = folder / "runs.sharing"
-    shutil.rmtree(staging, ignore_errors=True)  # left by a sweep killed while sharing
-    shutil.copytree(done / "runs", staging, copy_function=_link_or_copy)
-    staging.rename(folder / "runs")
-    return True
+def share_training(done: Path, folder: Path) -> list[str]:
+    """Start ``folder`` (a candidate with the same :func:`training_key` as ``done``) from ``done``'s finished
+    runs: each ``runs/<method>/seed<k>`` with its ``train.json`` that ``folder`` lacks is hard-linked in (copied
+    where the file system has no links), marked with :data:`SHARED_MARK`. A run ``folder`` already has stays
+    its own. Returns the runs ``folder`` holds from ``done`` (``"<method>/seed<k>"``), linked now or before."""
+    shared = []
+    for run in sorted((done / "runs").glob("*/seed*")):
+        if not run.is_dir() or not (run / "train.json").is_file():
+            continue  # unfinished (or a staging folder): each candidate resumes its own
+        name = run.relative_to(done / "runs").as_posix()
+        target = folder / "runs" / name
+        if not target.exists():
+            staging = target.with_name(target.name + ".sharing")
+            shutil.rmtree(staging, ignore_errors=True)  # left by a sweep killed while sharing
+            shutil.copytree(run, staging, copy_function=_link_or_copy)
+            write_json(staging / SHARED_MARK, {"from": os.path.relpath(run, staging.parent)})
+            staging.rename(target)
+        if (target / SHARED_MARK).is_file():
+            shared.append(name)
+    return shared
 
 
 def score_run(folder: str | Path) -> list[dict[str, Any]]:
@@ -268,10 +282,10 @@ def run_sweep(spec: SweepSpec, base: Any, progress: bool = True) -> dict[str, An
             stores = out / dataset / ("stores-tokens" if train_cfg.token_inputs else "stores")
             key = training_key(train_cfg, encoders[name])
             if key in trained:  # differs from an earlier candidate only after training: its runs, not a retraining
-                if is_rank0() and share_training(trained[key], folder):
-                    print(f"{dataset}/{name}: trains as {trained[key].name}; its runs are shared", flush=True)
-                shared[f"{dataset}/{name}"] = f"{dataset}/{trained[key].name}"
-                barrier()
+                if is_rank0() and (runs := share_training(trained[key], folder)):
+                    shared[f"{dataset}/{name}"] = {"from": f"{dataset}/{trained[key].name}", "runs": runs}
+                    print(f"{dataset}/{name}: trains as {trained[key].name}; {len(runs)} runs shared", flush=True)
+                barrier()  # under torchrun the other ranks read the shared runs next
             else:
                 trained[key] = folder
             run_align(
