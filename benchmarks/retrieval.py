@@ -1,9 +1,12 @@
-"""Retrieval latency: (a) connector + index search, (b) a whole text query (MiniLM + connector + search), at
+"""Retrieval latency: (a) connector + index search, (b) a whole text query (text tower + connector + search), at
 10k, 100k and 1M stored vectors, for each index kind (faiss flat / ivf / hnsw, and the torch fallback); and
-(c) a bounded load test against a running ``omnimoe serve`` (2,000 requests, 16 at a time).
+(c) a bounded load test against a running ``omnimoe serve`` (2,000 requests, 16 at a time). First, side by
+side: one caption through each text tower of ``--compare-encoders`` (interleaved), and one query through the
+connector's paths.
 
     .venv/bin/python benchmarks/retrieval.py --out bench-retrieval.json     # the full run (~10 min)
     .venv/bin/python benchmarks/retrieval.py --quick                        # 10k only, 200 HTTP requests
+    .venv/bin/python benchmarks/retrieval.py --text-encoder mpnet ...      # the text tower of `omnimoe align`
 
 Targets: connector + search p50 <= 1.5 ms at 100k vectors with ivf (one query through the connector <= 0.3 ms);
 whole text query p50 <= 20 ms; zero errors under load. Queries go through the connector as ``omnimoe serve``
@@ -11,9 +14,9 @@ sends them: the NumPy query path (:mod:`omnimoe.align.query`).
 
 Stored vectors are synthetic (a mixture of 2,000 Gaussian clusters in the 256-d contrastive space, so the
 approximate indexes face neighbourhoods like real ones); the connector is the demo's Alt-MoE shape (hidden
-256, 12 experts, top-4) and the text encoder is the real MiniLM: latency does not depend on what the weights
-learnt. The HTTP test serves a synthetic run (random image latents with the real encoders' records) with the
-real ``omnimoe serve`` process. Rows: ``{"n", "method", "path": "search"|"text-query"|"http", "p50_ms",
+256, 12 experts, top-4) and the text encoder is a real one (``--text-encoder``, MiniLM by default): latency
+does not depend on what the weights learnt. The HTTP test serves a synthetic run (random image latents with
+the real encoders' records) with the real ``omnimoe serve`` process. Rows: ``{"n", "method", "path": "search"|"text-query"|"http", "p50_ms",
 "p99_ms", "errors"}`` plus ``build_s`` and, for approximate kinds, ``recall@10`` against exact search.
 """
 
@@ -77,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time each cell with the label prior's half appended (a run trained "
         "with prior_weight > 0: index vectors [key, prior side] of 256 + 384 dims), side by side",
     )
+    p.add_argument("--text-encoder", default="minilm", help="the text tower of the text-query rows (registry name)")
+    p.add_argument(
+        "--compare-encoders",
+        default="minilm,mpnet",
+        help="text towers timed side by side on one caption each, interleaved (comma list; '' skips)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
     if args.quick:
@@ -106,11 +115,11 @@ def percentiles(ms: list[float]) -> tuple[float, float]:
     return s[len(s) // 2], s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
 
 
-def connector() -> AltMoEConnector:
+def connector(text_dim: int = 384) -> AltMoEConnector:
     torch.manual_seed(0)
     return AltMoEConnector(
         ConnectorConfig(
-            modalities={"text": 384, "image": 1280},
+            modalities={"text": text_dim, "image": 1280},
             hidden_size=256,
             contrastive_dim=256,
             num_experts=12,
@@ -134,9 +143,9 @@ def time_calls(fn, reps: int, warmup: int = 5) -> list[float]:
 def index_rows(args: argparse.Namespace) -> list[dict]:
     from omnimoe.encoders import load_encoder
 
-    model = connector()
-    encoder = load_encoder("minilm")
+    encoder = load_encoder(args.text_encoder)
     latents = encoder.encode([encoder.load_item(c) for c in CAPTIONS]).pooled  # real text latents as connector inputs
+    model = connector(latents.shape[1])
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         for prior in (False, True) if args.prior else (False,):
@@ -147,10 +156,10 @@ def index_rows(args: argparse.Namespace) -> list[dict]:
 def _cells(
     args: argparse.Namespace, model: AltMoEConnector, encoder, latents: torch.Tensor, n: int, prior: bool
 ) -> list[dict]:
-    """Every index kind at ``n`` stored vectors; with ``prior``, vectors and queries carry the prior's 384 dims."""
+    """Every index kind at ``n`` stored vectors; with ``prior``, vectors and queries carry the prior's dims."""
     import torch.nn.functional as F
 
-    extra = 384 if prior else 0  # the text side of the label prior (MiniLM's width)
+    extra = latents.shape[1] if prior else 0  # the text side of the label prior (the text tower's width)
     vectors = synthetic(n, 256 + extra)
     ids = [f"item{i}" for i in range(n)]
     probe = synthetic(200, 256 + extra, seed=7)  # recall is judged on queries from the items' own distribution
@@ -201,6 +210,7 @@ def _cells(
                 "queries": reps,
                 "build_s": round(build_s, 2),
                 "prior": prior,
+                "text_encoder": args.text_encoder,
             }
             if kind in ("ivf", "hnsw") and recall is not None:
                 row["recall@10"] = round(recall, 3)
@@ -339,7 +349,29 @@ def connector_comparison(reps: int) -> dict[str, float]:
     return result
 
 
+@torch.no_grad()
+def encoder_comparison(names: list[str], reps: int) -> dict[str, float]:
+    """p50 ms of one caption through each text tower (load, tokenise, encode, pool), interleaved in one loop
+    after 5 discarded rounds, so a busy machine slows every tower alike."""
+    from omnimoe.encoders import load_encoder
+
+    encoders = {name: load_encoder(name) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(reps + 5):
+        caption = CAPTIONS[i % len(CAPTIONS)]
+        for name, enc in encoders.items():
+            t = time.perf_counter()
+            enc.encode([enc.load_item(caption)])
+            if i >= 5:
+                times[name].append((time.perf_counter() - t) * 1e3)
+    result = {f"{name}_p50_ms": round(percentiles(ms)[0], 3) for name, ms in times.items()}
+    print(json.dumps({"text_encoders": result, "threads": torch.get_num_threads()}), flush=True)
+    return result
+
+
 def run(args: argparse.Namespace) -> list[dict]:
+    if args.compare_encoders:
+        encoder_comparison([n for n in args.compare_encoders.split(",") if n], args.queries)
     connector_comparison(args.queries)
     rows = index_rows(args)
     if not args.no_http:

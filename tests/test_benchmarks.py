@@ -73,6 +73,9 @@ def test_retrieval_benchmark_with_the_prior_side_by_side():
         (True, "text-query"),
     ]
     assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
+    assert {r["text_encoder"] for r in rows} == {"minilm"}
+    towers = bench.encoder_comparison(["minilm", "minilm"], 3)  # one name timed once, whatever the list repeats
+    assert list(towers) == ["minilm_p50_ms"] and towers["minilm_p50_ms"] > 0
 
 
 def test_align_loss_benchmark_quick(tmp_path):
