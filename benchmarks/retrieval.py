@@ -128,6 +128,19 @@ def connector(text_dim: int = 384) -> AltMoEConnector:
     ).eval()
 
 
+def p50_interleaved(calls: dict, reps: int, discard: int) -> dict[str, float]:
+    """``{"<name>_p50_ms": ...}``: every call of ``calls`` (name -> fn(i)) once per round, in turn, so a busy
+    machine slows them alike; the first ``discard`` rounds are not timed."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(reps + discard):
+        for name, call in calls.items():
+            t = time.perf_counter()
+            call(i)
+            if i >= discard:
+                times[name].append((time.perf_counter() - t) * 1e3)
+    return {f"{name}_p50_ms": round(percentiles(ms)[0], 3) for name, ms in times.items()}
+
+
 def time_calls(fn, reps: int, warmup: int = 5) -> list[float]:
     for i in range(warmup):
         fn(i)
@@ -334,14 +347,7 @@ def connector_comparison(reps: int) -> dict[str, float]:
         "contrastive_only": lambda: model(DIRECTION, x, tasks=TASK),
         "query_path": lambda: path(x),
     }
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for i in range(reps + 10):
-        for name, call in calls.items():
-            t = time.perf_counter()
-            call()
-            if i >= 10:
-                times[name].append((time.perf_counter() - t) * 1e3)
-    result = {f"{name}_p50_ms": round(percentiles(ms)[0], 3) for name, ms in times.items()}
+    result = p50_interleaved({name: lambda i, call=call: call() for name, call in calls.items()}, reps, discard=10)
     # the query path call after call, as a search loop makes it (interleaved, the torch calls between evict
     # its weights from the caches)
     result["query_path_consecutive_p50_ms"] = round(percentiles(time_calls(lambda i: path(x), reps, warmup=20))[0], 3)
@@ -356,15 +362,11 @@ def encoder_comparison(names: list[str], reps: int) -> dict[str, float]:
     from omnimoe.encoders import load_encoder
 
     encoders = {name: load_encoder(name) for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(reps + 5):
-        caption = CAPTIONS[i % len(CAPTIONS)]
-        for name, enc in encoders.items():
-            t = time.perf_counter()
-            enc.encode([enc.load_item(caption)])
-            if i >= 5:
-                times[name].append((time.perf_counter() - t) * 1e3)
-    result = {f"{name}_p50_ms": round(percentiles(ms)[0], 3) for name, ms in times.items()}
+    calls = {
+        name: lambda i, enc=enc: enc.encode([enc.load_item(CAPTIONS[i % len(CAPTIONS)])])
+        for name, enc in encoders.items()
+    }
+    result = p50_interleaved(calls, reps, discard=5)
     print(json.dumps({"text_encoders": result, "threads": torch.get_num_threads()}), flush=True)
     return result
 
