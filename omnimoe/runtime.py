@@ -13,14 +13,25 @@ happened, so the weights, the checkpoints and the results on disk stay those of 
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists, on purpose: this module binds ``group.WORLD`` as a default argument
+# when it is first imported, and torch imports it late (with the optimisers). Imported after the group is open,
+# it would keep the group alive past ``destroy_process_group``; the gloo threads then outlive ``main`` and may
+# free a finished collective's tensors while the interpreter shuts down, which aborts the process (SIGABRT,
+# "terminate called without an active exception"). See :func:`finish_distributed`.
+if dist.is_available():
+    import torch.distributed.nn  # noqa: F401
 
 
 def init_distributed() -> tuple[int, int]:
@@ -53,10 +64,39 @@ def barrier() -> None:
 
 
 def finish_distributed() -> None:
-    """Under torchrun: wait for every rank, then shut the process group down in step."""
+    """Under torchrun: wait for every rank, then shut the process group down in step.
+
+    The group's worker threads are joined here, while the interpreter is whole, so nothing of the group is
+    left to run at exit (:func:`process_group_threads` lists any that are)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        gc.collect()  # a finished trainer's DDP reducer, in a reference cycle, still holds the group
         dist.destroy_process_group()
+        if left := process_group_threads():
+            # Something still holds the group: let its threads release their last collectives while the
+            # interpreter can still take them back.
+            time.sleep(0.5)
+            warnings.warn(
+                f"the process group outlived destroy_process_group ({len(left)} gloo threads left); if the process "
+                "aborts at exit, open the group after importing omnimoe.runtime",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
+def process_group_threads() -> list[str]:
+    """Names of this process's threads that belong to a gloo process group (Linux; empty elsewhere): after
+    :func:`finish_distributed` there should be none."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    names = []
+    for task in tasks.iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended while we looked
+            continue
+    return sorted(n for n in names if n.startswith(("pt_gloo", "gloo_")))
 
 
 def resolve_device(option: str) -> torch.device:

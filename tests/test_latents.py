@@ -276,6 +276,7 @@ def test_torchrun_extraction_equals_single_process(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert two.returncode == 0, two.stderr[-2000:]
+    assert "outlived destroy_process_group" not in two.stderr  # every rank's gloo threads joined before exit
     a, b = LatentStore.open(tmp_path / "one"), LatentStore.open(tmp_path / "two")
     assert a.ids == b.ids and len(a) == 90
     torch.testing.assert_close(a.pooled(), b.pooled(), atol=1e-5, rtol=1e-5)

@@ -224,9 +224,58 @@ def test_torchrun_expert_parallel_training(tmp_path):
     cmd = torchrun + ["-m", "omnimoe.demos.expert_parallel", "--out", str(tmp_path), "--steps", "60"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[:2000] + "\n...\n" + out.stderr[-3000:]
+    assert "outlived destroy_process_group" not in out.stderr
     summary = read_json(tmp_path / "summary.json")
     assert summary["world_size"] == 2 and summary["experts_per_rank"] == 4
     assert summary["last_mse"] < 0.5 * summary["first_mse"]
     layer = MoELayer.from_pretrained(tmp_path / "moe_layer")
     assert layer.experts.gate_up_proj.shape[0] == 8
     assert torch.isfinite(layer(torch.randn(4, 64)).hidden_states).all()
+
+
+_SHUTDOWN_PROBE = """
+import os, sys
+import torch
+import torch.distributed as dist
+
+late = sys.argv[1] == "late"
+if late:  # the group opened before omnimoe.runtime is imported, as a user script might
+    dist.init_process_group("gloo")
+from omnimoe.runtime import finish_distributed, init_distributed, process_group_threads
+
+init_distributed()
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 8))
+opt = torch.optim.AdamW(model.parameters())  # imports the optimiser's dependencies after the group is open
+for _ in range(3):
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    opt.step()
+    loss = torch.ones(())
+    dist.all_reduce(loss)
+before = process_group_threads()
+del model, opt
+finish_distributed()
+print(f"rank {os.environ['RANK']} before {len(before)} after {len(process_group_threads())}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("order", ["runtime-first", "late"])
+def test_torchrun_shutdown_joins_the_process_group_threads(tmp_path, order):
+    """After ``finish_distributed`` no gloo thread is left to free a collective's tensors while the interpreter
+    shuts down (which aborted ranks at exit now and then). Opened before ``omnimoe.runtime`` is imported, a
+    group that torch itself keeps alive is reported instead of passing silently."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(_SHUTDOWN_PROBE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), order]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = sorted(line for line in out.stdout.splitlines() if line.startswith("rank "))
+    assert len(lines) == 2, out.stdout
+    for line in lines:
+        before, after = int(line.split()[3]), int(line.split()[5])
+        assert before >= 2  # the group's threads were running
+        assert (after == 0) == (order == "runtime-first"), line
+    assert ("outlived destroy_process_group" in out.stderr) == (order == "late")

@@ -22,6 +22,7 @@ from omnimoe.demos.moe_engine import ClusterTask, EngineDemoConfig, Regressor
 from omnimoe.io import save_pretrained, write_json
 from omnimoe.moe import MoEConfig, MoELayer
 from omnimoe.moe.parallel import data_parallel, parallelize_experts
+from omnimoe.runtime import finish_distributed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,8 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     # Shut down in step: DDP's reducer holds the process group, and a rank that tears the group down while
     # another is still saving can abort both.
     del ddp
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_distributed()
 
 
 if __name__ == "__main__":
