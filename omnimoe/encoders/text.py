@@ -27,11 +27,18 @@ class HFTextEncoder(FrozenEncoder):
         if self.tokenizer.pad_token is None:  # causal LMs often have none
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
-        model = AutoModel.from_pretrained(self.path, dtype=torch.float32, **kw)
+        model, info = AutoModel.from_pretrained(self.path, dtype=torch.float32, output_loading_info=True, **kw)
+        # Weights the checkpoint lacks would be random: refuse, naming them (the pooler is never read).
+        if missing := sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler.")):
+            raise ValueError(
+                f"text encoder {name!r} ({self.path}): the checkpoint lacks {len(missing)} of the model's weights "
+                f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); they would be random"
+            )
         if getattr(config, "is_encoder_decoder", False):
             model = model.get_encoder()
         self.model = model.eval().to(self.device)
         self.model.requires_grad_(False)
+        self.store_linear_in_compute_dtype(self.model)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.dim = int(text_config.hidden_size)
 
