@@ -178,6 +178,41 @@ def data_llava(
         _fail(str(exc))
 
 
+@data_app.command("merge")
+def data_merge(
+    manifests: list[str] = typer.Argument(
+        ..., help="NAME=MANIFEST for each data set (or a bare path: the name is its folder's)."
+    ),
+    out: Path = typer.Option(..., help="Manifest file to write."),
+    test_from: Optional[str] = typer.Option(
+        None, help="Comma list of the sets whose test split is kept; the others' test records are set aside."
+    ),
+    val_fraction: float = typer.Option(
+        0.1, min=0.0, max=0.9, help="Share of train captions carved as val in a set that has no val split."
+    ),
+) -> None:
+    """Several manifests -> one, to train on several data sets together (ids prefixed by their set's name)."""
+    from omnimoe.data.adapters import merge_manifests
+    from omnimoe.data.manifest import ManifestError
+
+    sources: dict[str, str] = {}
+    for item in manifests:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).resolve().parent.name, item
+        if name in sources:
+            _fail(f"data set name {name!r} given twice; name them: NAME=MANIFEST")
+        sources[name] = path
+    try:
+        path, stats = merge_manifests(
+            sources, out, [t for t in (test_from or "").split(",") if t] or None, val_fraction
+        )
+    except ManifestError as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(stats, indent=1))
+    typer.echo(f"manifest: {path}")
+
+
 @data_app.command("validate")
 def data_validate(
     manifest: Path = typer.Argument(...),

@@ -224,3 +224,47 @@ def test_unquoted_comma_in_csv_caption_is_named(tmp_path):
     table.write_text("file,caption\na.png,a cat, sitting\n")
     with pytest.raises(ManifestError, match="row 1: more fields than the header; quote captions"):
         manifest_from_folder(tmp_path / "media", table, tmp_path / "m.jsonl")
+
+
+def _small_set(folder, name, n, with_val):
+    folder.mkdir(parents=True)
+    (folder / "media").mkdir()
+    records = []
+    for i in range(n):
+        Image.fromarray(np.full((8, 8, 3), i * 7 % 255, np.uint8)).save(folder / "media" / f"{i}.png")
+        split = "test" if i % 5 == 0 else ("val" if with_val and i % 5 == 1 else "train")
+        records.append({"id": str(i), "split": split, "text": f"{name} thing number {i}.", "image": f"media/{i}.png"})
+    return write_manifest(folder / "manifest.jsonl", records)
+
+
+def test_merge_manifests_prefixes_ids_keeps_media_and_carves_val_as_align_would(tmp_path):
+    """Two data sets -> one manifest: ids prefixed, media reachable from the new folder, a val split carved in
+    the set that had none exactly as training on that set alone carves it; --test-from sets the other set's
+    test records aside; bad calls are refused, naming the culprit."""
+    from omnimoe.align.data import AlignmentData
+
+    a = _small_set(tmp_path / "a", "alpha", 40, with_val=True)
+    b = _small_set(tmp_path / "sets" / "b", "beta", 60, with_val=False)
+    out = tmp_path / "union" / "manifest.jsonl"
+    code, output = _cli("data", "merge", f"tux={a}", str(b), "--out", str(out), "--test-from", "tux")
+    assert code == 0, output
+    merged = {r["id"]: r for r in read_manifest(out)}
+    assert len(merged) == 100 and {r["dataset"] for r in merged.values()} == {"tux", "b"}
+    assert validate_manifest(out).ok  # every media path resolves from the new folder
+    assert media_path(out, merged["b/3"]["image"]).resolve() == (tmp_path / "sets" / "b" / "media" / "3.png").resolve()
+    alone = AlignmentData(b, {}).split  # what training on b alone uses (val carved from its train captions)
+    assert {sid: merged[f"b/{sid}"]["split"] for sid in alone} == {
+        sid: ("heldout" if s == "test" else s) for sid, s in alone.items()
+    }
+    assert any(s == "val" for s in alone.values())
+    assert all(merged[f"tux/{r['id']}"]["split"] == r["split"] for r in read_manifest(a))  # had val: kept
+    assert AlignmentData(out, {}).split == {sid: r["split"] for sid, r in merged.items()}  # not carved again
+
+    for args, message in [
+        ([f"x={a}", "--out", str(out)], "at least two"),
+        ([f"x={a}", f"x={b}", "--out", str(out)], "'x' given twice"),
+        ([f"x={a}", f"y={b}", "--out", str(out), "--test-from", "z"], "--test-from z: not one of"),
+        ([f"x={a}", f"y={tmp_path / 'none.jsonl'}", "--out", str(out)], "none.jsonl does not exist"),
+    ]:
+        code, output = _cli("data", "merge", *args)
+        assert code != 0 and message in output, (args, output)

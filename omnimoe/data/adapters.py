@@ -157,3 +157,61 @@ def manifest_from_llava(
 
 def _as_list(value: Any) -> Iterable[str]:
     return value if isinstance(value, list) else [value]
+
+
+def merge_manifests(
+    sources: dict[str, str | Path],
+    out: str | Path,
+    test_from: list[str] | None = None,
+    val_fraction: float = 0.1,
+) -> tuple[Path, dict[str, Any]]:
+    """Several manifests -> one, to train on several data sets together: ``sources`` maps a short name to
+    each manifest. Every id becomes ``<name>/<id>``, every record gains ``dataset: <name>``, and media paths
+    are rewritten relative to ``out``'s folder (absolute ones kept), so the sources stay where they are.
+
+    Splits are kept, with two exceptions:
+    - a source without a ``val`` split gets one carved from its train captions, exactly as ``omnimoe align``
+      carves it for that source alone (a share ``val_fraction`` of caption groups), because a merged
+      manifest in which any source has ``val`` is not carved again, and early stopping would then see that
+      source only;
+    - ``test_from``: only these sources keep a ``test`` split; the test records of the others are set aside
+      as ``heldout`` (never trained on, never scored), so that the scores are those of one data set.
+
+    Returns the manifest's path and per-source counts by split."""
+    from omnimoe.data.manifest import MEDIA_FIELDS, read_manifest
+
+    if len(sources) < 2:
+        raise ManifestError(f"merge needs at least two manifests, got {len(sources)}")
+    for name in sources:
+        if not name or "/" in name or name != name.strip():
+            raise ManifestError(f"data set name {name!r}: expected a short name without '/' or spaces at the ends")
+    unknown = sorted(set(test_from or []) - set(sources))
+    if unknown:
+        raise ManifestError(f"--test-from {', '.join(unknown)}: not one of the merged sets ({', '.join(sources)})")
+    out = Path(out)
+    merged: list[dict[str, Any]] = []
+    stats: dict[str, Any] = {}
+    for name, path in sources.items():
+        path = Path(path)
+        records = read_manifest(path)
+        carve = val_fraction > 0 and not any(r.get("split") == "val" for r in records)
+        counts: dict[str, int] = {}
+        for rec in records:
+            rec = {k: v for k, v in rec.items() if not k.startswith("_")}
+            split = rec.get("split", "train")
+            if split == "train" and carve:
+                text = rec.get("text")
+                group = normalise_caption(text) if isinstance(text, str) and text.strip() else rec["id"]
+                split = "val" if grouped_split(group, val_fraction, seed=1) == "test" else "train"
+            if split == "test" and test_from and name not in test_from:
+                split = "heldout"
+            for field in MEDIA_FIELDS:
+                value = rec.get(field)
+                if isinstance(value, str) and value and not Path(value).is_absolute():
+                    rec[field] = os.path.relpath(path.resolve().parent / value, out.resolve().parent)
+            rec.update(id=f"{name}/{rec['id']}", split=split, dataset=name)
+            counts[split] = counts.get(split, 0) + 1
+            merged.append(rec)
+        stats[name] = {"manifest": str(path), "val_carved": carve, "splits": counts}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_manifest(out, merged), stats
