@@ -198,7 +198,7 @@ def data_merge(
     sources: dict[str, str] = {}
     for item in manifests:
         name, sep, path = item.partition("=")
-        if not sep:
+        if not sep or "/" in name or "\\" in name or Path(item).is_file():  # a bare path, '=' in it or not
             name, path = Path(item).resolve().parent.name, item
         if name in sources:
             _fail(f"data set name {name!r} given twice; name them: NAME=MANIFEST")

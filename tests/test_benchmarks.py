@@ -137,3 +137,12 @@ def test_token_inputs_benchmark_quick(tmp_path):
     assert result["rows"][0]["ratio_to_pooled"] == 1.0 and all(r["median_ms"] > 0 for r in result["rows"])
     splits, latents, tokens = bench.demo_sized_data()
     assert tokens["image"][0].shape == (701, 49, 1280) and 6 <= int(tokens["text"][1].sum(1).min())
+
+
+def test_encoder_weights_benchmark_quick(tmp_path):
+    bench = load("encoder_weights")
+    out = tmp_path / "weights.json"
+    result = bench.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["bit_identical"] is True and result["encoder"] == "minilm"
+    assert result["bf16_weights_ms"] > 0 and result["float32_weights_ms"] > 0 and result["speedup"] > 0

@@ -265,6 +265,24 @@ def test_merge_manifests_prefixes_ids_keeps_media_and_carves_val_as_align_would(
         ([f"x={a}", f"x={b}", "--out", str(out)], "'x' given twice"),
         ([f"x={a}", f"y={b}", "--out", str(out), "--test-from", "z"], "--test-from z: not one of"),
         ([f"x={a}", f"y={tmp_path / 'none.jsonl'}", "--out", str(out)], "none.jsonl does not exist"),
+        ([f"x={a}", f"y={b}", "--out", str(b)], "is the manifest of 'y'"),
     ]:
         code, output = _cli("data", "merge", *args)
         assert code != 0 and message in output, (args, output)
+
+
+def test_merge_takes_bare_paths_with_an_equals_sign_and_nests_merged_sets(tmp_path):
+    """A bare path may hold '=' (its folder names the set); merging a merged manifest again nests the names."""
+    a = _small_set(tmp_path / "run=1", "alpha", 10, with_val=True)
+    b = _small_set(tmp_path / "b", "beta", 10, with_val=True)
+    first = tmp_path / "ab" / "manifest.jsonl"
+    code, output = _cli("data", "merge", str(a), str(b), "--out", str(first))
+    assert code == 0, output
+    assert {r["dataset"] for r in read_manifest(first)} == {"run=1", "b"}
+    c = _small_set(tmp_path / "c", "gamma", 10, with_val=True)
+    again = tmp_path / "abc" / "manifest.jsonl"
+    code, output = _cli("data", "merge", f"ab={first}", f"c={c}", "--out", str(again))
+    assert code == 0, output
+    records = read_manifest(again)
+    assert {r["dataset"] for r in records} == {"ab/run=1", "ab/b", "c"}
+    assert "ab/run=1/3" in {r["id"] for r in records} and validate_manifest(again).ok

@@ -267,6 +267,58 @@ def test_gemma3_270m_packaged_weights():
     torch.testing.assert_close(alone, ((hs[-1] + hs[-2]) / 2)[0], atol=1e-2, rtol=1e-2)  # attention kernels differ
 
 
+def test_gemma_cache_with_the_embedding_only_as_the_output_layer_is_written_again(tmp_path):
+    """The cache is complete only when the input embedding is stored under its own name (a cache that stored
+    the tied weight only as ``lm_head.weight`` gave the text tower random embeddings); a corrupt file too is
+    written again rather than read."""
+    from safetensors.torch import save_file
+
+    from omnimoe.encoders.registry import _gemma_folder_complete
+
+    assert not _gemma_folder_complete(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    w = torch.zeros(4, 2)
+    save_file({"lm_head.weight": w, "model.norm.weight": w[0].clone()}, tmp_path / "model.safetensors")
+    assert not _gemma_folder_complete(tmp_path)
+    save_file({"model.embed_tokens.weight": w, "model.norm.weight": w[0].clone()}, tmp_path / "model.safetensors")
+    assert _gemma_folder_complete(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00")
+    assert not _gemma_folder_complete(tmp_path)
+
+
+def test_linear_weights_tied_to_another_layer_keep_their_dtype(tiny_bert):
+    """Only the linear layers' own weights go to bf16: one tied to an embedding is left as it is."""
+    enc = load_encoder(f"hf:{tiny_bert}", EncoderOptions(dtype="bfloat16"))
+    model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 4), "head": torch.nn.Linear(4, 10, bias=False)})
+    model["head"].weight = model["emb"].weight
+    model["proj"] = torch.nn.Linear(4, 4)
+    enc._hash = "set"  # skip hashing this toy model
+    enc.store_linear_in_compute_dtype(model)
+    assert model["head"].weight.dtype == model["emb"].weight.dtype == torch.float32
+    assert model["proj"].weight.dtype == model["proj"].bias.dtype == torch.bfloat16
+
+
+def test_encoder_only_t5_checkpoint_loads_as_a_text_tower(tiny_bert, tmp_path):
+    """An encoder-decoder config with an encoder-only checkpoint (as sentence-T5 ships): the decoder the
+    checkpoint lacks is never read, so it is not a missing weight; the tower is the checkpoint's encoder."""
+    import shutil
+
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0)
+    T5EncoderModel(cfg).save_pretrained(tmp_path)
+    for f in tiny_bert.iterdir():  # any tokenizer will do for a random model
+        if f.name.startswith(("tokenizer", "vocab", "special")):
+            shutil.copy(f, tmp_path / f.name)
+    enc = load_encoder(f"hf-text:{tmp_path}", EncoderOptions(dtype="float32"))
+    ref = T5EncoderModel.from_pretrained(tmp_path).eval()
+    batch = enc.tokenizer(["a red cat."], return_tensors="pt")
+    with torch.no_grad():
+        expected = ref(**batch).last_hidden_state[0]
+    torch.testing.assert_close(enc.encode(["a red cat."]).tokens[0], expected)
+
+
 def test_text_encoder_refuses_a_checkpoint_that_lacks_weights(tiny_bert, tmp_path):
     """Weights missing from a checkpoint would be random: loading names them instead (the unused pooler aside)."""
     import shutil

@@ -258,6 +258,7 @@ print(f"rank {os.environ['RANK']} before {len(before)} after {len(process_group_
 """
 
 
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/task").is_dir(), reason="lists threads from /proc")
 @pytest.mark.parametrize("order", ["runtime-first", "late"])
 def test_torchrun_shutdown_joins_the_process_group_threads(tmp_path, order):
     """After ``finish_distributed`` no gloo thread is left to free a collective's tensors while the interpreter

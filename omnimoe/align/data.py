@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from omnimoe.align.connector import parse_direction
-from omnimoe.data.adapters import grouped_split, normalise_caption
+from omnimoe.data.adapters import carved_as_val, grouped_split, normalise_caption
 from omnimoe.data.manifest import read_manifest
 from omnimoe.latents.store import LatentStore
 
@@ -82,7 +82,7 @@ class AlignmentData:
             group = normalise_caption(key) if isinstance(key, str) and key.strip() else r["id"]
             split = r.get("split", "train")
             if split == "train" and not has_val and val_fraction > 0:
-                split = "val" if grouped_split(group, val_fraction, seed=seed + 1) == "test" else "train"
+                split = "val" if carved_as_val(group, val_fraction, seed) else "train"
             if split == "train" and dev_fraction > 0:
                 split = "dev" if grouped_split(group, dev_fraction, seed=seed + 2) == "test" else "train"
             self.split[r["id"]], self.group[r["id"]] = split, group

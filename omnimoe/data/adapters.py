@@ -31,6 +31,12 @@ def grouped_split(key: str, test_fraction: float = 0.2, val_fraction: float = 0.
     return "train"
 
 
+def carved_as_val(group: str, val_fraction: float = 0.1, seed: int = 0) -> bool:
+    """Whether a train caption group becomes ``val`` where a manifest has no val split: the rule training uses
+    (``omnimoe.align.data.AlignmentData``) and ``omnimoe data merge`` reproduces."""
+    return grouped_split(group, val_fraction, seed=seed + 1) == "test"
+
+
 def _relative(path: Path, manifest: Path) -> str:
     return os.path.relpath(path.resolve(), manifest.resolve().parent)
 
@@ -189,6 +195,9 @@ def merge_manifests(
     if unknown:
         raise ManifestError(f"--test-from {', '.join(unknown)}: not one of the merged sets ({', '.join(sources)})")
     out = Path(out)
+    for name, path in sources.items():
+        if Path(path).resolve() == out.resolve():
+            raise ManifestError(f"--out {out} is the manifest of {name!r}: write the merge elsewhere")
     merged: list[dict[str, Any]] = []
     stats: dict[str, Any] = {}
     for name, path in sources.items():
@@ -202,14 +211,19 @@ def merge_manifests(
             if split == "train" and carve:
                 text = rec.get("text")
                 group = normalise_caption(text) if isinstance(text, str) and text.strip() else rec["id"]
-                split = "val" if grouped_split(group, val_fraction, seed=1) == "test" else "train"
+                split = "val" if carved_as_val(group, val_fraction) else "train"
             if split == "test" and test_from and name not in test_from:
                 split = "heldout"
             for field in MEDIA_FIELDS:
                 value = rec.get(field)
                 if isinstance(value, str) and value and not Path(value).is_absolute():
-                    rec[field] = os.path.relpath(path.resolve().parent / value, out.resolve().parent)
-            rec.update(id=f"{name}/{rec['id']}", split=split, dataset=name)
+                    media = path.resolve().parent / value
+                    try:
+                        rec[field] = os.path.relpath(media, out.resolve().parent)
+                    except ValueError:  # another drive (Windows): no relative path exists
+                        rec[field] = str(media)
+            dataset = f"{name}/{rec['dataset']}" if isinstance(rec.get("dataset"), str) else name  # merged before
+            rec.update(id=f"{name}/{rec['id']}", split=split, dataset=dataset)
             counts[split] = counts.get(split, 0) + 1
             merged.append(rec)
         stats[name] = {"manifest": str(path), "val_carved": carve, "splits": counts}

