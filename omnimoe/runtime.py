@@ -70,7 +70,7 @@ def finish_distributed() -> None:
     left to run at exit (:func:`process_group_threads` lists any that are)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        gc.collect()  # a finished trainer's DDP reducer, in a reference cycle, still holds the group
+        gc.collect()  # objects that hold the group only through a reference cycle let go of it first
         dist.destroy_process_group()
         if left := process_group_threads():
             # Something still holds the group: let its threads release their last collectives while the

